@@ -1,0 +1,161 @@
+//! `cairn dev`: the embedded local cluster — a storage node and the router
+//! on localhost, data in one folder, kept across restarts.
+
+use std::io::{Read, Write};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use clap::Args;
+use serde::{Deserialize, Serialize};
+
+#[derive(Args)]
+pub struct DevArgs {
+    /// Folder for all cluster data.
+    #[arg(long, default_value = "cairn-data")]
+    pub data_dir: PathBuf,
+    /// Router HTTP address (port 0 picks a free one).
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    pub http: SocketAddr,
+}
+
+/// What `cairn dev` writes to `<data-dir>/dev-cluster.json` once it serves.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct DevCluster {
+    pub http_url: String,
+    pub username: String,
+    pub token: String,
+    pub nodes: Vec<DevNode>,
+    pub router: DevProcess,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct DevNode {
+    pub id: u64,
+    pub grpc_addr: SocketAddr,
+    pub pid: u32,
+    pub data_dir: PathBuf,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct DevProcess {
+    pub pid: u32,
+    pub http_addr: SocketAddr,
+}
+
+pub const CLUSTER_FILE: &str = "dev-cluster.json";
+
+/// The dev token persists so clone URLs stay valid across restarts.
+fn dev_token(data_dir: &Path) -> Result<String> {
+    let path = data_dir.join("dev-token");
+    if let Ok(t) = std::fs::read_to_string(&path) {
+        let t = t.trim().to_owned();
+        if t.len() >= 16 {
+            return Ok(t);
+        }
+    }
+    let mut raw = [0u8; 20];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut raw))
+        .context("reading /dev/urandom for the dev token")?;
+    let token: String = raw.iter().map(|b| format!("{b:02x}")).collect();
+    write_private(&path, token.as_bytes())?;
+    Ok(token)
+}
+
+fn write_private(path: &Path, data: &[u8]) -> Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .with_context(|| format!("writing {}", tmp.display()))?;
+    f.write_all(data)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;
+    Ok(())
+}
+
+pub fn read_cluster_file(data_dir: &Path) -> Result<DevCluster> {
+    let path = data_dir.join(CLUSTER_FILE);
+    let text = std::fs::read_to_string(&path).with_context(|| {
+        format!(
+            "reading {} (is `cairn dev --data-dir {}` running?)",
+            path.display(),
+            data_dir.display()
+        )
+    })?;
+    serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))
+}
+
+pub async fn run(args: DevArgs) -> Result<()> {
+    std::fs::create_dir_all(&args.data_dir)
+        .with_context(|| format!("creating {}", args.data_dir.display()))?;
+    let data_dir = args
+        .data_dir
+        .canonicalize()
+        .with_context(|| format!("resolving {}", args.data_dir.display()))?;
+    let _ = std::fs::remove_file(data_dir.join(CLUSTER_FILE));
+    let token = dev_token(&data_dir)?;
+
+    let mut node_cfg = cairn_storage_node::Config::new(data_dir.join("node-1"));
+    node_cfg.grpc_addr = SocketAddr::from(([127, 0, 0, 1], 0));
+    let node = cairn_storage_node::StorageNode::start(node_cfg)
+        .await
+        .context("starting the storage node")?;
+
+    let mut router_cfg =
+        cairn_router::Config::new(format!("http://{}", node.grpc_addr), token.clone());
+    router_cfg.http_addr = args.http;
+    let router = cairn_router::Router::start(router_cfg)
+        .await
+        .context("starting the router")?;
+
+    let http_url = format!("http://{}", router.http_addr);
+    let cluster = DevCluster {
+        http_url: http_url.clone(),
+        username: "x-token-auth".into(),
+        token: token.clone(),
+        nodes: vec![DevNode {
+            id: 1,
+            grpc_addr: node.grpc_addr,
+            pid: std::process::id(),
+            data_dir: data_dir.join("node-1"),
+        }],
+        router: DevProcess {
+            pid: std::process::id(),
+            http_addr: router.http_addr,
+        },
+    };
+    write_private(
+        &data_dir.join(CLUSTER_FILE),
+        &serde_json::to_vec_pretty(&cluster)?,
+    )?;
+
+    let host = http_url.trim_start_matches("http://");
+    println!("Cairn dev cluster is running (Ctrl-C stops it).");
+    println!("  data dir:      {}", data_dir.display());
+    println!("  storage node:  1 at {}", node.grpc_addr);
+    println!("  router:        {http_url}");
+    println!("  clone URL:     {http_url}/<workspace>/<repo>.git");
+    println!("  username:      x-token-auth");
+    println!("  password:      {token}");
+    println!();
+    println!("Create a repository and push to it:");
+    println!(
+        "  cairn admin --data-dir {} repo create myteam/hello",
+        args.data_dir.display()
+    );
+    println!("  git push http://x-token-auth:{token}@{host}/myteam/hello.git main");
+    let _ = std::io::stdout().flush();
+
+    tokio::select! {
+        r = node.wait() => r.context("storage node stopped")?,
+        r = router.wait() => r.context("router stopped")?,
+        _ = tokio::signal::ctrl_c() => eprintln!("stopping"),
+    }
+    Ok(())
+}

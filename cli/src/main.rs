@@ -1,0 +1,118 @@
+//! `cairn`: the one operator binary. `cairn dev` runs a local cluster;
+//! `cairn node` and `cairn router` run one process each from a config file;
+//! `cairn admin` manages repositories on a storage node.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+
+mod admin;
+mod dev;
+
+#[derive(Parser)]
+#[command(name = "cairn", version, about = "Cairn distributed git hosting")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Start a local cluster (storage node + router) with data in one folder.
+    Dev(dev::DevArgs),
+    /// Run a storage node.
+    Node {
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Run the HTTP router.
+    Router {
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Administer repositories.
+    Admin(admin::AdminArgs),
+}
+
+fn read_toml<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))
+}
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("CAIRN_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,cairn=info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let cli = Cli::parse();
+    init_tracing();
+    match cli.command {
+        Command::Dev(args) => dev::run(args).await,
+        Command::Node { config } => {
+            let cfg: cairn_storage_node::Config = read_toml(&config)?;
+            let node = cairn_storage_node::StorageNode::start(cfg).await?;
+            eprintln!("storage node listening on {}", node.grpc_addr);
+            tokio::select! {
+                r = node.wait() => r.context("storage node stopped")?,
+                _ = tokio::signal::ctrl_c() => {}
+            }
+            Ok(())
+        }
+        Command::Router { config } => {
+            let cfg: cairn_router::Config = read_toml(&config)?;
+            let router = cairn_router::Router::start(cfg).await?;
+            eprintln!("router listening on http://{}", router.http_addr);
+            tokio::select! {
+                r = router.wait() => r.context("router stopped")?,
+                _ = tokio::signal::ctrl_c() => {}
+            }
+            Ok(())
+        }
+        Command::Admin(args) => admin::run(args).await,
+    }
+}
+
+/// Splits `workspace/slug`.
+fn split_full_name(full: &str) -> Result<(String, String)> {
+    match full.split_once('/') {
+        Some((w, s)) if !w.is_empty() && !s.is_empty() && !s.contains('/') => {
+            Ok((w.to_owned(), s.trim_end_matches(".git").to_owned()))
+        }
+        _ => bail!("expected WORKSPACE/REPO, got {full:?}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn example_configs_parse_and_validate() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../config");
+        let node: cairn_storage_node::Config =
+            read_toml(&root.join("node.example.toml")).expect("node example parses");
+        node.validate().expect("node example is valid");
+        let router: cairn_router::Config =
+            read_toml(&root.join("router.example.toml")).expect("router example parses");
+        router.validate().expect("router example is valid");
+    }
+
+    #[test]
+    fn full_names() {
+        assert_eq!(
+            split_full_name("ws/repo.git").expect("valid"),
+            ("ws".to_owned(), "repo".to_owned())
+        );
+        assert!(split_full_name("ws").is_err());
+        assert!(split_full_name("a/b/c").is_err());
+        assert!(split_full_name("/b").is_err());
+    }
+}

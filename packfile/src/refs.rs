@@ -1,0 +1,40 @@
+//! The ref state of one repository as the protocol layers see it.
+
+use gix_hash::ObjectId;
+
+/// One ref: a full name (`refs/heads/main`) and the object it points to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RefRecord {
+    pub name: String,
+    pub target: ObjectId,
+}
+
+/// All refs of a repository plus where `HEAD` points.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RepoRefs {
+    /// Sorted by name, no duplicates.
+    pub refs: Vec<RefRecord>,
+    /// The full ref name `HEAD` is a symbolic ref to (`refs/heads/main`).
+    /// `HEAD` is unborn when no ref of that name exists.
+    pub head: Option<String>,
+}
+
+impl RepoRefs {
+    pub fn new(mut refs: Vec<RefRecord>, head: Option<String>) -> Self {
+        refs.sort_by(|a, b| a.name.cmp(&b.name));
+        refs.dedup_by(|a, b| a.name == b.name);
+        RepoRefs { refs, head }
+    }
+
+    pub fn get(&self, name: &str) -> Option<ObjectId> {
+        self.refs
+            .binary_search_by(|r| r.name.as_str().cmp(name))
+            .ok()
+            .map(|i| self.refs[i].target)
+    }
+
+    /// The object `HEAD` resolves to, if its target ref exists.
+    pub fn head_target(&self) -> Option<ObjectId> {
+        self.head.as_deref().and_then(|h| self.get(h))
+    }
+}

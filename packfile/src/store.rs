@@ -1,0 +1,183 @@
+//! Read access to a repository's objects: an explicit, ordered set of
+//! immutable pack bundles (`pack-<sha>.pack` + `.idx`).
+//!
+//! The set is explicit (not a directory scan) because the storage node's
+//! pack list in RocksDB is the truth about which packs are committed. Every
+//! pack Cairn keeps is self-contained: thin packs are completed on receipt,
+//! so ref-deltas always resolve inside their own pack.
+
+use std::cell::RefCell;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use gix_hash::{oid, ObjectId};
+use gix_object::Kind;
+use gix_pack::cache::lru::StaticLinkedList;
+
+/// Errors opening or reading packs.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("cannot open pack index {path}: {message}")]
+    Open { path: PathBuf, message: String },
+    #[error("cannot decode object {id}: {message}")]
+    Decode { id: ObjectId, message: String },
+    #[error("object {id} not found")]
+    Missing { id: ObjectId },
+}
+
+/// Where an object's entry lives: which bundle of the set and at what offset.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct EntryLocation {
+    pub pack: usize,
+    pub offset: u64,
+}
+
+/// An immutable, cheaply clonable set of pack bundles.
+#[derive(Clone, Default)]
+pub struct PackSet {
+    bundles: Vec<Arc<gix_pack::Bundle>>,
+}
+
+impl PackSet {
+    /// Opens the bundles whose `.idx` (or `.pack`) paths are given, in order.
+    pub fn open<P: AsRef<Path>>(paths: &[P]) -> Result<Self, StoreError> {
+        let mut bundles = Vec::with_capacity(paths.len());
+        for p in paths {
+            bundles.push(Arc::new(open_bundle(p.as_ref())?));
+        }
+        Ok(PackSet { bundles })
+    }
+
+    /// This set plus one more bundle (e.g. a freshly received pack).
+    pub fn with_bundle(&self, bundle: Arc<gix_pack::Bundle>) -> Self {
+        let mut bundles = self.bundles.clone();
+        bundles.push(bundle);
+        PackSet { bundles }
+    }
+
+    pub fn bundles(&self) -> &[Arc<gix_pack::Bundle>] {
+        &self.bundles
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.bundles.is_empty()
+    }
+
+    /// The first location of `id` in the set, if present.
+    pub fn locate(&self, id: &oid) -> Option<EntryLocation> {
+        self.bundles.iter().enumerate().find_map(|(pack, b)| {
+            b.index.lookup(id).map(|i| EntryLocation {
+                pack,
+                offset: b.index.pack_offset_at_index(i),
+            })
+        })
+    }
+
+    pub fn contains(&self, id: &oid) -> bool {
+        self.bundles.iter().any(|b| b.index.lookup(id).is_some())
+    }
+
+    /// A reader with its own decode caches; not shared between threads.
+    pub fn reader(&self) -> ObjectReader<'_> {
+        ObjectReader {
+            packs: self,
+            state: RefCell::new(ReadState {
+                inflate: gix_zlib::Inflate::default(),
+                cache: StaticLinkedList::<64>::default(),
+            }),
+        }
+    }
+}
+
+/// Opens one bundle from its `.idx` or `.pack` path.
+pub fn open_bundle(path: &Path) -> Result<gix_pack::Bundle, StoreError> {
+    gix_pack::Bundle::at(path, gix_hash::Kind::Sha1).map_err(|e| StoreError::Open {
+        path: path.to_owned(),
+        message: e.to_string(),
+    })
+}
+
+struct ReadState {
+    inflate: gix_zlib::Inflate,
+    cache: StaticLinkedList<64>,
+}
+
+/// Decodes objects from a [`PackSet`].
+pub struct ObjectReader<'a> {
+    packs: &'a PackSet,
+    state: RefCell<ReadState>,
+}
+
+impl<'a> ObjectReader<'a> {
+    pub fn packs(&self) -> &'a PackSet {
+        self.packs
+    }
+
+    /// Decodes `id` into `buf`; `Ok(None)` if no pack has it.
+    pub fn find<'b>(
+        &self,
+        id: &oid,
+        buf: &'b mut Vec<u8>,
+    ) -> Result<Option<(Kind, &'b [u8])>, StoreError> {
+        for b in &self.packs.bundles {
+            let Some(idx) = b.index.lookup(id) else {
+                continue;
+            };
+            let mut st = self.state.borrow_mut();
+            let ReadState { inflate, cache } = &mut *st;
+            let (data, _) =
+                b.get_object_by_index(idx, buf, inflate, cache)
+                    .map_err(|e| StoreError::Decode {
+                        id: id.to_owned(),
+                        message: e.to_string(),
+                    })?;
+            return Ok(Some((data.kind, data.data)));
+        }
+        Ok(None)
+    }
+
+    /// Like [`find`](Self::find) but a missing object is an error.
+    pub fn get<'b>(&self, id: &oid, buf: &'b mut Vec<u8>) -> Result<(Kind, &'b [u8]), StoreError> {
+        self.find(id, buf)?.ok_or_else(|| StoreError::Missing { id: id.to_owned() })
+    }
+
+    /// The kind of `id` without keeping its data.
+    pub fn kind(&self, id: &oid) -> Result<Option<Kind>, StoreError> {
+        let mut buf = Vec::new();
+        Ok(self.find(id, &mut buf)?.map(|(k, _)| k))
+    }
+}
+
+impl gix_object::Find for ObjectReader<'_> {
+    fn try_find<'b>(
+        &self,
+        id: &oid,
+        buffer: &'b mut Vec<u8>,
+    ) -> gix_error::Result<Option<gix_object::Data<'b>>> {
+        match self.find(id, buffer) {
+            Ok(Some((kind, data))) => Ok(Some(gix_object::Data {
+                kind,
+                data,
+                object_hash: gix_hash::Kind::Sha1,
+            })),
+            Ok(None) => Ok(None),
+            Err(e) => Err(gix_error::Error::from_error(e)),
+        }
+    }
+}
+
+/// A [`PackSet`] handle that is `Send + Sync` and implements
+/// `gix_object::Find` with a fresh decode state per call; used where gix
+/// needs an owned lookup (thin-pack completion while indexing).
+#[derive(Clone)]
+pub struct SharedFind(pub PackSet);
+
+impl gix_object::Find for SharedFind {
+    fn try_find<'b>(
+        &self,
+        id: &oid,
+        buffer: &'b mut Vec<u8>,
+    ) -> gix_error::Result<Option<gix_object::Data<'b>>> {
+        self.0.reader().try_find(id, buffer)
+    }
+}

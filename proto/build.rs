@@ -1,0 +1,7 @@
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    tonic_prost_build::configure().bytes(".").compile_protos(
+        &["proto/cairn/git.proto", "proto/cairn/admin.proto"],
+        &["proto"],
+    )?;
+    Ok(())
+}

@@ -1,0 +1,14 @@
+//! gRPC contracts between Cairn's processes: the `.proto` files under
+//! `proto/` and the tonic/prost code generated from them.
+//!
+//! Depends on nothing else in the workspace; everything else may depend on it.
+
+#![allow(clippy::all, clippy::unwrap_used)]
+
+pub mod git {
+    tonic::include_proto!("cairn.git.v1");
+}
+
+pub mod admin {
+    tonic::include_proto!("cairn.admin.v1");
+}

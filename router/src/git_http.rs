@@ -1,0 +1,265 @@
+//! Smart HTTP (gitprotocol-http): `info/refs`, `git-upload-pack` and
+//! `git-receive-pack`, streamed to the storage node's `Git` service.
+
+use std::io;
+use std::pin::Pin;
+
+use async_compression::tokio::bufread::GzipDecoder;
+use axum::body::Body;
+use axum::extract::{Path, Query, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use cairn_proto::git::{
+    AdvertiseRefsRequest, GitService, ReceivePackRequest, RepoPath, UploadPackRequest,
+};
+use futures::{Stream, StreamExt, TryStreamExt};
+use serde::Deserialize;
+use tokio::io::{AsyncBufRead, BufReader};
+use tokio_util::io::{ReaderStream, StreamReader};
+
+use crate::server::AppState;
+
+/// `Git-Protocol` header as sent by the client, or empty.
+fn git_protocol(headers: &HeaderMap) -> String {
+    headers
+        .get("git-protocol")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_owned()
+}
+
+fn wants_v2(protocol: &str) -> bool {
+    protocol.split(':').any(|p| p.trim() == "version=2")
+}
+
+/// `repo.git` and `repo` both name the repository `repo`.
+fn repo_path(workspace: String, repo: String) -> RepoPath {
+    let slug = repo.strip_suffix(".git").map(str::to_owned).unwrap_or(repo);
+    RepoPath { workspace, slug }
+}
+
+fn no_cache(headers: &mut HeaderMap) {
+    headers.insert(
+        header::CACHE_CONTROL,
+        HeaderValue::from_static("no-cache, max-age=0, must-revalidate"),
+    );
+    headers.insert(header::PRAGMA, HeaderValue::from_static("no-cache"));
+    headers.insert(
+        header::EXPIRES,
+        HeaderValue::from_static("Fri, 01 Jan 1980 00:00:00 GMT"),
+    );
+}
+
+fn plain(status: StatusCode, msg: &str) -> Response {
+    let mut resp = (status, format!("{msg}\n")).into_response();
+    no_cache(resp.headers_mut());
+    resp
+}
+
+/// A gRPC failure before any response byte, as git's HTTP client expects it.
+fn status_response(status: tonic::Status) -> Response {
+    use tonic::Code;
+    match status.code() {
+        Code::NotFound => plain(StatusCode::NOT_FOUND, "Repository not found"),
+        Code::InvalidArgument => plain(StatusCode::BAD_REQUEST, status.message()),
+        Code::Unavailable => plain(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "Storage temporarily unavailable, try again",
+        ),
+        _ => {
+            tracing::error!(code = ?status.code(), message = status.message(), "storage node error");
+            plain(StatusCode::INTERNAL_SERVER_ERROR, "Internal server error")
+        }
+    }
+}
+
+fn streamed(
+    content_type: &'static str,
+    body: tonic::Streaming<cairn_proto::git::Chunk>,
+) -> Response {
+    let body = body
+        .map_ok(|c| c.data)
+        .map_err(|s| io::Error::other(s.message().to_owned()));
+    let mut resp = Response::new(Body::from_stream(body));
+    resp.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    no_cache(resp.headers_mut());
+    resp
+}
+
+#[derive(Deserialize)]
+pub struct ServiceQuery {
+    service: Option<String>,
+}
+
+pub async fn info_refs(
+    State(st): State<AppState>,
+    Path((workspace, repo)): Path<(String, String)>,
+    Query(q): Query<ServiceQuery>,
+    headers: HeaderMap,
+) -> Response {
+    let (service, name) = match q.service.as_deref() {
+        Some("git-upload-pack") => (GitService::UploadPack, "git-upload-pack"),
+        Some("git-receive-pack") => (GitService::ReceivePack, "git-receive-pack"),
+        Some(_) => return plain(StatusCode::FORBIDDEN, "Unsupported service"),
+        None => {
+            return plain(
+                StatusCode::FORBIDDEN,
+                "Only the smart HTTP protocol is supported; please upgrade your git client",
+            )
+        }
+    };
+    let protocol = git_protocol(&headers);
+    let req = AdvertiseRefsRequest {
+        repo: Some(repo_path(workspace, repo)),
+        service: service as i32,
+        git_protocol: protocol.clone(),
+    };
+    let inner = match st.git.clone().advertise_refs(req).await {
+        Ok(r) => r.into_inner(),
+        Err(s) => return status_response(s),
+    };
+    // git http-backend omits the "# service=" preamble for protocol v2
+    // upload-pack; v0/v1 clients require it.
+    let mut preamble = Vec::new();
+    if !(service == GitService::UploadPack && wants_v2(&protocol)) {
+        let line = format!("# service={name}\n");
+        preamble.extend_from_slice(format!("{:04x}", line.len() + 4).as_bytes());
+        preamble.extend_from_slice(line.as_bytes());
+        preamble.extend_from_slice(b"0000");
+    }
+    let body = futures::stream::once(async move { Ok::<Bytes, io::Error>(Bytes::from(preamble)) })
+        .chain(
+            inner
+                .map_ok(|c| c.data)
+                .map_err(|s| io::Error::other(s.message().to_owned())),
+        );
+    let content_type = match service {
+        GitService::ReceivePack => "application/x-git-receive-pack-advertisement",
+        _ => "application/x-git-upload-pack-advertisement",
+    };
+    let mut resp = Response::new(Body::from_stream(body));
+    resp.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    no_cache(resp.headers_mut());
+    resp
+}
+
+/// The request body as a byte stream: gzip undone, size bounded. A broken
+/// or oversized body ends the stream early; the storage node then sees a
+/// truncated request and rejects it without changing anything.
+fn request_bytes(
+    headers: &HeaderMap,
+    body: Body,
+    limit: u64,
+) -> Result<impl Stream<Item = Bytes> + Send + 'static, Response> {
+    let raw = StreamReader::new(body.into_data_stream().map_err(io::Error::other));
+    let encoding = headers
+        .get(header::CONTENT_ENCODING)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_ascii_lowercase();
+    let reader: Pin<Box<dyn AsyncBufRead + Send>> = match encoding.as_str() {
+        "" | "identity" => Box::pin(raw),
+        "gzip" | "x-gzip" => Box::pin(BufReader::new(GzipDecoder::new(raw))),
+        _ => {
+            return Err(plain(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "Unsupported Content-Encoding",
+            ))
+        }
+    };
+    let mut seen: u64 = 0;
+    Ok(ReaderStream::with_capacity(reader, 64 * 1024)
+        .take_while(move |item| {
+            let keep = match item {
+                Ok(b) => {
+                    seen += b.len() as u64;
+                    if seen > limit {
+                        tracing::warn!(limit, "request body over the limit; cutting it off");
+                    }
+                    seen <= limit
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "request body failed");
+                    false
+                }
+            };
+            futures::future::ready(keep)
+        })
+        .filter_map(|item| futures::future::ready(item.ok())))
+}
+
+fn check_content_type(headers: &HeaderMap, expected: &str) -> Result<(), Response> {
+    let ct = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    if ct == expected {
+        Ok(())
+    } else {
+        Err(plain(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            &format!("Expected Content-Type {expected}"),
+        ))
+    }
+}
+
+pub async fn upload_pack(
+    State(st): State<AppState>,
+    Path((workspace, repo)): Path<(String, String)>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    if let Err(r) = check_content_type(&headers, "application/x-git-upload-pack-request") {
+        return r;
+    }
+    let bytes = match request_bytes(&headers, body, st.config.max_negotiation_bytes) {
+        Ok(b) => b,
+        Err(r) => return r,
+    };
+    let first = UploadPackRequest {
+        repo: Some(repo_path(workspace, repo)),
+        git_protocol: git_protocol(&headers),
+        data: Bytes::new(),
+    };
+    let messages =
+        futures::stream::once(async move { first }).chain(bytes.map(|data| UploadPackRequest {
+            data,
+            ..Default::default()
+        }));
+    match st.git.clone().upload_pack(messages).await {
+        Ok(r) => streamed("application/x-git-upload-pack-result", r.into_inner()),
+        Err(s) => status_response(s),
+    }
+}
+
+pub async fn receive_pack(
+    State(st): State<AppState>,
+    Path((workspace, repo)): Path<(String, String)>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    if let Err(r) = check_content_type(&headers, "application/x-git-receive-pack-request") {
+        return r;
+    }
+    let bytes = match request_bytes(&headers, body, st.config.max_push_bytes) {
+        Ok(b) => b,
+        Err(r) => return r,
+    };
+    let first = ReceivePackRequest {
+        repo: Some(repo_path(workspace, repo)),
+        git_protocol: git_protocol(&headers),
+        data: Bytes::new(),
+    };
+    let messages =
+        futures::stream::once(async move { first }).chain(bytes.map(|data| ReceivePackRequest {
+            data,
+            ..Default::default()
+        }));
+    match st.git.clone().receive_pack(messages).await {
+        Ok(r) => streamed("application/x-git-receive-pack-result", r.into_inner()),
+        Err(s) => status_response(s),
+    }
+}

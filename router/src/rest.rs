@@ -1,0 +1,214 @@
+//! The Bitbucket Cloud 2.0-shaped REST API: repositories.
+
+use axum::extract::{Path, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use cairn_proto::admin::{
+    CreateRepositoryRequest, DeleteRepositoryRequest, GetRepositoryRequest,
+    ListRepositoriesRequest, Repository,
+};
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use crate::server::AppState;
+
+/// `{"type":"error","error":{"message":…}}` with `status`.
+pub fn error(status: StatusCode, message: &str) -> Response {
+    (
+        status,
+        Json(json!({"type": "error", "error": {"message": message}})),
+    )
+        .into_response()
+}
+
+fn grpc_error(s: tonic::Status) -> Response {
+    use tonic::Code;
+    match s.code() {
+        Code::NotFound => error(StatusCode::NOT_FOUND, s.message()),
+        // Bitbucket answers a taken slug with 400.
+        Code::AlreadyExists | Code::InvalidArgument => error(StatusCode::BAD_REQUEST, s.message()),
+        Code::Unavailable => error(StatusCode::SERVICE_UNAVAILABLE, "storage unavailable"),
+        _ => {
+            tracing::error!(code = ?s.code(), message = s.message(), "admin call failed");
+            error(StatusCode::INTERNAL_SERVER_ERROR, "internal error")
+        }
+    }
+}
+
+/// Where clients reach this router: configured, else the request's Host.
+fn base_url(st: &AppState, headers: &HeaderMap) -> String {
+    if let Some(u) = &st.config.public_url {
+        return u.trim_end_matches('/').to_owned();
+    }
+    let host = headers
+        .get(header::HOST)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("localhost");
+    format!("http://{host}")
+}
+
+/// Seconds since the epoch as RFC 3339 UTC (days-from-civil inverted).
+fn rfc3339(secs: i64) -> String {
+    let days = secs.div_euclid(86_400);
+    let rem = secs.rem_euclid(86_400);
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}+00:00",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+pub fn repository_json(r: &Repository, base: &str) -> Value {
+    let full_name = format!("{}/{}", r.workspace, r.slug);
+    let branch = r.head.strip_prefix("refs/heads/").unwrap_or(&r.head);
+    json!({
+        "type": "repository",
+        "uuid": format!("{{{:08x}-0000-4000-8000-{:012x}}}", r.id >> 32, r.id & 0xffff_ffff_ffff),
+        "name": r.slug,
+        "slug": r.slug,
+        "full_name": full_name,
+        "scm": "git",
+        "is_private": r.is_private,
+        "description": r.description,
+        "created_on": rfc3339(r.created_at),
+        "mainbranch": {"type": "branch", "name": branch},
+        "workspace": {"type": "workspace", "slug": r.workspace},
+        "links": {
+            "self": {"href": format!("{base}/2.0/repositories/{full_name}")},
+            "html": {"href": format!("{base}/{full_name}")},
+            "clone": [{"name": "https", "href": format!("{base}/{full_name}.git")}],
+        },
+    })
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub struct CreateBody {
+    #[serde(default)]
+    scm: Option<String>,
+    #[serde(default)]
+    is_private: Option<bool>,
+    #[serde(default)]
+    description: Option<String>,
+}
+
+pub async fn create(
+    State(st): State<AppState>,
+    Path((workspace, slug)): Path<(String, String)>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Response {
+    let parsed: CreateBody = if body.iter().all(u8::is_ascii_whitespace) {
+        CreateBody::default()
+    } else {
+        match serde_json::from_slice(&body) {
+            Ok(b) => b,
+            Err(e) => return error(StatusCode::BAD_REQUEST, &format!("invalid JSON body: {e}")),
+        }
+    };
+    if parsed.scm.as_deref().is_some_and(|s| s != "git") {
+        return error(StatusCode::BAD_REQUEST, "only scm \"git\" is supported");
+    }
+    let req = CreateRepositoryRequest {
+        workspace,
+        slug,
+        is_private: parsed.is_private.unwrap_or(true),
+        description: parsed.description.unwrap_or_default(),
+    };
+    match st.admin.clone().create_repository(req).await {
+        Ok(r) => {
+            let base = base_url(&st, &headers);
+            let repo = r.into_inner();
+            let mut resp =
+                (StatusCode::CREATED, Json(repository_json(&repo, &base))).into_response();
+            if let Ok(loc) =
+                format!("{base}/2.0/repositories/{}/{}", repo.workspace, repo.slug).parse()
+            {
+                resp.headers_mut().insert(header::LOCATION, loc);
+            }
+            resp
+        }
+        Err(s) => grpc_error(s),
+    }
+}
+
+pub async fn get(
+    State(st): State<AppState>,
+    Path((workspace, slug)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> Response {
+    match st
+        .admin
+        .clone()
+        .get_repository(GetRepositoryRequest { workspace, slug })
+        .await
+    {
+        Ok(r) => Json(repository_json(&r.into_inner(), &base_url(&st, &headers))).into_response(),
+        Err(s) => grpc_error(s),
+    }
+}
+
+pub async fn delete(
+    State(st): State<AppState>,
+    Path((workspace, slug)): Path<(String, String)>,
+) -> Response {
+    match st
+        .admin
+        .clone()
+        .delete_repository(DeleteRepositoryRequest { workspace, slug })
+        .await
+    {
+        Ok(_) => StatusCode::NO_CONTENT.into_response(),
+        Err(s) => grpc_error(s),
+    }
+}
+
+pub async fn list(
+    State(st): State<AppState>,
+    Path(workspace): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    match st
+        .admin
+        .clone()
+        .list_repositories(ListRepositoriesRequest { workspace })
+        .await
+    {
+        Ok(r) => {
+            let base = base_url(&st, &headers);
+            let values: Vec<Value> = r
+                .into_inner()
+                .repositories
+                .iter()
+                .map(|r| repository_json(r, &base))
+                .collect();
+            Json(
+                json!({"pagelen": values.len(), "size": values.len(), "page": 1, "values": values}),
+            )
+            .into_response()
+        }
+        Err(s) => grpc_error(s),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::rfc3339;
+
+    #[test]
+    fn formats_rfc3339() {
+        assert_eq!(rfc3339(0), "1970-01-01T00:00:00+00:00");
+        assert_eq!(rfc3339(951_782_400), "2000-02-29T00:00:00+00:00");
+        assert_eq!(rfc3339(1_795_000_000), "2026-11-18T09:46:40+00:00");
+    }
+}

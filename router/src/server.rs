@@ -1,0 +1,123 @@
+//! Wiring: routes, authentication, the gRPC clients, serving.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::extract::{Request, State};
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use cairn_proto::admin::admin_client::AdminClient;
+use cairn_proto::git::git_client::GitClient;
+use tokio::net::TcpListener;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::auth::{self, AuthFailure};
+use crate::config::Config;
+use crate::{git_http, rest};
+
+#[derive(Clone)]
+pub struct AppState {
+    pub config: Arc<Config>,
+    pub git: GitClient<Channel>,
+    pub admin: AdminClient<Channel>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    #[error("invalid storage node endpoint: {0}")]
+    Endpoint(#[from] tonic::transport::Error),
+    #[error("binding {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+/// A running router.
+pub struct Router {
+    pub http_addr: SocketAddr,
+    task: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+async fn require_token(State(st): State<AppState>, req: Request, next: Next) -> Response {
+    match auth::check(req.headers(), &st.config.token) {
+        Ok(()) => next.run(req).await,
+        Err(failure) => {
+            let is_rest = req.uri().path().starts_with("/2.0/");
+            let msg = match failure {
+                AuthFailure::Missing => "Authentication required",
+                AuthFailure::Invalid => "Invalid credentials",
+            };
+            let mut resp = if is_rest {
+                rest::error(StatusCode::UNAUTHORIZED, msg)
+            } else {
+                (StatusCode::UNAUTHORIZED, format!("{msg}\n")).into_response()
+            };
+            resp.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Basic realm=\"Cairn\""),
+            );
+            resp
+        }
+    }
+}
+
+pub fn app(state: AppState) -> axum::Router {
+    let protected = axum::Router::new()
+        .route("/{workspace}/{repo}/info/refs", get(git_http::info_refs))
+        .route(
+            "/{workspace}/{repo}/git-upload-pack",
+            post(git_http::upload_pack),
+        )
+        .route(
+            "/{workspace}/{repo}/git-receive-pack",
+            post(git_http::receive_pack),
+        )
+        .route(
+            "/2.0/repositories/{workspace}/{slug}",
+            post(rest::create).get(rest::get).delete(rest::delete),
+        )
+        .route("/2.0/repositories/{workspace}", get(rest::list))
+        .layer(middleware::from_fn_with_state(state.clone(), require_token));
+    axum::Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .merge(protected)
+        .fallback(|| async { rest::error(StatusCode::NOT_FOUND, "not found") })
+        .with_state(state)
+}
+
+impl Router {
+    pub async fn start(config: Config) -> Result<Self, StartError> {
+        config.validate()?;
+        let channel = Endpoint::from_shared(config.storage_node.clone())?
+            .tcp_nodelay(true)
+            .connect_lazy();
+        let state = AppState {
+            git: GitClient::new(channel.clone()).max_decoding_message_size(16 << 20),
+            admin: AdminClient::new(channel),
+            config: Arc::new(config),
+        };
+        let addr = state.config.http_addr;
+        let listener = TcpListener::bind(addr)
+            .await
+            .map_err(|source| StartError::Bind { addr, source })?;
+        let http_addr = listener
+            .local_addr()
+            .map_err(|source| StartError::Bind { addr, source })?;
+        let app = app(state);
+        let task = tokio::spawn(async move { axum::serve(listener, app).await });
+        tracing::info!(addr = %http_addr, "router serving");
+        Ok(Router { http_addr, task })
+    }
+
+    pub async fn wait(self) -> std::io::Result<()> {
+        match self.task.await {
+            Ok(r) => r,
+            Err(e) => panic!("router task panicked: {e}"),
+        }
+    }
+}

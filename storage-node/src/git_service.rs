@@ -1,0 +1,306 @@
+//! The `Git` gRPC service: ref advertisement, upload-pack and receive-pack,
+//! each run as a blocking protocol state machine on its own thread.
+
+use std::io::{BufReader, Write};
+use std::sync::Arc;
+
+use cairn_packfile::pktline::{PktReader, PktWriter};
+use cairn_packfile::receive::{self, Ingested, Limits};
+use cairn_packfile::upload::{self, UploadContext};
+use cairn_proto::git::git_server::Git;
+use cairn_proto::git::{
+    AdvertiseRefsRequest, Chunk, GitService as Service, ReceivePackRequest, RepoPath,
+    UploadPackRequest,
+};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::bridge::{forward_inbound, ChannelReader, ChunkWriter, CHANNEL_DEPTH};
+use crate::repo_store::{RepoSnapshot, RepoStore, StoreError};
+
+pub const AGENT: &str = concat!("cairn/", env!("CARGO_PKG_VERSION"));
+
+/// Which protocol version the client asked for with `Git-Protocol`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProtocolVersion {
+    V0,
+    V1,
+    V2,
+}
+
+impl ProtocolVersion {
+    /// Parses a `Git-Protocol` value: colon-separated `key=value` pairs; the
+    /// highest `version=` wins, unknown keys are ignored as git does.
+    pub fn from_header(value: &str) -> Self {
+        let mut v = ProtocolVersion::V0;
+        for param in value.split(':') {
+            match param.trim() {
+                "version=2" => v = ProtocolVersion::V2,
+                "version=1" if v == ProtocolVersion::V0 => v = ProtocolVersion::V1,
+                _ => {}
+            }
+        }
+        v
+    }
+}
+
+pub struct GitService {
+    store: Arc<RepoStore>,
+    limits: Limits,
+}
+
+impl GitService {
+    pub fn new(store: Arc<RepoStore>, limits: Limits) -> Self {
+        GitService { store, limits }
+    }
+
+    async fn snapshot(&self, repo: Option<RepoPath>) -> Result<RepoSnapshot, Status> {
+        let repo = repo.ok_or_else(|| Status::invalid_argument("missing repository"))?;
+        let store = self.store.clone();
+        tokio::task::spawn_blocking(move || store.snapshot(&repo.workspace, &repo.slug))
+            .await
+            .map_err(|e| Status::internal(format!("snapshot task failed: {e}")))?
+            .map_err(status_of)
+    }
+}
+
+/// Maps store errors onto stable gRPC codes.
+pub fn status_of(e: StoreError) -> Status {
+    match e {
+        StoreError::RepoNotFound { .. } => Status::not_found(e.to_string()),
+        StoreError::RepoExists { .. } => Status::already_exists(e.to_string()),
+        StoreError::InvalidName { .. } => Status::invalid_argument(e.to_string()),
+        other => {
+            tracing::error!(error = %other, "storage failure");
+            Status::internal(other.to_string())
+        }
+    }
+}
+
+type ChunkStream = ReceiverStream<Result<Chunk, Status>>;
+
+/// Runs `job` on a blocking thread with a writer feeding the response stream.
+fn stream_blocking<F>(job: F) -> ChunkStream
+where
+    F: FnOnce(&mut ChunkWriter) + Send + 'static,
+{
+    let (tx, rx) = mpsc::channel(CHANNEL_DEPTH);
+    let span = tracing::Span::current();
+    tokio::task::spawn_blocking(move || {
+        let _enter = span.enter();
+        let mut out = ChunkWriter::new(tx);
+        job(&mut out);
+        let _ = out.flush();
+    });
+    ReceiverStream::new(rx)
+}
+
+#[tonic::async_trait]
+impl Git for GitService {
+    type AdvertiseRefsStream = ChunkStream;
+    type UploadPackStream = ChunkStream;
+    type ReceivePackStream = ChunkStream;
+
+    #[tracing::instrument(skip_all, fields(repo))]
+    async fn advertise_refs(
+        &self,
+        request: Request<AdvertiseRefsRequest>,
+    ) -> Result<Response<ChunkStream>, Status> {
+        let req = request.into_inner();
+        let service = Service::try_from(req.service).unwrap_or(Service::Unspecified);
+        let version = ProtocolVersion::from_header(&req.git_protocol);
+        let snap = self.snapshot(req.repo).await?;
+        tracing::Span::current().record("repo", snap.record.id);
+        let stream = match service {
+            Service::UploadPack => stream_blocking(move |out| {
+                let ctx = UploadContext {
+                    refs: &snap.refs,
+                    packs: &snap.packs,
+                    agent: AGENT,
+                };
+                let res = match version {
+                    ProtocolVersion::V2 => upload::advertise_v2(&ctx, out),
+                    v => upload::advertise_v0(&ctx, v == ProtocolVersion::V1, out),
+                };
+                if let Err(e) = res {
+                    tracing::warn!(error = %e, "upload-pack advertisement failed");
+                }
+            }),
+            Service::ReceivePack => stream_blocking(move |out| {
+                // receive-pack has no v2; a v1 request gets the "version 1" preamble.
+                let mut res = Ok(());
+                if version != ProtocolVersion::V0 {
+                    res = PktWriter::new(&mut *out).text("version 1");
+                }
+                if let Err(e) = res.and_then(|_| receive::advertise(&snap.refs, AGENT, out)) {
+                    tracing::warn!(error = %e, "receive-pack advertisement failed");
+                }
+            }),
+            Service::Unspecified => return Err(Status::invalid_argument("unknown git service")),
+        };
+        Ok(Response::new(stream))
+    }
+
+    #[tracing::instrument(skip_all, fields(repo))]
+    async fn upload_pack(
+        &self,
+        request: Request<Streaming<UploadPackRequest>>,
+    ) -> Result<Response<ChunkStream>, Status> {
+        let mut inbound = request.into_inner();
+        let first = inbound
+            .message()
+            .await?
+            .ok_or_else(|| Status::invalid_argument("empty upload-pack request"))?;
+        let version = ProtocolVersion::from_header(&first.git_protocol);
+        let snap = self.snapshot(first.repo).await?;
+        tracing::Span::current().record("repo", snap.record.id);
+        let mut input = forward_inbound(inbound, first.data, |m: UploadPackRequest| m.data);
+        let stream = stream_blocking(move |out| {
+            let ctx = UploadContext {
+                refs: &snap.refs,
+                packs: &snap.packs,
+                agent: AGENT,
+            };
+            let res = match version {
+                ProtocolVersion::V2 => upload::serve_v2(&ctx, &mut input, out, true),
+                _ => upload::serve_v0(&ctx, &mut input, out, true),
+            };
+            if let Err(e) = res {
+                tracing::info!(error = %e, "upload-pack ended with an error");
+            }
+        });
+        Ok(Response::new(stream))
+    }
+
+    #[tracing::instrument(skip_all, fields(repo))]
+    async fn receive_pack(
+        &self,
+        request: Request<Streaming<ReceivePackRequest>>,
+    ) -> Result<Response<ChunkStream>, Status> {
+        let mut inbound = request.into_inner();
+        let first = inbound
+            .message()
+            .await?
+            .ok_or_else(|| Status::invalid_argument("empty receive-pack request"))?;
+        let snap = self.snapshot(first.repo).await?;
+        tracing::Span::current().record("repo", snap.record.id);
+        let input = forward_inbound(inbound, first.data, |m: ReceivePackRequest| m.data);
+        let store = self.store.clone();
+        let limits = self.limits.clone();
+        let span = tracing::Span::current();
+        let stream = stream_blocking(move |out| {
+            let _enter = span.enter();
+            if let Err(e) = run_receive_pack(&store, &limits, snap, input, out) {
+                tracing::warn!(error = %e, "receive-pack failed");
+            }
+        });
+        Ok(Response::new(stream))
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+enum PushError {
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// One push: commands, pack ingestion and validation, compare-and-swap, report.
+fn run_receive_pack(
+    store: &RepoStore,
+    limits: &Limits,
+    snap: RepoSnapshot,
+    input: ChannelReader,
+    out: &mut ChunkWriter,
+) -> Result<(), PushError> {
+    let mut reader = PktReader::new(input);
+    let request = match receive::read_request(&mut reader, limits) {
+        Ok(Some(r)) => r,
+        Ok(None) => return Ok(()),
+        Err(e) => {
+            // No capabilities are known yet, so the error goes out as a
+            // plain ERR line, which every client prints.
+            PktWriter::new(&mut *out).text(&format!("ERR {e}"))?;
+            return Ok(());
+        }
+    };
+    let n = request.commands.len();
+    let ingested = if request.expects_pack() {
+        let mut pack = BufReader::with_capacity(64 * 1024, reader.into_inner());
+        receive::ingest(
+            &request,
+            &mut pack,
+            &snap.packs,
+            &store.staging_dir(),
+            limits,
+        )
+    } else {
+        Ok(Ingested {
+            pack: None,
+            command_errors: vec![None; n],
+        })
+    };
+    let (unpack, results) = match ingested {
+        Ok(ing) => {
+            let results = store.apply_push(
+                &snap.record,
+                &request.commands,
+                request.caps.atomic,
+                &ing.command_errors,
+                ing.pack,
+            )?;
+            (Ok(()), results)
+        }
+        Err(e) => {
+            tracing::info!(error = %e, "push rejected while unpacking");
+            (
+                Err(e.unpack_reason()),
+                vec![Err("unpacker error".to_owned()); n],
+            )
+        }
+    };
+    if !request.push_options.is_empty() {
+        tracing::debug!(options = ?request.push_options, "push options");
+    }
+    let named: Vec<(String, Result<(), String>)> = request
+        .commands
+        .iter()
+        .map(|c| c.name.clone())
+        .zip(results)
+        .collect();
+    receive::write_report(
+        out,
+        &request.caps,
+        unpack.as_ref().map(|_| ()).map_err(String::as_str),
+        &named,
+    )?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ProtocolVersion;
+
+    #[test]
+    fn git_protocol_header_parsing() {
+        assert_eq!(ProtocolVersion::from_header(""), ProtocolVersion::V0);
+        assert_eq!(
+            ProtocolVersion::from_header("version=2"),
+            ProtocolVersion::V2
+        );
+        assert_eq!(
+            ProtocolVersion::from_header("object-format=sha1:version=1"),
+            ProtocolVersion::V1
+        );
+        assert_eq!(
+            ProtocolVersion::from_header("version=1:version=2"),
+            ProtocolVersion::V2
+        );
+        assert_eq!(
+            ProtocolVersion::from_header("version=3"),
+            ProtocolVersion::V0
+        );
+    }
+}

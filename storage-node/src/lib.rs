@@ -1,0 +1,16 @@
+//! A Cairn storage node: hosts repositories (immutable packs on disk, refs
+//! and pack lists in RocksDB) and serves them over gRPC — the `Git` service
+//! (ref advertisement, upload-pack, receive-pack) and the `Admin` service.
+//!
+//! The git protocol itself lives in `cairn-packfile`; this crate supplies
+//! storage, concurrency and transport. It must not depend on the router.
+
+pub mod admin_service;
+pub mod bridge;
+pub mod config;
+pub mod git_service;
+pub mod repo_store;
+pub mod server;
+
+pub use config::Config;
+pub use server::StorageNode;

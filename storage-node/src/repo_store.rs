@@ -1,0 +1,492 @@
+//! Repositories on one node: immutable packs on disk, everything mutable
+//! (repository records, refs, HEAD, the pack list) in RocksDB.
+//!
+//! A push is applied as one synced `WriteBatch` after a compare-and-swap of
+//! every ref's old value under the repository's apply lock, so `--atomic`
+//! is all-or-nothing and two racing pushes to one ref cannot both win.
+
+use std::collections::HashMap;
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use cairn_packfile::receive::{self, Command, StagedPack};
+use cairn_packfile::refs::{RefRecord, RepoRefs};
+use cairn_packfile::store::PackSet;
+use cairn_packfile::ObjectId;
+use rocksdb::{
+    ColumnFamilyDescriptor, Direction, IteratorMode, Options, WriteBatch, WriteOptions, DB,
+};
+use serde::{Deserialize, Serialize};
+
+const CF_REPOS: &str = "repos";
+const CF_REFS: &str = "refs";
+const CF_PACKS: &str = "packs";
+const CF_META: &str = "meta";
+const NEXT_REPO_ID: &[u8] = b"next_repo_id";
+const DEFAULT_HEAD: &str = "refs/heads/main";
+
+pub type RepoId = u64;
+
+/// What a repository is, as stored under its `workspace/slug` key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RepoRecord {
+    pub id: RepoId,
+    pub workspace: String,
+    pub slug: String,
+    pub head: String,
+    pub is_private: bool,
+    pub description: String,
+    pub created_at: i64,
+}
+
+/// One committed pack of a repository.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct PackRecord {
+    objects: u64,
+    bytes: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("repository {workspace}/{slug} not found")]
+    RepoNotFound { workspace: String, slug: String },
+    #[error("repository {workspace}/{slug} already exists")]
+    RepoExists { workspace: String, slug: String },
+    #[error("invalid {what} {value:?}: use 1-64 characters of letters, digits, '-', '_' or '.', not starting with '.'")]
+    InvalidName { what: &'static str, value: String },
+    #[error("rocksdb: {0}")]
+    Db(#[from] rocksdb::Error),
+    #[error("I/O on {path}: {source}")]
+    Io { path: PathBuf, source: io::Error },
+    #[error("corrupt record under key {key:?}: {message}")]
+    Corrupt { key: String, message: String },
+    #[error("pack store: {0}")]
+    Packs(#[from] cairn_packfile::store::StoreError),
+}
+
+fn io_err(path: &Path) -> impl FnOnce(io::Error) -> StoreError + '_ {
+    move |source| StoreError::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// A consistent view of one repository for serving a request.
+#[derive(Clone)]
+pub struct RepoSnapshot {
+    pub record: RepoRecord,
+    pub refs: RepoRefs,
+    pub packs: PackSet,
+}
+
+/// All repositories of this node.
+pub struct RepoStore {
+    db: DB,
+    data_dir: PathBuf,
+    /// Open pack sets by repository; replaced (never mutated) on each push.
+    packs: Mutex<HashMap<RepoId, PackSet>>,
+    /// Serialises ref compare-and-swap per repository; indexing runs outside it.
+    apply_locks: Mutex<HashMap<RepoId, Arc<Mutex<()>>>>,
+    /// Serialises repository creation (name check + id allocation).
+    create_lock: Mutex<()>,
+}
+
+/// Workspace and slug rules: what is safe in a URL path and a file name.
+pub fn validate_name(what: &'static str, value: &str) -> Result<(), StoreError> {
+    let ok = !value.is_empty()
+        && value.len() <= 64
+        && !value.starts_with('.')
+        && !value.ends_with(".git")
+        && value
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
+    if ok {
+        Ok(())
+    } else {
+        Err(StoreError::InvalidName {
+            what,
+            value: value.to_owned(),
+        })
+    }
+}
+
+fn repo_key(workspace: &str, slug: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(workspace.len() + slug.len() + 1);
+    k.extend_from_slice(workspace.as_bytes());
+    k.push(b'/');
+    k.extend_from_slice(slug.as_bytes());
+    k
+}
+
+fn prefixed(id: RepoId, rest: &[u8]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(8 + rest.len());
+    k.extend_from_slice(&id.to_be_bytes());
+    k.extend_from_slice(rest);
+    k
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // A panic while holding one of these locks leaves plain maps behind, still
+    // consistent, so poisoning carries no information worth failing on.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl RepoStore {
+    /// Opens (or creates) the store under `data_dir`, removing leftovers of
+    /// interrupted pushes: everything in `staging/` and pack files no
+    /// committed pack list names.
+    pub fn open(data_dir: &Path) -> Result<Self, StoreError> {
+        for sub in ["rocksdb", "packs", "staging"] {
+            let p = data_dir.join(sub);
+            fs::create_dir_all(&p).map_err(io_err(&p))?;
+        }
+        let mut opts = Options::default();
+        opts.create_if_missing(true);
+        opts.create_missing_column_families(true);
+        let cfs = [CF_REPOS, CF_REFS, CF_PACKS, CF_META]
+            .into_iter()
+            .map(|name| ColumnFamilyDescriptor::new(name, Options::default()));
+        let db = DB::open_cf_descriptors(&opts, data_dir.join("rocksdb"), cfs)?;
+        let store = RepoStore {
+            db,
+            data_dir: data_dir.to_owned(),
+            packs: Mutex::new(HashMap::new()),
+            apply_locks: Mutex::new(HashMap::new()),
+            create_lock: Mutex::new(()),
+        };
+        store.clean_leftovers()?;
+        Ok(store)
+    }
+
+    fn cf(&self, name: &str) -> &rocksdb::ColumnFamily {
+        self.db
+            .cf_handle(name)
+            .expect("column families are created when the store opens")
+    }
+
+    fn sync_write(&self, batch: WriteBatch) -> Result<(), StoreError> {
+        let mut wo = WriteOptions::default();
+        wo.set_sync(true);
+        self.db.write_opt(batch, &wo)?;
+        Ok(())
+    }
+
+    pub fn staging_dir(&self) -> PathBuf {
+        self.data_dir.join("staging")
+    }
+
+    fn pack_dir(&self, id: RepoId) -> PathBuf {
+        self.data_dir.join("packs").join(id.to_string())
+    }
+
+    fn clean_leftovers(&self) -> Result<(), StoreError> {
+        let staging = self.staging_dir();
+        for entry in fs::read_dir(&staging).map_err(io_err(&staging))? {
+            let path = entry.map_err(io_err(&staging))?.path();
+            let res = if path.is_dir() {
+                fs::remove_dir_all(&path)
+            } else {
+                fs::remove_file(&path)
+            };
+            res.map_err(io_err(&path))?;
+        }
+        for record in self.list_repos("")? {
+            let listed: Vec<String> = self.pack_names(record.id)?;
+            let dir = self.pack_dir(record.id);
+            let Ok(entries) = fs::read_dir(&dir) else {
+                continue;
+            };
+            for entry in entries {
+                let path = entry.map_err(io_err(&dir))?.path();
+                let stem = path
+                    .file_stem()
+                    .and_then(|s| s.to_str())
+                    .and_then(|s| s.strip_prefix("pack-"))
+                    .unwrap_or_default();
+                if !listed.iter().any(|l| l == stem) {
+                    tracing::info!(path = %path.display(), "removing uncommitted pack file");
+                    fs::remove_file(&path).map_err(io_err(&path))?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    pub fn create_repo(
+        &self,
+        workspace: &str,
+        slug: &str,
+        is_private: bool,
+        description: &str,
+    ) -> Result<RepoRecord, StoreError> {
+        validate_name("workspace", workspace)?;
+        validate_name("repository slug", slug)?;
+        let _guard = lock(&self.create_lock);
+        if self.get_repo(workspace, slug)?.is_some() {
+            return Err(StoreError::RepoExists {
+                workspace: workspace.to_owned(),
+                slug: slug.to_owned(),
+            });
+        }
+        let next = match self.db.get_cf(self.cf(CF_META), NEXT_REPO_ID)? {
+            Some(v) => {
+                u64::from_be_bytes(v.as_slice().try_into().map_err(|_| StoreError::Corrupt {
+                    key: "next_repo_id".into(),
+                    message: "not 8 bytes".into(),
+                })?)
+            }
+            None => 1,
+        };
+        let record = RepoRecord {
+            id: next,
+            workspace: workspace.to_owned(),
+            slug: slug.to_owned(),
+            head: DEFAULT_HEAD.to_owned(),
+            is_private,
+            description: description.to_owned(),
+            created_at: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs() as i64)
+                .unwrap_or_default(),
+        };
+        let mut batch = WriteBatch::default();
+        batch.put_cf(self.cf(CF_META), NEXT_REPO_ID, (next + 1).to_be_bytes());
+        batch.put_cf(
+            self.cf(CF_REPOS),
+            repo_key(workspace, slug),
+            serde_json::to_vec(&record).expect("a repo record always serialises"),
+        );
+        self.sync_write(batch)?;
+        Ok(record)
+    }
+
+    pub fn get_repo(&self, workspace: &str, slug: &str) -> Result<Option<RepoRecord>, StoreError> {
+        let key = repo_key(workspace, slug);
+        match self.db.get_cf(self.cf(CF_REPOS), &key)? {
+            Some(v) => Ok(Some(decode_record(&key, &v)?)),
+            None => Ok(None),
+        }
+    }
+
+    pub fn require_repo(&self, workspace: &str, slug: &str) -> Result<RepoRecord, StoreError> {
+        self.get_repo(workspace, slug)?
+            .ok_or_else(|| StoreError::RepoNotFound {
+                workspace: workspace.to_owned(),
+                slug: slug.to_owned(),
+            })
+    }
+
+    /// Repositories of `workspace` (all when empty), sorted by key.
+    pub fn list_repos(&self, workspace: &str) -> Result<Vec<RepoRecord>, StoreError> {
+        let prefix = if workspace.is_empty() {
+            Vec::new()
+        } else {
+            repo_key(workspace, "")
+        };
+        let mut out = Vec::new();
+        for item in self.db.iterator_cf(
+            self.cf(CF_REPOS),
+            IteratorMode::From(&prefix, Direction::Forward),
+        ) {
+            let (k, v) = item?;
+            if !k.starts_with(&prefix) {
+                break;
+            }
+            out.push(decode_record(&k, &v)?);
+        }
+        Ok(out)
+    }
+
+    pub fn delete_repo(&self, workspace: &str, slug: &str) -> Result<(), StoreError> {
+        let record = self.require_repo(workspace, slug)?;
+        let apply = self.apply_lock(record.id);
+        let _guard = lock(&apply);
+        let mut batch = WriteBatch::default();
+        batch.delete_cf(self.cf(CF_REPOS), repo_key(workspace, slug));
+        let from = prefixed(record.id, b"");
+        let to = prefixed(record.id + 1, b"");
+        batch.delete_range_cf(self.cf(CF_REFS), &from, &to);
+        batch.delete_range_cf(self.cf(CF_PACKS), &from, &to);
+        self.sync_write(batch)?;
+        lock(&self.packs).remove(&record.id);
+        let dir = self.pack_dir(record.id);
+        if dir.exists() {
+            fs::remove_dir_all(&dir).map_err(io_err(&dir))?;
+        }
+        Ok(())
+    }
+
+    fn apply_lock(&self, id: RepoId) -> Arc<Mutex<()>> {
+        lock(&self.apply_locks).entry(id).or_default().clone()
+    }
+
+    fn read_refs(&self, record: &RepoRecord) -> Result<RepoRefs, StoreError> {
+        let prefix = prefixed(record.id, b"");
+        let mut refs = Vec::new();
+        for item in self.db.iterator_cf(
+            self.cf(CF_REFS),
+            IteratorMode::From(&prefix, Direction::Forward),
+        ) {
+            let (k, v) = item?;
+            if !k.starts_with(&prefix) {
+                break;
+            }
+            let name = String::from_utf8_lossy(&k[8..]).into_owned();
+            let target = ObjectId::try_from(v.as_ref()).map_err(|_| StoreError::Corrupt {
+                key: name.clone(),
+                message: "ref value is not a 20-byte object id".into(),
+            })?;
+            refs.push(RefRecord { name, target });
+        }
+        Ok(RepoRefs::new(refs, Some(record.head.clone())))
+    }
+
+    fn pack_names(&self, id: RepoId) -> Result<Vec<String>, StoreError> {
+        let prefix = prefixed(id, b"");
+        let mut names = Vec::new();
+        for item in self.db.iterator_cf(
+            self.cf(CF_PACKS),
+            IteratorMode::From(&prefix, Direction::Forward),
+        ) {
+            let (k, _) = item?;
+            if !k.starts_with(&prefix) {
+                break;
+            }
+            names.push(String::from_utf8_lossy(&k[8..]).into_owned());
+        }
+        Ok(names)
+    }
+
+    fn pack_set(&self, id: RepoId) -> Result<PackSet, StoreError> {
+        if let Some(p) = lock(&self.packs).get(&id) {
+            return Ok(p.clone());
+        }
+        let dir = self.pack_dir(id);
+        let paths: Vec<PathBuf> = self
+            .pack_names(id)?
+            .iter()
+            .map(|n| dir.join(format!("pack-{n}.idx")))
+            .collect();
+        let set = PackSet::open(&paths)?;
+        lock(&self.packs).insert(id, set.clone());
+        Ok(set)
+    }
+
+    /// Refs and packs of one repository as of now.
+    pub fn snapshot(&self, workspace: &str, slug: &str) -> Result<RepoSnapshot, StoreError> {
+        let record = self.require_repo(workspace, slug)?;
+        // Packs first: a pack is committed in the same batch as the refs that
+        // need it, so reading refs second never yields a ref whose objects
+        // are missing from the pack set.
+        let packs = self.pack_set(record.id)?;
+        let refs = self.read_refs(&record)?;
+        Ok(RepoSnapshot {
+            record,
+            refs,
+            packs,
+        })
+    }
+
+    /// Compare-and-swap `commands` against the current refs and commit the
+    /// accepted ones together with `staged` in one synced batch.
+    /// `prior` carries per-command rejections found while validating the pack.
+    pub fn apply_push(
+        &self,
+        record: &RepoRecord,
+        commands: &[Command],
+        atomic: bool,
+        prior: &[Option<String>],
+        staged: Option<StagedPack>,
+    ) -> Result<Vec<Result<(), String>>, StoreError> {
+        let apply = self.apply_lock(record.id);
+        let _guard = lock(&apply);
+        // Re-read the record: HEAD may have moved since the snapshot.
+        let record = self.require_repo(&record.workspace, &record.slug)?;
+        let current = self.read_refs(&record)?;
+        let results = receive::plan_updates(&current, commands, atomic, prior);
+        if results.iter().all(|r| r.is_err()) {
+            if let Some(staged) = staged {
+                let path = staged.pack_path.clone();
+                staged.discard().map_err(io_err(&path))?;
+            }
+            return Ok(results);
+        }
+
+        let mut batch = WriteBatch::default();
+        let mut new_packs = None;
+        if let Some(staged) = staged {
+            let name = staged.id.to_string();
+            let dir = self.pack_dir(record.id);
+            fs::create_dir_all(&dir).map_err(io_err(&dir))?;
+            let pack_dst = dir.join(format!("pack-{name}.pack"));
+            let idx_dst = dir.join(format!("pack-{name}.idx"));
+            fs::rename(&staged.pack_path, &pack_dst).map_err(io_err(&pack_dst))?;
+            fs::rename(&staged.index_path, &idx_dst).map_err(io_err(&idx_dst))?;
+            fsync_dir(&dir)?;
+            let rec = PackRecord {
+                objects: staged.objects,
+                bytes: staged.bytes,
+            };
+            batch.put_cf(
+                self.cf(CF_PACKS),
+                prefixed(record.id, name.as_bytes()),
+                serde_json::to_vec(&rec).expect("a pack record always serialises"),
+            );
+            let bundle = cairn_packfile::store::open_bundle(&idx_dst)?;
+            new_packs = Some(self.pack_set(record.id)?.with_bundle(Arc::new(bundle)));
+        }
+        let mut head_created = None;
+        for (cmd, res) in commands.iter().zip(&results) {
+            if res.is_err() {
+                continue;
+            }
+            let key = prefixed(record.id, cmd.name.as_bytes());
+            if cmd.new.is_null() {
+                batch.delete_cf(self.cf(CF_REFS), key);
+            } else {
+                batch.put_cf(self.cf(CF_REFS), key, cmd.new.as_bytes());
+                if cmd.old.is_null() && cmd.name.starts_with("refs/heads/") {
+                    head_created.get_or_insert(cmd.name.clone());
+                }
+            }
+        }
+        // Like hosted git services: when HEAD names a branch that does not
+        // exist and this push creates one, HEAD follows the first branch
+        // pushed, so a clone checks out what was pushed.
+        if current.get(&record.head).is_none() {
+            let head_now_exists = commands
+                .iter()
+                .zip(&results)
+                .any(|(c, r)| r.is_ok() && c.name == record.head && !c.new.is_null());
+            if let (false, Some(branch)) = (head_now_exists, head_created) {
+                let mut updated = record.clone();
+                updated.head = branch;
+                batch.put_cf(
+                    self.cf(CF_REPOS),
+                    repo_key(&record.workspace, &record.slug),
+                    serde_json::to_vec(&updated).expect("a repo record always serialises"),
+                );
+            }
+        }
+        self.sync_write(batch)?;
+        if let Some(set) = new_packs {
+            lock(&self.packs).insert(record.id, set);
+        }
+        Ok(results)
+    }
+}
+
+fn decode_record(key: &[u8], value: &[u8]) -> Result<RepoRecord, StoreError> {
+    serde_json::from_slice(value).map_err(|e| StoreError::Corrupt {
+        key: String::from_utf8_lossy(key).into_owned(),
+        message: e.to_string(),
+    })
+}
+
+fn fsync_dir(dir: &Path) -> Result<(), StoreError> {
+    fs::File::open(dir)
+        .and_then(|f| f.sync_all())
+        .map_err(io_err(dir))
+}

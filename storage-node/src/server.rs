@@ -1,0 +1,86 @@
+//! Starting a storage node: open the store, bind gRPC, serve.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use cairn_packfile::receive::Limits;
+use cairn_proto::admin::admin_server::AdminServer;
+use cairn_proto::git::git_server::GitServer;
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+
+use crate::admin_service::AdminService;
+use crate::config::Config;
+use crate::git_service::GitService;
+use crate::repo_store::{RepoStore, StoreError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    #[error("opening the repository store: {0}")]
+    Store(#[from] StoreError),
+    #[error("binding {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+/// A running storage node.
+pub struct StorageNode {
+    pub grpc_addr: SocketAddr,
+    pub store: Arc<RepoStore>,
+    task: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
+}
+
+impl StorageNode {
+    /// Opens the store and starts serving gRPC in the background.
+    pub async fn start(config: Config) -> Result<Self, StartError> {
+        config.validate()?;
+        let store = {
+            let dir = config.data_dir.clone();
+            tokio::task::spawn_blocking(move || RepoStore::open(&dir))
+                .await
+                .expect("opening the store does not panic")?
+        };
+        let store = Arc::new(store);
+        let listener = TcpListener::bind(config.grpc_addr)
+            .await
+            .map_err(|source| StartError::Bind {
+                addr: config.grpc_addr,
+                source,
+            })?;
+        let grpc_addr = listener.local_addr().map_err(|source| StartError::Bind {
+            addr: config.grpc_addr,
+            source,
+        })?;
+        let limits = Limits {
+            max_pack_bytes: config.max_pack_bytes,
+            ..Limits::default()
+        };
+        let git = GitServer::new(GitService::new(store.clone(), limits))
+            .max_decoding_message_size(16 << 20);
+        let admin = AdminServer::new(AdminService::new(store.clone()));
+        let task = tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(git)
+                .add_service(admin)
+                .serve_with_incoming(TcpListenerStream::new(listener)),
+        );
+        tracing::info!(addr = %grpc_addr, data_dir = %config.data_dir.display(), "storage node serving");
+        Ok(StorageNode {
+            grpc_addr,
+            store,
+            task,
+        })
+    }
+
+    /// Waits until the gRPC server stops (it only stops on error).
+    pub async fn wait(self) -> Result<(), tonic::transport::Error> {
+        match self.task.await {
+            Ok(r) => r,
+            Err(e) => panic!("storage node task panicked: {e}"),
+        }
+    }
+}

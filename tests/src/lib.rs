@@ -1,0 +1,1821 @@
+//! Cluster test kit: the harness of Cairn's end-to-end suite.
+//!
+//! It starts a real local cluster with `cairn dev`, drives the real `git`
+//! binary against it with an isolated, reproducible environment, and offers
+//! the small building blocks the protocol-level tests need: a minimal HTTP/1.1
+//! client, pkt-line encoding and decoding, receive-pack request bodies and a
+//! deterministic generator of long histories with real deltas (fed to
+//! `git fast-import`).
+//!
+//! Conventions:
+//! * `cairn` is found next to the test executable's target dir
+//!   (`…/debug/deps/test_x-hash` → `…/debug/cairn`), or at `$CAIRN_BIN`.
+//! * A cluster started with [`Cluster::start`] is stopped when dropped; the
+//!   per-binary [`Cluster::shared`] one is stopped by a watchdog process when
+//!   the test binary exits (however it exits).
+//! * Every git command runs with `HOME` in a temp dir, no system config, no
+//!   terminal prompt, pinned identities and dates that advance by one minute
+//!   per command, so that object ids are reproducible.
+//! * `CAIRN_KEEP_DATA=1` keeps the cluster data and logs for inspection.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::fs;
+use std::io::{Read, Write};
+use std::net::{TcpStream, ToSocketAddrs};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, ensure, Context};
+pub use anyhow::Result;
+use serde_json::Value;
+
+/// Workspace used for the repositories the suite creates.
+pub const WORKSPACE: &str = "e2e";
+
+/// Default time limit of one git command.
+pub const GIT_TIMEOUT: Duration = Duration::from_secs(180);
+
+/// How long `cairn dev` may take to become ready.
+const START_TIMEOUT: Duration = Duration::from_secs(120);
+
+// ---------------------------------------------------------------------------
+// Generic helpers
+// ---------------------------------------------------------------------------
+
+/// Polls `cond` until it yields `Some`, an error, or `timeout` passes.
+///
+/// Polling starts fast (5 ms) and backs off to 200 ms, so waits end as soon
+/// as the condition holds without fixed sleeps.
+pub fn wait_until<T>(
+    what: &str,
+    timeout: Duration,
+    mut cond: impl FnMut() -> Result<Option<T>>,
+) -> Result<T> {
+    let start = Instant::now();
+    let mut delay = Duration::from_millis(5);
+    loop {
+        if let Some(v) = cond()? {
+            return Ok(v);
+        }
+        if start.elapsed() >= timeout {
+            bail!("timed out after {timeout:?} waiting for {what}");
+        }
+        thread::sleep(delay);
+        delay = (delay * 2).min(Duration::from_millis(200));
+    }
+}
+
+/// A name unique within this machine run: `prefix-<pid>-<n>`.
+pub fn unique_name(prefix: &str) -> String {
+    static N: AtomicU64 = AtomicU64::new(0);
+    format!(
+        "{prefix}-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// Path of the `cairn` binary: `$CAIRN_BIN`, else `<target>/<profile>/cairn`
+/// derived from the running test executable.
+pub fn cairn_bin() -> Result<PathBuf> {
+    if let Some(p) = std::env::var_os("CAIRN_BIN") {
+        let p = PathBuf::from(p);
+        ensure!(p.is_file(), "CAIRN_BIN={} is not a file", p.display());
+        return Ok(p);
+    }
+    let exe = std::env::current_exe().context("current_exe")?;
+    // …/debug/deps/test_x-hash → …/debug/cairn
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .ok_or_else(|| anyhow!("unexpected test executable path {}", exe.display()))?;
+    let bin = profile_dir.join("cairn");
+    ensure!(
+        bin.is_file(),
+        "the cairn binary is missing at {}: build it first (`cargo build -p cairn`, or run the \
+         suite with `cargo test --workspace`, which builds it), or point CAIRN_BIN at it",
+        bin.display()
+    );
+    Ok(bin)
+}
+
+fn tail_of_file(path: &Path, max: usize) -> String {
+    match fs::read(path) {
+        Ok(b) => {
+            let start = b.len().saturating_sub(max);
+            String::from_utf8_lossy(&b[start..]).into_owned()
+        }
+        Err(e) => format!("<cannot read {}: {e}>", path.display()),
+    }
+}
+
+fn send_signal(pid: u32, sig: &str) {
+    let _ = Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(pid.to_string())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status();
+}
+
+fn pid_alive(pid: u32) -> bool {
+    Command::new("kill")
+        .arg("-0")
+        .arg(pid.to_string())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false)
+}
+
+// ---------------------------------------------------------------------------
+// Minimal HTTP/1.1 client (enough for the REST API and raw smart HTTP)
+// ---------------------------------------------------------------------------
+
+/// Standard base64 (with padding).
+pub fn base64(data: &[u8]) -> String {
+    const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::with_capacity(data.len().div_ceil(3) * 4);
+    for chunk in data.chunks(3) {
+        let b = [
+            chunk[0],
+            *chunk.get(1).unwrap_or(&0),
+            *chunk.get(2).unwrap_or(&0),
+        ];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        out.push(T[(n >> 18) as usize & 63] as char);
+        out.push(T[(n >> 12) as usize & 63] as char);
+        out.push(if chunk.len() > 1 {
+            T[(n >> 6) as usize & 63] as char
+        } else {
+            '='
+        });
+        out.push(if chunk.len() > 2 {
+            T[n as usize & 63] as char
+        } else {
+            '='
+        });
+    }
+    out
+}
+
+/// Percent-encodes everything but RFC 3986 unreserved characters.
+pub fn percent_encode(s: &str) -> String {
+    let mut out = String::new();
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+            out.push(b as char);
+        } else {
+            let _ = write!(out, "%{b:02X}");
+        }
+    }
+    out
+}
+
+/// A parsed HTTP response.
+#[derive(Debug, Clone)]
+pub struct HttpResponse {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl HttpResponse {
+    /// First header of that name (case-insensitive).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+
+    pub fn json(&self) -> Result<Value> {
+        serde_json::from_slice(&self.body)
+            .with_context(|| format!("response body is not JSON: {:?}", self.text()))
+    }
+}
+
+/// One HTTP request.
+#[derive(Debug, Clone)]
+pub struct HttpRequest<'a> {
+    pub method: &'a str,
+    pub path: &'a str,
+    pub headers: Vec<(String, String)>,
+    pub body: Option<&'a [u8]>,
+    pub timeout: Duration,
+}
+
+impl<'a> HttpRequest<'a> {
+    pub fn new(method: &'a str, path: &'a str) -> Self {
+        Self {
+            method,
+            path,
+            headers: Vec::new(),
+            body: None,
+            timeout: Duration::from_secs(60),
+        }
+    }
+
+    pub fn header(mut self, k: &str, v: &str) -> Self {
+        self.headers.push((k.to_owned(), v.to_owned()));
+        self
+    }
+
+    pub fn body(mut self, body: &'a [u8]) -> Self {
+        self.body = Some(body);
+        self
+    }
+
+    pub fn timeout(mut self, t: Duration) -> Self {
+        self.timeout = t;
+        self
+    }
+
+    /// Sends it to `base_url` (`http://host:port`) over a fresh connection
+    /// (`Connection: close`).
+    pub fn send(&self, base_url: &str) -> Result<HttpResponse> {
+        let authority = base_url
+            .strip_prefix("http://")
+            .ok_or_else(|| anyhow!("only http:// is supported: {base_url}"))?
+            .trim_end_matches('/');
+        let addr = authority
+            .to_socket_addrs()
+            .with_context(|| format!("resolve {authority}"))?
+            .next()
+            .ok_or_else(|| anyhow!("no address for {authority}"))?;
+        let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(10))
+            .with_context(|| format!("connect {addr}"))?;
+        stream.set_read_timeout(Some(self.timeout))?;
+        stream.set_write_timeout(Some(self.timeout))?;
+        let mut head = format!(
+            "{} {} HTTP/1.1\r\nHost: {authority}\r\nConnection: close\r\nUser-Agent: cairn-tests\r\n",
+            self.method, self.path
+        );
+        for (k, v) in &self.headers {
+            let _ = write!(head, "{k}: {v}\r\n");
+        }
+        if let Some(b) = self.body {
+            let _ = write!(head, "Content-Length: {}\r\n", b.len());
+        }
+        head.push_str("\r\n");
+        // A server may answer (and close) before reading a bad body: keep the
+        // write error only to report it if no response can be read.
+        let write_result = stream.write_all(head.as_bytes()).and_then(|()| {
+            if let Some(b) = self.body {
+                stream.write_all(b)?;
+            }
+            stream.flush()
+        });
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 64 * 1024];
+        let deadline = Instant::now() + self.timeout;
+        loop {
+            if let Some(resp) = parse_http_response(&buf, false)? {
+                return Ok(resp);
+            }
+            match stream.read(&mut chunk) {
+                Ok(0) => break,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    if buf.is_empty() {
+                        return Err(anyhow!(e)).context(format!(
+                            "reading the response to {} {} (write: {:?})",
+                            self.method, self.path, write_result
+                        ));
+                    }
+                    break;
+                }
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "timeout reading response to {} {}",
+                self.method,
+                self.path
+            );
+        }
+        match parse_http_response(&buf, true)? {
+            Some(r) => Ok(r),
+            None => bail!(
+                "incomplete response to {} {} ({} bytes: {:?}; write: {:?})",
+                self.method,
+                self.path,
+                buf.len(),
+                String::from_utf8_lossy(&buf[..buf.len().min(300)]),
+                write_result
+            ),
+        }
+    }
+}
+
+fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    hay.windows(needle.len()).position(|w| w == needle)
+}
+
+/// Parses a full response out of `buf`; `None` while more bytes are needed.
+/// With `eof`, a body without length ends at the end of the buffer.
+fn parse_http_response(buf: &[u8], eof: bool) -> Result<Option<HttpResponse>> {
+    let Some(head_end) = find(buf, b"\r\n\r\n") else {
+        return Ok(None);
+    };
+    let head = std::str::from_utf8(&buf[..head_end]).context("non-UTF-8 response head")?;
+    let mut lines = head.split("\r\n");
+    let status_line = lines.next().unwrap_or_default();
+    let status: u16 = status_line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| anyhow!("bad status line {status_line:?}"))?;
+    let headers: Vec<(String, String)> = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
+        .collect();
+    let get = |name: &str| {
+        headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.clone())
+    };
+    let rest = &buf[head_end + 4..];
+    let body = if get("transfer-encoding").is_some_and(|v| v.eq_ignore_ascii_case("chunked")) {
+        let mut body = Vec::new();
+        let mut pos = 0;
+        loop {
+            let Some(le) = find(&rest[pos..], b"\r\n") else {
+                return Ok(None);
+            };
+            let size_str = std::str::from_utf8(&rest[pos..pos + le])?;
+            let size = usize::from_str_radix(size_str.split(';').next().unwrap_or("").trim(), 16)
+                .with_context(|| format!("bad chunk size {size_str:?}"))?;
+            pos += le + 2;
+            if size == 0 {
+                break;
+            }
+            if rest.len() < pos + size + 2 {
+                return Ok(None);
+            }
+            body.extend_from_slice(&rest[pos..pos + size]);
+            pos += size + 2;
+        }
+        body
+    } else if let Some(len) = get("content-length") {
+        let len: usize = len.parse().context("bad content-length")?;
+        if rest.len() < len {
+            return Ok(None);
+        }
+        rest[..len].to_vec()
+    } else if status == 204 || status == 304 || (100..200).contains(&status) {
+        Vec::new()
+    } else if eof {
+        rest.to_vec()
+    } else {
+        return Ok(None);
+    };
+    Ok(Some(HttpResponse {
+        status,
+        headers,
+        body,
+    }))
+}
+
+// ---------------------------------------------------------------------------
+// The cluster
+// ---------------------------------------------------------------------------
+
+/// One storage node as reported in `dev-cluster.json`.
+#[derive(Debug, Clone)]
+pub struct NodeInfo {
+    pub id: u64,
+    pub grpc_addr: String,
+    pub pid: Option<u32>,
+}
+
+/// Contents of `DIR/dev-cluster.json`.
+#[derive(Debug, Clone)]
+pub struct ClusterInfo {
+    pub http_url: String,
+    pub username: String,
+    pub token: String,
+    pub nodes: Vec<NodeInfo>,
+    pub router_pid: Option<u32>,
+}
+
+impl ClusterInfo {
+    fn parse(v: &Value) -> Result<Self> {
+        let s = |k: &str| {
+            v.get(k)
+                .and_then(Value::as_str)
+                .map(str::to_owned)
+                .ok_or_else(|| anyhow!("dev-cluster.json lacks string {k:?}: {v}"))
+        };
+        let pid = |v: Option<&Value>| {
+            v.and_then(Value::as_u64)
+                .and_then(|p| u32::try_from(p).ok())
+        };
+        let nodes = v
+            .get("nodes")
+            .and_then(Value::as_array)
+            .map(|a| {
+                a.iter()
+                    .map(|n| NodeInfo {
+                        id: n.get("id").and_then(Value::as_u64).unwrap_or(0),
+                        grpc_addr: n
+                            .get("grpc_addr")
+                            .and_then(Value::as_str)
+                            .unwrap_or_default()
+                            .to_owned(),
+                        pid: pid(n.get("pid")),
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        Ok(Self {
+            http_url: s("http_url")?.trim_end_matches('/').to_owned(),
+            username: s("username")?,
+            token: s("token")?,
+            nodes,
+            router_pid: pid(v.get("router").and_then(|r| r.get("pid"))),
+        })
+    }
+}
+
+/// A running `cairn dev` process and its data dir.
+pub struct Cluster {
+    root: Option<tempfile::TempDir>,
+    root_path: PathBuf,
+    data_dir: PathBuf,
+    log_path: PathBuf,
+    child: Option<Child>,
+    watchdog: Option<(Child, ChildStdin)>,
+    info: ClusterInfo,
+    starts: u32,
+}
+
+impl Cluster {
+    /// Starts a fresh cluster in a new temp dir and waits until it is ready.
+    pub fn start() -> Result<Self> {
+        let root = tempfile::Builder::new().prefix("cairn-e2e-").tempdir()?;
+        let root_path = root.path().to_path_buf();
+        let data_dir = root_path.join("data");
+        fs::create_dir_all(&data_dir)?;
+        let mut c = Self {
+            root: Some(root),
+            log_path: root_path.join("cairn.log"),
+            root_path,
+            data_dir,
+            child: None,
+            watchdog: None,
+            info: ClusterInfo {
+                http_url: String::new(),
+                username: String::new(),
+                token: String::new(),
+                nodes: Vec::new(),
+                router_pid: None,
+            },
+            starts: 0,
+        };
+        if std::env::var_os("CAIRN_KEEP_DATA").is_some() {
+            if let Some(r) = c.root.take() {
+                let p = r.keep();
+                eprintln!("cluster data kept in {}", p.display());
+            }
+        }
+        c.spawn()?;
+        Ok(c)
+    }
+
+    /// The cluster shared by all tests of one test binary (started on first
+    /// use; stopped, and its data removed, when the binary exits).
+    pub fn shared() -> &'static Cluster {
+        static SHARED: OnceLock<std::result::Result<Cluster, String>> = OnceLock::new();
+        let r = SHARED.get_or_init(|| {
+            Cluster::start()
+                .map(|mut c| {
+                    // Never dropped: the watchdog cleans up at process exit.
+                    if let Some(root) = c.root.take() {
+                        let _ = root.keep();
+                        c.arm_watchdog(true);
+                    }
+                    c
+                })
+                .map_err(|e| format!("{e:#}"))
+        });
+        match r {
+            Ok(c) => c,
+            Err(e) => panic!("cannot start the shared cairn dev cluster: {e}"),
+        }
+    }
+
+    pub fn info(&self) -> &ClusterInfo {
+        &self.info
+    }
+
+    pub fn data_dir(&self) -> &Path {
+        &self.data_dir
+    }
+
+    pub fn http_url(&self) -> &str {
+        &self.info.http_url
+    }
+
+    /// The tail of the server log (for failure messages).
+    pub fn log_tail(&self) -> String {
+        tail_of_file(&self.log_path, 8000)
+    }
+
+    fn json_path(&self) -> PathBuf {
+        self.data_dir.join("dev-cluster.json")
+    }
+
+    fn spawn(&mut self) -> Result<()> {
+        let bin = cairn_bin()?;
+        // A file left by a previous run must not be taken for readiness.
+        let _ = fs::remove_file(self.json_path());
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log_path)?;
+        self.starts += 1;
+        let mut cmd = Command::new(&bin);
+        cmd.arg("dev")
+            .arg("--data-dir")
+            .arg(&self.data_dir)
+            .arg("--http")
+            .arg("127.0.0.1:0")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log);
+        if std::env::var_os("RUST_LOG").is_none() {
+            cmd.env("RUST_LOG", "info");
+        }
+        let child = cmd
+            .spawn()
+            .with_context(|| format!("spawn {} dev", bin.display()))?;
+        self.child = Some(child);
+        self.arm_watchdog(false);
+        let json_path = self.json_path();
+        let res = wait_until("cairn dev to become ready", START_TIMEOUT, || {
+            if let Some(child) = self.child.as_mut() {
+                if let Some(status) = child.try_wait()? {
+                    bail!(
+                        "cairn dev exited early with {status}; log:\n{}",
+                        tail_of_file(&self.log_path, 8000)
+                    );
+                }
+            }
+            let Ok(text) = fs::read_to_string(&json_path) else {
+                return Ok(None);
+            };
+            let Ok(v) = serde_json::from_str::<Value>(&text) else {
+                return Ok(None);
+            };
+            let info = ClusterInfo::parse(&v)?;
+            match HttpRequest::new("GET", "/healthz")
+                .timeout(Duration::from_secs(5))
+                .send(&info.http_url)
+            {
+                Ok(r) if r.status == 200 => Ok(Some(info)),
+                _ => Ok(None),
+            }
+        });
+        match res {
+            Ok(info) => {
+                self.info = info;
+                // The watchdog must also know the node pids: re-arm it.
+                self.arm_watchdog(self.root.is_none());
+                Ok(())
+            }
+            Err(e) => {
+                self.stop_processes();
+                Err(e.context(format!("server log:\n{}", self.log_tail())))
+            }
+        }
+    }
+
+    /// Starts a helper process that stops the cluster when this process
+    /// exits: it waits for EOF on a pipe that only this process holds.
+    fn arm_watchdog(&mut self, remove_root: bool) {
+        if let Some((mut w, stdin)) = self.watchdog.take() {
+            drop(stdin);
+            let _ = w.kill();
+            let _ = w.wait();
+        }
+        let Some(child) = self.child.as_ref() else {
+            return;
+        };
+        let mut pids = vec![child.id()];
+        pids.extend(self.info.nodes.iter().filter_map(|n| n.pid));
+        pids.extend(self.info.router_pid);
+        pids.sort_unstable();
+        pids.dedup();
+        let pids: Vec<String> = pids.iter().map(u32::to_string).collect();
+        let script = r#"
+cat >/dev/null 2>&1
+pids="$1"
+kill -TERM $pids 2>/dev/null
+i=0
+while [ $i -lt 50 ] && kill -0 $pids 2>/dev/null; do sleep 0.1; i=$((i+1)); done
+kill -KILL $pids 2>/dev/null
+if [ -n "$2" ]; then rm -rf "$2"; fi
+"#;
+        let keep = std::env::var_os("CAIRN_KEEP_DATA").is_some();
+        let root_arg = if remove_root && !keep {
+            self.root_path.display().to_string()
+        } else {
+            String::new()
+        };
+        let spawned = Command::new("sh")
+            .arg("-c")
+            .arg(script)
+            .arg("cairn-e2e-watchdog")
+            .arg(pids.join(" "))
+            .arg(root_arg)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn();
+        if let Ok(mut w) = spawned {
+            if let Some(stdin) = w.stdin.take() {
+                self.watchdog = Some((w, stdin));
+            }
+        }
+    }
+
+    fn stop_processes(&mut self) {
+        if let Some((mut w, stdin)) = self.watchdog.take() {
+            let _ = w.kill();
+            drop(stdin);
+            let _ = w.wait();
+        }
+        let mut extra: Vec<u32> = self.info.nodes.iter().filter_map(|n| n.pid).collect();
+        extra.extend(self.info.router_pid);
+        if let Some(mut child) = self.child.take() {
+            extra.retain(|p| *p != child.id());
+            send_signal(child.id(), "TERM");
+            let exited = wait_until("cairn dev to exit", Duration::from_secs(10), || {
+                Ok(child.try_wait()?.map(|_| ()))
+            });
+            if exited.is_err() {
+                let _ = child.kill();
+            }
+            let _ = child.wait();
+        }
+        for pid in extra {
+            if pid_alive(pid) {
+                send_signal(pid, "TERM");
+                if wait_until("node exit", Duration::from_secs(5), || {
+                    Ok((!pid_alive(pid)).then_some(()))
+                })
+                .is_err()
+                {
+                    send_signal(pid, "KILL");
+                }
+            }
+        }
+    }
+
+    /// Stops the processes (SIGTERM, then SIGKILL after 10 s), keeping data.
+    pub fn stop(&mut self) {
+        self.stop_processes();
+    }
+
+    /// Starts `cairn dev` again on the same data dir.
+    pub fn restart(&mut self) -> Result<()> {
+        self.stop_processes();
+        self.spawn()
+    }
+
+    /// Whether the `cairn dev` process is still running.
+    pub fn is_running(&mut self) -> bool {
+        match self.child.as_mut() {
+            Some(c) => matches!(c.try_wait(), Ok(None)),
+            None => false,
+        }
+    }
+
+    // -- URLs and HTTP ------------------------------------------------------
+
+    /// `http://user:token@host:port/{full_name}.git`
+    pub fn repo_url(&self, full_name: &str) -> String {
+        let rest = self
+            .info
+            .http_url
+            .strip_prefix("http://")
+            .unwrap_or(&self.info.http_url);
+        format!(
+            "http://{}:{}@{rest}/{full_name}.git",
+            percent_encode(&self.info.username),
+            percent_encode(&self.info.token)
+        )
+    }
+
+    /// The same URL without credentials.
+    pub fn repo_url_anonymous(&self, full_name: &str) -> String {
+        format!("{}/{full_name}.git", self.info.http_url)
+    }
+
+    /// `Authorization` header value for HTTP Basic with the cluster token.
+    pub fn basic_auth(&self) -> String {
+        format!(
+            "Basic {}",
+            base64(format!("{}:{}", self.info.username, self.info.token).as_bytes())
+        )
+    }
+
+    /// An authenticated request to the router.
+    pub fn request<'a>(&self, method: &'a str, path: &'a str) -> HttpRequest<'a> {
+        HttpRequest::new(method, path).header("Authorization", &self.basic_auth())
+    }
+
+    /// Creates `ws/slug` over the REST API, asserting 201; returns the JSON.
+    pub fn create_repo(&self, full_name: &str) -> Result<Value> {
+        let path = format!("/2.0/repositories/{full_name}");
+        let r = self
+            .request("POST", &path)
+            .header("Content-Type", "application/json")
+            .body(br#"{"scm":"git","is_private":true}"#)
+            .send(self.http_url())?;
+        ensure!(
+            r.status == 201,
+            "POST {path}: expected 201, got {} {}",
+            r.status,
+            r.text()
+        );
+        r.json()
+    }
+
+    /// Creates a repository with a unique slug; returns `ws/slug`.
+    pub fn new_repo(&self, prefix: &str) -> Result<String> {
+        let full = format!("{WORKSPACE}/{}", unique_name(prefix));
+        self.create_repo(&full)?;
+        Ok(full)
+    }
+
+    /// Runs `cairn admin --data-dir DIR <args>`; returns the raw output.
+    pub fn admin(&self, args: &[&str]) -> Result<std::process::Output> {
+        let out = Command::new(cairn_bin()?)
+            .arg("admin")
+            .arg("--data-dir")
+            .arg(&self.data_dir)
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .context("run cairn admin")?;
+        Ok(out)
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        self.stop_processes();
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Git
+// ---------------------------------------------------------------------------
+
+/// Base of the pinned author/committer clock (2023-11-14T22:13:20Z).
+pub const CLOCK_BASE: u64 = 1_700_000_000;
+
+/// An isolated git environment: its own `HOME` and a deterministic clock.
+#[derive(Clone)]
+pub struct Git {
+    home: Arc<tempfile::TempDir>,
+    clock: Arc<AtomicU64>,
+    protocol: Option<u8>,
+}
+
+impl Git {
+    pub fn new() -> Result<Self> {
+        let home = tempfile::Builder::new().prefix("cairn-e2e-home-").tempdir()?;
+        fs::write(
+            home.path().join(".gitconfig"),
+            "[init]\n\tdefaultBranch = main\n\
+             [user]\n\tname = Cairn Test\n\temail = test@cairn.invalid\n\
+             [advice]\n\tdetachedHead = false\n\
+             [gc]\n\tauto = 0\n\
+             [maintenance]\n\tauto = false\n\
+             [fetch]\n\tfsckObjects = true\n\
+             [credential]\n\thelper =\n",
+        )?;
+        Ok(Self {
+            home: Arc::new(home),
+            clock: Arc::new(AtomicU64::new(0)),
+            protocol: None,
+        })
+    }
+
+    /// The same environment, with `-c protocol.version=N` on every command.
+    pub fn with_protocol(&self, v: u8) -> Self {
+        Self {
+            protocol: Some(v),
+            ..self.clone()
+        }
+    }
+
+    pub fn protocol(&self) -> Option<u8> {
+        self.protocol
+    }
+
+    pub fn home(&self) -> &Path {
+        self.home.path()
+    }
+
+    /// A scratch directory inside this environment's home.
+    pub fn scratch(&self, name: &str) -> PathBuf {
+        self.home.path().join(unique_name(name))
+    }
+
+    /// A command running in `dir`.
+    pub fn cmd(&self, dir: impl AsRef<Path>) -> GitCmd {
+        GitCmd {
+            git: self.clone(),
+            dir: dir.as_ref().to_path_buf(),
+            args: Vec::new(),
+            envs: Vec::new(),
+            stdin: None,
+            timeout: GIT_TIMEOUT,
+        }
+    }
+
+    /// `git init` (non-bare) at `path`.
+    pub fn init(&self, path: impl AsRef<Path>) -> Result<Repo> {
+        let path = path.as_ref();
+        fs::create_dir_all(path)?;
+        self.cmd(path).args(["init", "-q"]).ok()?;
+        Ok(self.repo(path))
+    }
+
+    /// `git init --bare` at `path`.
+    pub fn init_bare(&self, path: impl AsRef<Path>) -> Result<Repo> {
+        let path = path.as_ref();
+        fs::create_dir_all(path)?;
+        self.cmd(path).args(["init", "-q", "--bare"]).ok()?;
+        Ok(self.repo(path))
+    }
+
+    /// `git clone [extra…] url dest`.
+    pub fn clone_repo(&self, url: &str, dest: impl AsRef<Path>, extra: &[&str]) -> Result<Repo> {
+        let dest = dest.as_ref();
+        self.cmd(self.home())
+            .arg("clone")
+            .args(extra.iter().copied())
+            .arg(url)
+            .arg(dest)
+            .ok()?;
+        Ok(self.repo(dest))
+    }
+
+    pub fn repo(&self, path: impl AsRef<Path>) -> Repo {
+        Repo {
+            path: path.as_ref().to_path_buf(),
+            git: self.clone(),
+        }
+    }
+
+    /// `git ls-remote url` as `ref → oid` (only `refs/…`, peeled `^{}` kept
+    /// under their own name).
+    pub fn ls_remote(&self, url: &str) -> Result<BTreeMap<String, String>> {
+        let out = self.cmd(self.home()).args(["ls-remote", url]).ok()?;
+        Ok(parse_ref_listing(&out.stdout)
+            .into_iter()
+            .filter(|(k, _)| k.starts_with("refs/"))
+            .collect())
+    }
+
+    /// Like [`Git::ls_remote`] without the peeled `^{}` entries.
+    pub fn remote_refs(&self, url: &str) -> Result<BTreeMap<String, String>> {
+        Ok(self
+            .ls_remote(url)?
+            .into_iter()
+            .filter(|(k, _)| !k.ends_with("^{}"))
+            .collect())
+    }
+}
+
+/// Parses `oid<TAB|SP>ref` lines.
+pub fn parse_ref_listing(s: &str) -> BTreeMap<String, String> {
+    s.lines()
+        .filter_map(|l| {
+            let (oid, name) = l.split_once(['\t', ' '])?;
+            Some((name.trim().to_owned(), oid.trim().to_owned()))
+        })
+        .collect()
+}
+
+/// Output of a finished git command.
+#[derive(Debug, Clone)]
+pub struct GitOutput {
+    /// Command line, for messages.
+    pub command: String,
+    pub code: Option<i32>,
+    pub stdout: String,
+    pub stdout_bytes: Vec<u8>,
+    pub stderr: String,
+}
+
+impl GitOutput {
+    pub fn success(&self) -> bool {
+        self.code == Some(0)
+    }
+
+    /// Trimmed stdout.
+    pub fn out(&self) -> &str {
+        self.stdout.trim()
+    }
+
+    /// stdout and stderr together, lowercased (for message assertions).
+    pub fn all_lower(&self) -> String {
+        format!("{}\n{}", self.stdout, self.stderr).to_lowercase()
+    }
+}
+
+impl std::fmt::Display for GitOutput {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "`{}` exited with {:?}\n--- stdout ---\n{}\n--- stderr ---\n{}",
+            self.command,
+            self.code,
+            self.stdout.trim_end(),
+            self.stderr.trim_end()
+        )
+    }
+}
+
+/// A git command being built.
+pub struct GitCmd {
+    git: Git,
+    dir: PathBuf,
+    args: Vec<String>,
+    envs: Vec<(String, String)>,
+    stdin: Option<Vec<u8>>,
+    timeout: Duration,
+}
+
+impl GitCmd {
+    pub fn arg(mut self, a: impl AsRef<std::ffi::OsStr>) -> Self {
+        self.args.push(a.as_ref().to_string_lossy().into_owned());
+        self
+    }
+
+    pub fn args<I, S>(mut self, args: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<std::ffi::OsStr>,
+    {
+        for a in args {
+            self = self.arg(a);
+        }
+        self
+    }
+
+    pub fn env(mut self, k: &str, v: &str) -> Self {
+        self.envs.push((k.to_owned(), v.to_owned()));
+        self
+    }
+
+    pub fn stdin(mut self, data: impl Into<Vec<u8>>) -> Self {
+        self.stdin = Some(data.into());
+        self
+    }
+
+    pub fn timeout(mut self, t: Duration) -> Self {
+        self.timeout = t;
+        self
+    }
+
+    fn command_line(&self) -> String {
+        let mut s = String::from("git");
+        if let Some(v) = self.git.protocol {
+            let _ = write!(s, " -c protocol.version={v}");
+        }
+        for a in &self.args {
+            s.push(' ');
+            s.push_str(a);
+        }
+        s
+    }
+
+    /// Runs it; never fails because of the exit status.
+    pub fn output(self) -> Result<GitOutput> {
+        let tick = self.git.clock.fetch_add(1, Ordering::SeqCst);
+        let date = format!("@{} +0000", CLOCK_BASE + tick * 60);
+        let command = self.command_line();
+        let mut cmd = Command::new("git");
+        for (k, _) in std::env::vars_os() {
+            if k.to_string_lossy().starts_with("GIT_") {
+                cmd.env_remove(&k);
+            }
+        }
+        if let Some(v) = self.git.protocol {
+            cmd.arg("-c").arg(format!("protocol.version={v}"));
+        }
+        cmd.args(&self.args)
+            .current_dir(&self.dir)
+            .env("HOME", self.git.home.path())
+            .env("XDG_CONFIG_HOME", self.git.home.path().join(".config"))
+            .env("GIT_CONFIG_NOSYSTEM", "1")
+            .env("GIT_TERMINAL_PROMPT", "0")
+            .env("GIT_ASKPASS", "/bin/false")
+            .env("SSH_ASKPASS", "/bin/false")
+            .env("GIT_AUTHOR_NAME", "Cairn Author")
+            .env("GIT_AUTHOR_EMAIL", "author@cairn.invalid")
+            .env("GIT_COMMITTER_NAME", "Cairn Committer")
+            .env("GIT_COMMITTER_EMAIL", "committer@cairn.invalid")
+            .env("GIT_AUTHOR_DATE", &date)
+            .env("GIT_COMMITTER_DATE", &date)
+            .env("LC_ALL", "C")
+            .env("LANG", "C")
+            .env("NO_PROXY", "*")
+            .env_remove("http_proxy")
+            .env_remove("HTTP_PROXY")
+            .env_remove("https_proxy")
+            .env_remove("HTTPS_PROXY")
+            .env_remove("all_proxy")
+            .env_remove("ALL_PROXY");
+        for (k, v) in &self.envs {
+            cmd.env(k, v);
+        }
+        cmd.stdin(if self.stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+        let mut child = cmd.spawn().with_context(|| format!("spawn {command}"))?;
+        let writer = match (child.stdin.take(), self.stdin) {
+            (Some(mut s), Some(data)) => Some(thread::spawn(move || {
+                let _ = s.write_all(&data);
+            })),
+            _ => None,
+        };
+        let mut so = child.stdout.take().ok_or_else(|| anyhow!("no stdout"))?;
+        let mut se = child.stderr.take().ok_or_else(|| anyhow!("no stderr"))?;
+        let out_t = thread::spawn(move || {
+            let mut b = Vec::new();
+            let _ = so.read_to_end(&mut b);
+            b
+        });
+        let err_t = thread::spawn(move || {
+            let mut b = Vec::new();
+            let _ = se.read_to_end(&mut b);
+            b
+        });
+        let status = match wait_until(&command, self.timeout, || Ok(child.try_wait()?)) {
+            Ok(s) => s,
+            Err(e) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                let stderr = err_t.join().unwrap_or_default();
+                bail!(
+                    "{e}; killed. stderr so far:\n{}",
+                    String::from_utf8_lossy(&stderr)
+                );
+            }
+        };
+        if let Some(w) = writer {
+            let _ = w.join();
+        }
+        let stdout_bytes = out_t.join().unwrap_or_default();
+        let stderr = err_t.join().unwrap_or_default();
+        Ok(GitOutput {
+            command,
+            code: status.code(),
+            stdout: String::from_utf8_lossy(&stdout_bytes).into_owned(),
+            stdout_bytes,
+            stderr: String::from_utf8_lossy(&stderr).into_owned(),
+        })
+    }
+
+    /// Runs it and fails (with both streams) unless it exits 0.
+    pub fn ok(self) -> Result<GitOutput> {
+        let o = self.output()?;
+        ensure!(o.success(), "{o}");
+        Ok(o)
+    }
+
+    /// Runs it and fails unless it exits non-zero.
+    pub fn fails(self) -> Result<GitOutput> {
+        let o = self.output()?;
+        ensure!(!o.success(), "expected a failure, but: {o}");
+        Ok(o)
+    }
+}
+
+/// A repository (bare or not) on disk.
+#[derive(Clone)]
+pub struct Repo {
+    pub path: PathBuf,
+    pub git: Git,
+}
+
+impl Repo {
+    pub fn cmd(&self) -> GitCmd {
+        self.git.cmd(&self.path)
+    }
+
+    /// Runs git with `args`; returns trimmed stdout; fails on non-zero exit.
+    pub fn run<I, S>(&self, args: I) -> Result<String>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<std::ffi::OsStr>,
+    {
+        Ok(self.cmd().args(args).ok()?.out().to_owned())
+    }
+
+    pub fn rev_parse(&self, rev: &str) -> Result<String> {
+        self.run(["rev-parse", "--verify", "--end-of-options", rev])
+    }
+
+    pub fn head(&self) -> Result<String> {
+        self.rev_parse("HEAD")
+    }
+
+    /// Writes `name` (creating directories) in the work tree.
+    pub fn write_file(&self, name: &str, content: impl AsRef<[u8]>) -> Result<()> {
+        let p = self.path.join(name);
+        if let Some(d) = p.parent() {
+            fs::create_dir_all(d)?;
+        }
+        fs::write(p, content)?;
+        Ok(())
+    }
+
+    /// Writes a file, commits everything, returns the new commit id.
+    pub fn commit_file(&self, name: &str, content: &str, msg: &str) -> Result<String> {
+        self.write_file(name, content)?;
+        self.run(["add", "-A"])?;
+        self.run(["commit", "-q", "-m", msg])?;
+        self.head()
+    }
+
+    /// `n` commits each appending a line to `name`; returns their ids.
+    pub fn commit_n(&self, name: &str, n: usize, tag: &str) -> Result<Vec<String>> {
+        let mut ids = Vec::with_capacity(n);
+        for i in 0..n {
+            let p = self.path.join(name);
+            let mut content = fs::read_to_string(&p).unwrap_or_default();
+            let _ = writeln!(content, "{tag} line {i}");
+            ids.push(self.commit_file(name, &content, &format!("{tag} {i}"))?);
+        }
+        Ok(ids)
+    }
+
+    /// All refs (`git for-each-ref`) as `ref → oid`.
+    pub fn refs(&self) -> Result<BTreeMap<String, String>> {
+        let out = self.run(["for-each-ref", "--format=%(objectname) %(refname)"])?;
+        Ok(parse_ref_listing(&out))
+    }
+
+    /// What a normal clone knows about its origin, expressed with the
+    /// server's names: `refs/remotes/origin/X` → `refs/heads/X`, plus tags.
+    pub fn origin_view(&self) -> Result<BTreeMap<String, String>> {
+        Ok(self
+            .refs()?
+            .into_iter()
+            .filter_map(|(k, v)| {
+                if let Some(b) = k.strip_prefix("refs/remotes/origin/") {
+                    (b != "HEAD").then(|| (format!("refs/heads/{b}"), v))
+                } else if k.starts_with("refs/tags/") {
+                    Some((k, v))
+                } else {
+                    None
+                }
+            })
+            .collect())
+    }
+
+    /// Asserts `git fsck --full` exits 0 and reports no problem.
+    pub fn assert_fsck_clean(&self) -> Result<()> {
+        let o = self
+            .cmd()
+            .args(["fsck", "--full", "--no-progress", "--no-dangling"])
+            .output()?;
+        let lower = o.all_lower();
+        let bad = ["error", "missing", "broken", "corrupt", "bad ", "warning"];
+        ensure!(
+            o.success() && !bad.iter().any(|b| lower.contains(b)),
+            "fsck of {} is not clean: {o}",
+            self.path.display()
+        );
+        Ok(())
+    }
+
+    /// The repository's git dir.
+    pub fn git_dir(&self) -> Result<PathBuf> {
+        let d = self.run(["rev-parse", "--absolute-git-dir"])?;
+        Ok(PathBuf::from(d))
+    }
+
+    /// `objects/pack/*.pack` files with their sizes.
+    pub fn pack_files(&self) -> Result<Vec<(PathBuf, u64)>> {
+        let dir = self.git_dir()?.join("objects/pack");
+        let mut v = Vec::new();
+        if dir.is_dir() {
+            for e in fs::read_dir(dir)? {
+                let p = e?.path();
+                if p.extension().is_some_and(|x| x == "pack") {
+                    let len = fs::metadata(&p)?.len();
+                    v.push((p, len));
+                }
+            }
+        }
+        v.sort();
+        Ok(v)
+    }
+
+    /// Whether `oid` is present locally (no lazy fetch).
+    pub fn has_object(&self, oid: &str) -> Result<bool> {
+        Ok(self
+            .cmd()
+            .env("GIT_NO_LAZY_FETCH", "1")
+            .args(["cat-file", "-e", oid])
+            .output()?
+            .success())
+    }
+
+    /// Number of objects reachable from all refs that are missing locally
+    /// (promised by a partial clone's remote).
+    pub fn missing_object_count(&self) -> Result<usize> {
+        let out = self
+            .cmd()
+            .env("GIT_NO_LAZY_FETCH", "1")
+            .args(["rev-list", "--objects", "--all", "--missing=print"])
+            .ok()?;
+        Ok(out.stdout.lines().filter(|l| l.starts_with('?')).count())
+    }
+
+    /// `git pack-objects --stdout` fed with `input` (with `--revs` when
+    /// asked); returns the pack bytes.
+    pub fn pack_objects(&self, input: &str, revs: bool, thin: bool) -> Result<Vec<u8>> {
+        let mut c = self.cmd().args(["pack-objects", "--stdout", "-q"]);
+        if revs {
+            c = c.arg("--revs");
+        }
+        if thin {
+            c = c.arg("--thin");
+        }
+        let o = c.stdin(input.as_bytes().to_vec()).ok()?;
+        Ok(o.stdout_bytes)
+    }
+
+    /// Writes raw object bytes with `hash-object --literally`.
+    pub fn hash_object_literally(&self, kind: &str, data: &[u8]) -> Result<String> {
+        Ok(self
+            .cmd()
+            .args(["hash-object", "-w", "--literally", "-t", kind, "--stdin"])
+            .stdin(data.to_vec())
+            .ok()?
+            .out()
+            .to_owned())
+    }
+}
+
+/// Asserts a clone is healthy and mirrors `expected` (server refs, e.g. from
+/// [`Git::remote_refs`]): fsck clean, and its origin view equals `expected`.
+pub fn assert_clone_matches(clone: &Repo, expected: &BTreeMap<String, String>) -> Result<()> {
+    clone.assert_fsck_clean()?;
+    let view = clone.origin_view()?;
+    ensure!(
+        &view == expected,
+        "refs of clone {} differ from the server's:\n clone:  {view:?}\n server: {expected:?}",
+        clone.path.display()
+    );
+    Ok(())
+}
+
+/// Decodes a 40-hex object id into 20 bytes.
+pub fn oid_bytes(hex: &str) -> Result<[u8; 20]> {
+    ensure!(hex.len() == 40, "not a SHA-1 hex id: {hex:?}");
+    let mut out = [0u8; 20];
+    for (i, b) in out.iter_mut().enumerate() {
+        *b = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16)
+            .with_context(|| format!("bad hex {hex:?}"))?;
+    }
+    Ok(out)
+}
+
+/// The all-zero object id.
+pub const ZERO_OID: &str = "0000000000000000000000000000000000000000";
+
+// ---------------------------------------------------------------------------
+// pkt-line and raw protocol bodies
+// ---------------------------------------------------------------------------
+
+/// One pkt-line carrying `data`.
+pub fn pkt_line(data: &[u8]) -> Vec<u8> {
+    let mut v = format!("{:04x}", data.len() + 4).into_bytes();
+    v.extend_from_slice(data);
+    v
+}
+
+pub const FLUSH_PKT: &[u8] = b"0000";
+pub const DELIM_PKT: &[u8] = b"0001";
+
+/// A decoded pkt-line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Pkt {
+    Flush,
+    Delim,
+    ResponseEnd,
+    Data(Vec<u8>),
+}
+
+/// Decodes pkt-lines; stops (returning what was decoded and the offset) at
+/// the first thing that is not a pkt-line, e.g. a raw pack.
+pub fn parse_pkt_lines(mut b: &[u8]) -> (Vec<Pkt>, usize) {
+    let total = b.len();
+    let mut v = Vec::new();
+    while b.len() >= 4 {
+        let Some(len) = std::str::from_utf8(&b[..4])
+            .ok()
+            .and_then(|s| usize::from_str_radix(s, 16).ok())
+        else {
+            break;
+        };
+        match len {
+            0 => v.push(Pkt::Flush),
+            1 => v.push(Pkt::Delim),
+            2 => v.push(Pkt::ResponseEnd),
+            3 => break,
+            n if n > b.len() => break,
+            n => v.push(Pkt::Data(b[4..n].to_vec())),
+        }
+        b = &b[len.max(4)..];
+    }
+    (v, total - b.len())
+}
+
+/// Text of a response whose pkt-lines may be side-band multiplexed: band 1
+/// (if it is pkt-lines) and band 2/3 payloads are concatenated; non-band
+/// data lines are kept as they are.
+pub fn pkt_text(body: &[u8]) -> String {
+    let (pkts, _) = parse_pkt_lines(body);
+    let mut out = String::new();
+    for p in pkts {
+        if let Pkt::Data(d) = p {
+            match d.first() {
+                Some(1) => {
+                    let (inner, _) = parse_pkt_lines(&d[1..]);
+                    if inner.is_empty() {
+                        out.push_str(&String::from_utf8_lossy(&d[1..]));
+                    }
+                    for ip in inner {
+                        if let Pkt::Data(x) = ip {
+                            out.push_str(&String::from_utf8_lossy(&x));
+                        }
+                    }
+                }
+                Some(2) | Some(3) => out.push_str(&String::from_utf8_lossy(&d[1..])),
+                _ => out.push_str(&String::from_utf8_lossy(&d)),
+            }
+        }
+    }
+    out
+}
+
+/// One ref update of a push.
+#[derive(Debug, Clone)]
+pub struct RefUpdate {
+    pub old: String,
+    pub new: String,
+    pub name: String,
+}
+
+impl RefUpdate {
+    pub fn new(old: &str, new: &str, name: &str) -> Self {
+        Self {
+            old: old.to_owned(),
+            new: new.to_owned(),
+            name: name.to_owned(),
+        }
+    }
+}
+
+/// A v0 `git-receive-pack` request body: command pkt-lines (capabilities on
+/// the first), a flush, then the pack (if any).
+pub fn receive_pack_body(updates: &[RefUpdate], caps: &str, pack: &[u8]) -> Vec<u8> {
+    let mut body = Vec::new();
+    for (i, u) in updates.iter().enumerate() {
+        let mut line = format!("{} {} {}", u.old, u.new, u.name).into_bytes();
+        if i == 0 {
+            line.push(0);
+            line.extend_from_slice(caps.as_bytes());
+        }
+        line.push(b'\n');
+        body.extend(pkt_line(&line));
+    }
+    body.extend_from_slice(FLUSH_PKT);
+    body.extend_from_slice(pack);
+    body
+}
+
+/// The report of a receive-pack response (`report-status`).
+#[derive(Debug, Clone, Default)]
+pub struct PushReport {
+    /// The `unpack …` status (`"ok"` or an error text), if reported.
+    pub unpack: Option<String>,
+    /// `ref → None` for `ok`, `Some(reason)` for `ng`.
+    pub refs: BTreeMap<String, Option<String>>,
+    /// Everything readable in the response (status lines, side-band text).
+    pub text: String,
+}
+
+impl PushReport {
+    pub fn parse(body: &[u8]) -> Self {
+        let text = pkt_text(body);
+        let mut r = PushReport {
+            text: text.clone(),
+            ..Default::default()
+        };
+        for line in text.lines() {
+            if let Some(s) = line.strip_prefix("unpack ") {
+                r.unpack = Some(s.trim().to_owned());
+            } else if let Some(s) = line.strip_prefix("ok ") {
+                r.refs.insert(s.trim().to_owned(), None);
+            } else if let Some(s) = line.strip_prefix("ng ") {
+                let (name, reason) = s.split_once(' ').unwrap_or((s, ""));
+                r.refs
+                    .insert(name.trim().to_owned(), Some(reason.trim().to_owned()));
+            }
+        }
+        r
+    }
+
+    /// Whether any ref update was reported as applied.
+    pub fn any_ok(&self) -> bool {
+        self.refs.values().any(Option::is_none)
+    }
+}
+
+/// Recomputes the SHA-1 trailer of a pack whose bytes were altered (uses the
+/// system `sha1sum`).
+pub fn fix_pack_trailer(pack: &mut Vec<u8>) -> Result<()> {
+    ensure!(pack.len() > 32, "pack too short");
+    let body_len = pack.len() - 20;
+    let mut child = Command::new("sha1sum")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .context("sha1sum")?;
+    let mut stdin = child.stdin.take().ok_or_else(|| anyhow!("stdin"))?;
+    let data = pack[..body_len].to_vec();
+    let w = thread::spawn(move || stdin.write_all(&data));
+    let out = child.wait_with_output()?;
+    let _ = w.join();
+    let hex = String::from_utf8_lossy(&out.stdout);
+    let hex = hex.split_whitespace().next().unwrap_or_default();
+    let sum = oid_bytes(hex)?;
+    pack.truncate(body_len);
+    pack.extend_from_slice(&sum);
+    Ok(())
+}
+
+/// Offset of the first object's zlib data in a pack (after the 12-byte pack
+/// header and the object's type/size header and delta base, if any).
+pub fn first_object_data_offset(pack: &[u8]) -> Result<usize> {
+    ensure!(pack.len() > 12 && &pack[..4] == b"PACK", "not a pack");
+    let mut pos = 12;
+    let mut c = pack[pos];
+    let kind = (c >> 4) & 7;
+    pos += 1;
+    while c & 0x80 != 0 {
+        c = pack[pos];
+        pos += 1;
+    }
+    match kind {
+        6 => {
+            // ofs-delta: variable-length negative offset follows
+            let mut c = pack[pos];
+            pos += 1;
+            while c & 0x80 != 0 {
+                c = pack[pos];
+                pos += 1;
+            }
+        }
+        7 => pos += 20,
+        _ => {}
+    }
+    Ok(pos)
+}
+
+// ---------------------------------------------------------------------------
+// Deterministic history generator
+// ---------------------------------------------------------------------------
+
+/// SplitMix64: small, deterministic, good enough for test data.
+#[derive(Debug, Clone)]
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Self {
+        Self(seed)
+    }
+
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in `0..n` (n > 0).
+    pub fn below(&mut self, n: usize) -> usize {
+        (self.next_u64() % n as u64) as usize
+    }
+}
+
+const WORDS: &[&str] = &[
+    "alpha", "beta", "gamma", "delta", "stone", "cairn", "ridge", "path", "summit", "trail",
+    "marker", "granite", "moss", "valley", "north", "south", "river", "bridge", "cloud", "storm",
+    "ledger", "object", "commit", "branch", "merge", "packet", "index", "delta", "window", "depth",
+    "return", "match", "struct", "impl", "let", "mut", "fn", "self", "where", "loop",
+];
+
+/// Generates a long linear history as a `git fast-import` stream: a handful
+/// of files of a few hundred lines, each commit changing a few lines of one
+/// or two files, so that git finds real deltas. Streams continue where the
+/// previous one stopped (same branch), so a history can be extended.
+#[derive(Debug, Clone)]
+pub struct HistoryGen {
+    rng: Rng,
+    files: Vec<(String, Vec<String>)>,
+    commits: u64,
+    time: u64,
+    next_line_id: u64,
+}
+
+impl HistoryGen {
+    pub fn new(seed: u64, n_files: usize, lines_per_file: usize) -> Self {
+        let mut g = Self {
+            rng: Rng::new(seed),
+            files: Vec::new(),
+            commits: 0,
+            time: CLOCK_BASE,
+            next_line_id: 0,
+        };
+        for f in 0..n_files {
+            let name = match f % 3 {
+                0 => format!("src/module_{f}.rs"),
+                1 => format!("docs/chapter_{f}.md"),
+                _ => format!("data/table_{f}.txt"),
+            };
+            let lines = (0..lines_per_file).map(|_| g.line()).collect();
+            g.files.push((name, lines));
+        }
+        g
+    }
+
+    fn line(&mut self) -> String {
+        let id = self.next_line_id;
+        self.next_line_id += 1;
+        let n = 4 + self.rng.below(8);
+        let mut s = format!("{id:06}:");
+        for _ in 0..n {
+            s.push(' ');
+            s.push_str(WORDS[self.rng.below(WORDS.len())]);
+        }
+        s
+    }
+
+    /// Number of commits generated so far.
+    pub fn commits(&self) -> u64 {
+        self.commits
+    }
+
+    fn mutate(&mut self) -> Vec<usize> {
+        let n_touch = 1 + self.rng.below(2);
+        let mut touched = Vec::new();
+        for _ in 0..n_touch {
+            let f = self.rng.below(self.files.len());
+            let edits = 1 + self.rng.below(3);
+            for _ in 0..edits {
+                let len = self.files[f].1.len();
+                let at = self.rng.below(len.max(1));
+                let op = self.rng.below(10);
+                let new_line = self.line();
+                let lines = &mut self.files[f].1;
+                match op {
+                    0..=5 => {
+                        if len > 0 {
+                            lines[at] = new_line;
+                        }
+                    }
+                    6..=7 => lines.insert(at, new_line),
+                    _ => {
+                        if len > 50 {
+                            lines.remove(at);
+                        } else {
+                            lines.insert(at, new_line);
+                        }
+                    }
+                }
+            }
+            touched.push(f);
+        }
+        touched.sort_unstable();
+        touched.dedup();
+        touched
+    }
+
+    /// A fast-import stream of `n` more commits on `branch`.
+    pub fn stream(&mut self, branch: &str, n: usize) -> Vec<u8> {
+        let mut out = Vec::new();
+        for i in 0..n {
+            let touched: Vec<usize> = if self.commits == 0 {
+                (0..self.files.len()).collect()
+            } else {
+                self.mutate()
+            };
+            self.commits += 1;
+            self.time += 37 + self.rng.below(600) as u64;
+            let msg = format!(
+                "Commit {}: update {}\n\nGenerated change number {} touching {} file(s).\n",
+                self.commits,
+                self.files[touched[0]].0,
+                self.commits,
+                touched.len()
+            );
+            let _ = write!(
+                out,
+                "commit refs/heads/{branch}\n\
+                 author Gen Author <gen@cairn.invalid> {t} +0000\n\
+                 committer Gen Committer <gen@cairn.invalid> {t} +0000\n\
+                 data {}\n{msg}\n",
+                msg.len(),
+                t = self.time
+            );
+            if i == 0 && self.commits > 1 {
+                let _ = writeln!(out, "from refs/heads/{branch}^0");
+            }
+            for &f in &touched {
+                let (name, lines) = &self.files[f];
+                let mut content = lines.join("\n");
+                content.push('\n');
+                let _ = write!(out, "M 100644 inline {name}\ndata {}\n", content.len());
+                out.extend_from_slice(content.as_bytes());
+                out.push(b'\n');
+            }
+            out.push(b'\n');
+        }
+        out
+    }
+
+    /// Imports `n` more commits into `repo` on `branch`.
+    pub fn import(&mut self, repo: &Repo, branch: &str, n: usize) -> Result<()> {
+        let stream = self.stream(branch, n);
+        repo.cmd()
+            .args(["fast-import", "--quiet", "--done"])
+            .stdin({
+                let mut s = stream;
+                s.extend_from_slice(b"done\n");
+                s
+            })
+            .timeout(Duration::from_secs(600))
+            .ok()?;
+        Ok(())
+    }
+}
+
+/// Size in bytes of the pack the client received during `cmd`, read from
+/// `GIT_TRACE_PACKFILE`: runs `cmd` with the trace pointed at a scratch file.
+pub fn received_pack_size(git: &Git, cmd: GitCmd) -> Result<(GitOutput, u64)> {
+    let trace = git.scratch("pack-trace");
+    let o = cmd
+        .env("GIT_TRACE_PACKFILE", &trace.display().to_string())
+        .ok()?;
+    let data = fs::read(&trace).with_context(|| format!("no pack trace written for {o}"))?;
+    ensure!(
+        data.starts_with(b"PACK"),
+        "pack trace does not start with PACK ({} bytes)",
+        data.len()
+    );
+    ensure!(
+        find(&data[4..], b"PACK\x00\x00\x00\x02").is_none() || data.len() < 64,
+        "pack trace seems to hold more than one pack"
+    );
+    let _ = fs::remove_file(&trace);
+    Ok((o, data.len() as u64))
+}
+
+/// A commit (child of `parent`) whose root tree holds a tree named `name`
+/// (e.g. `.git`) with a `config` file in it, next to a README.
+pub fn commit_with_dot_git_tree(repo: &Repo, name: &str, parent: &str) -> Result<String> {
+    let cfg = repo
+        .cmd()
+        .args(["hash-object", "-w", "--stdin"])
+        .stdin(b"[core]\n\tbare = false\n".to_vec())
+        .ok()?
+        .out()
+        .to_owned();
+    let readme = repo
+        .cmd()
+        .args(["hash-object", "-w", "--stdin"])
+        .stdin(b"hello\n".to_vec())
+        .ok()?
+        .out()
+        .to_owned();
+    let mut inner = b"100644 config\0".to_vec();
+    inner.extend_from_slice(&oid_bytes(&cfg)?);
+    let inner = repo.hash_object_literally("tree", &inner)?;
+    let mut entries: BTreeMap<String, Vec<u8>> = BTreeMap::new();
+    let mut e = format!("40000 {name}\0").into_bytes();
+    e.extend_from_slice(&oid_bytes(&inner)?);
+    entries.insert(format!("{name}/"), e);
+    let mut e = b"100644 README\0".to_vec();
+    e.extend_from_slice(&oid_bytes(&readme)?);
+    entries.insert("README".to_owned(), e);
+    let outer: Vec<u8> = entries.into_values().flatten().collect();
+    let outer = repo.hash_object_literally("tree", &outer)?;
+    repo.run(["commit-tree", &outer, "-p", parent, "-m", "add a nested git dir"])
+}
+
+/// Runs stock `git <service> --stateless-rpc <repo>` on a request body, as
+/// `git http-backend` would for a POST: the reference behaviour the raw
+/// protocol tests are checked against. `service` is `receive-pack` or
+/// `upload-pack`; `v2` sets `GIT_PROTOCOL=version=2`.
+pub fn stock_stateless_rpc(repo: &Repo, service: &str, body: &[u8], v2: bool) -> Result<GitOutput> {
+    let mut c = repo
+        .git
+        .cmd(&repo.path)
+        .args([service, "--stateless-rpc", "."])
+        .stdin(body.to_vec());
+    if v2 {
+        c = c.env("GIT_PROTOCOL", "version=2");
+    }
+    c.output()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn base64_matches_rfc4648() {
+        assert_eq!(base64(b""), "");
+        assert_eq!(base64(b"f"), "Zg==");
+        assert_eq!(base64(b"fo"), "Zm8=");
+        assert_eq!(base64(b"foo"), "Zm9v");
+        assert_eq!(base64(b"foobar"), "Zm9vYmFy");
+    }
+
+    #[test]
+    fn pkt_lines_round_trip() {
+        let mut b = pkt_line(b"hello\n");
+        b.extend_from_slice(FLUSH_PKT);
+        b.extend_from_slice(b"PACK...");
+        let (pkts, used) = parse_pkt_lines(&b);
+        assert_eq!(pkts, vec![Pkt::Data(b"hello\n".to_vec()), Pkt::Flush]);
+        assert_eq!(used, 14);
+    }
+
+    #[test]
+    fn http_parse_chunked_and_length() -> Result<()> {
+        let r = parse_http_response(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n",
+            false,
+        )?
+        .ok_or_else(|| anyhow!("incomplete"))?;
+        assert_eq!(r.body, b"abcde");
+        let r = parse_http_response(b"HTTP/1.1 404 Not Found\r\nContent-Length: 2\r\n\r\nno", false)?
+            .ok_or_else(|| anyhow!("incomplete"))?;
+        assert_eq!((r.status, r.body.as_slice()), (404, &b"no"[..]));
+        assert!(parse_http_response(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nab", false)?.is_none());
+        Ok(())
+    }
+
+    #[test]
+    fn push_report_parses_side_band() {
+        let inner = [
+            pkt_line(b"unpack ok\n"),
+            pkt_line(b"ok refs/heads/main\n"),
+            pkt_line(b"ng refs/heads/b stale info\n"),
+            FLUSH_PKT.to_vec(),
+        ]
+        .concat();
+        let mut band = vec![1u8];
+        band.extend_from_slice(&inner);
+        let body = [pkt_line(&band), FLUSH_PKT.to_vec()].concat();
+        let r = PushReport::parse(&body);
+        assert_eq!(r.unpack.as_deref(), Some("ok"));
+        assert_eq!(r.refs.get("refs/heads/main"), Some(&None));
+        assert_eq!(
+            r.refs.get("refs/heads/b"),
+            Some(&Some("stale info".to_owned()))
+        );
+    }
+}
