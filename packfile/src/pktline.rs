@@ -84,9 +84,7 @@ impl<R: Read> PktReader<R> {
         match hex_prefix(&prefix).map_err(|_| bad())? {
             PacketLineOrWantedSize::Line(PacketLineRef::Flush) => Ok(Some(Pkt::Flush)),
             PacketLineOrWantedSize::Line(PacketLineRef::Delimiter) => Ok(Some(Pkt::Delim)),
-            PacketLineOrWantedSize::Line(PacketLineRef::ResponseEnd) => {
-                Ok(Some(Pkt::ResponseEnd))
-            }
+            PacketLineOrWantedSize::Line(PacketLineRef::ResponseEnd) => Ok(Some(Pkt::ResponseEnd)),
             PacketLineOrWantedSize::Line(PacketLineRef::Data(_)) => Err(bad()),
             PacketLineOrWantedSize::Wanted(n) => {
                 let n = n as usize;

@@ -125,12 +125,12 @@ impl<'a> ObjectReader<'a> {
             };
             let mut st = self.state.borrow_mut();
             let ReadState { inflate, cache } = &mut *st;
-            let (data, _) =
-                b.get_object_by_index(idx, buf, inflate, cache)
-                    .map_err(|e| StoreError::Decode {
-                        id: id.to_owned(),
-                        message: e.to_string(),
-                    })?;
+            let (data, _) = b
+                .get_object_by_index(idx, buf, inflate, cache)
+                .map_err(|e| StoreError::Decode {
+                    id: id.to_owned(),
+                    message: e.to_string(),
+                })?;
             return Ok(Some((data.kind, data.data)));
         }
         Ok(None)
@@ -138,7 +138,8 @@ impl<'a> ObjectReader<'a> {
 
     /// Like [`find`](Self::find) but a missing object is an error.
     pub fn get<'b>(&self, id: &oid, buf: &'b mut Vec<u8>) -> Result<(Kind, &'b [u8]), StoreError> {
-        self.find(id, buf)?.ok_or_else(|| StoreError::Missing { id: id.to_owned() })
+        self.find(id, buf)?
+            .ok_or_else(|| StoreError::Missing { id: id.to_owned() })
     }
 
     /// The kind of `id` without keeping its data.

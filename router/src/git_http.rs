@@ -88,6 +88,15 @@ fn streamed(
     resp
 }
 
+/// A request refused before it reaches the storage node.
+pub struct Rejection(StatusCode, &'static str);
+
+impl IntoResponse for Rejection {
+    fn into_response(self) -> Response {
+        plain(self.0, self.1)
+    }
+}
+
 #[derive(Deserialize)]
 pub struct ServiceQuery {
     service: Option<String>,
@@ -153,7 +162,7 @@ fn request_bytes(
     headers: &HeaderMap,
     body: Body,
     limit: u64,
-) -> Result<impl Stream<Item = Bytes> + Send + 'static, Response> {
+) -> Result<impl Stream<Item = Bytes> + Send + 'static, Rejection> {
     let raw = StreamReader::new(body.into_data_stream().map_err(io::Error::other));
     let encoding = headers
         .get(header::CONTENT_ENCODING)
@@ -164,7 +173,7 @@ fn request_bytes(
         "" | "identity" => Box::pin(raw),
         "gzip" | "x-gzip" => Box::pin(BufReader::new(GzipDecoder::new(raw))),
         _ => {
-            return Err(plain(
+            return Err(Rejection(
                 StatusCode::UNSUPPORTED_MEDIA_TYPE,
                 "Unsupported Content-Encoding",
             ))
@@ -191,7 +200,7 @@ fn request_bytes(
         .filter_map(|item| futures::future::ready(item.ok())))
 }
 
-fn check_content_type(headers: &HeaderMap, expected: &str) -> Result<(), Response> {
+fn check_content_type(headers: &HeaderMap, expected: &'static str) -> Result<(), Rejection> {
     let ct = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
@@ -199,9 +208,9 @@ fn check_content_type(headers: &HeaderMap, expected: &str) -> Result<(), Respons
     if ct == expected {
         Ok(())
     } else {
-        Err(plain(
+        Err(Rejection(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            &format!("Expected Content-Type {expected}"),
+            "Unexpected Content-Type",
         ))
     }
 }
@@ -213,11 +222,11 @@ pub async fn upload_pack(
     body: Body,
 ) -> Response {
     if let Err(r) = check_content_type(&headers, "application/x-git-upload-pack-request") {
-        return r;
+        return r.into_response();
     }
     let bytes = match request_bytes(&headers, body, st.config.max_negotiation_bytes) {
         Ok(b) => b,
-        Err(r) => return r,
+        Err(r) => return r.into_response(),
     };
     let first = UploadPackRequest {
         repo: Some(repo_path(workspace, repo)),
@@ -242,11 +251,11 @@ pub async fn receive_pack(
     body: Body,
 ) -> Response {
     if let Err(r) = check_content_type(&headers, "application/x-git-receive-pack-request") {
-        return r;
+        return r.into_response();
     }
     let bytes = match request_bytes(&headers, body, st.config.max_push_bytes) {
         Ok(b) => b,
-        Err(r) => return r,
+        Err(r) => return r.into_response(),
     };
     let first = ReceivePackRequest {
         repo: Some(repo_path(workspace, repo)),

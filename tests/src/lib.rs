@@ -30,8 +30,8 @@ use std::sync::{Arc, OnceLock};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use anyhow::{anyhow, bail, ensure, Context};
 pub use anyhow::Result;
+use anyhow::{anyhow, bail, ensure, Context};
 use serde_json::Value;
 
 /// Workspace used for the repositories the suite creates.
@@ -798,7 +798,9 @@ pub struct Git {
 
 impl Git {
     pub fn new() -> Result<Self> {
-        let home = tempfile::Builder::new().prefix("cairn-e2e-home-").tempdir()?;
+        let home = tempfile::Builder::new()
+            .prefix("cairn-e2e-home-")
+            .tempdir()?;
         fs::write(
             home.path().join(".gitconfig"),
             "[init]\n\tdefaultBranch = main\n\
@@ -1741,7 +1743,14 @@ pub fn commit_with_dot_git_tree(repo: &Repo, name: &str, parent: &str) -> Result
     entries.insert("README".to_owned(), e);
     let outer: Vec<u8> = entries.into_values().flatten().collect();
     let outer = repo.hash_object_literally("tree", &outer)?;
-    repo.run(["commit-tree", &outer, "-p", parent, "-m", "add a nested git dir"])
+    repo.run([
+        "commit-tree",
+        &outer,
+        "-p",
+        parent,
+        "-m",
+        "add a nested git dir",
+    ])
 }
 
 /// Runs stock `git <service> --stateless-rpc <repo>` on a request body, as
@@ -1791,10 +1800,16 @@ mod tests {
         )?
         .ok_or_else(|| anyhow!("incomplete"))?;
         assert_eq!(r.body, b"abcde");
-        let r = parse_http_response(b"HTTP/1.1 404 Not Found\r\nContent-Length: 2\r\n\r\nno", false)?
-            .ok_or_else(|| anyhow!("incomplete"))?;
+        let r = parse_http_response(
+            b"HTTP/1.1 404 Not Found\r\nContent-Length: 2\r\n\r\nno",
+            false,
+        )?
+        .ok_or_else(|| anyhow!("incomplete"))?;
         assert_eq!((r.status, r.body.as_slice()), (404, &b"no"[..]));
-        assert!(parse_http_response(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nab", false)?.is_none());
+        assert!(
+            parse_http_response(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nab", false)?
+                .is_none()
+        );
         Ok(())
     }
 

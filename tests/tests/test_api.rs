@@ -68,7 +68,9 @@ fn duplicate_repository_is_an_error() -> Result<()> {
     let v: Value = r.json()?;
     ensure!(v["type"] == "error", "error shape: {v}");
     ensure!(
-        v["error"]["message"].as_str().is_some_and(|m| !m.is_empty()),
+        v["error"]["message"]
+            .as_str()
+            .is_some_and(|m| !m.is_empty()),
         "error.message: {v}"
     );
     Ok(())
@@ -92,7 +94,10 @@ fn requests_without_valid_credentials_are_refused() -> Result<()> {
     let c = Cluster::shared();
     let full = c.new_repo("api-auth")?;
     // REST without, and with wrong, credentials.
-    let path = format!("/2.0/repositories/{WORKSPACE}/{}", unique_name("api-noauth"));
+    let path = format!(
+        "/2.0/repositories/{WORKSPACE}/{}",
+        unique_name("api-noauth")
+    );
     let r = HttpRequest::new("POST", &path).send(c.http_url())?;
     ensure!(r.status == 401, "no credentials: {} {}", r.status, r.text());
     let r = HttpRequest::new("POST", &path)
@@ -137,7 +142,10 @@ fn requests_without_valid_credentials_are_refused() -> Result<()> {
         .cmd(git.home())
         .args(["clone", &bad, &git.scratch("bad").display().to_string()])
         .fails()?;
-    ensure!(o.all_lower().contains("authentication failed") || o.all_lower().contains("403"), "{o}");
+    ensure!(
+        o.all_lower().contains("authentication failed") || o.all_lower().contains("403"),
+        "{o}"
+    );
     Ok(())
 }
 

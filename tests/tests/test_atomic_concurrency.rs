@@ -69,7 +69,11 @@ fn atomic_push_with_a_stale_ref_applies_nothing() -> Result<()> {
         )
         .send(c.http_url())?;
     ensure!(adv.status == 200, "{} {}", adv.status, adv.text());
-    ensure!(adv.text().contains("atomic"), "no atomic capability: {}", adv.text());
+    ensure!(
+        adv.text().contains("atomic"),
+        "no atomic capability: {}",
+        adv.text()
+    );
 
     // b1 moves on the server, from the second clone.
     s.b.run(["checkout", "-q", "b1"])?;
@@ -79,18 +83,20 @@ fn atomic_push_with_a_stale_ref_applies_nothing() -> Result<()> {
     ensure!(before["refs/heads/b1"] == b_b1);
 
     let mine = commit_on_three(&s.a, "a atomic")?;
-    let o = s
-        .a
-        .cmd()
-        .args(["push", "--atomic", "origin", "main", "b1", "b2"])
-        .fails()?;
+    let o =
+        s.a.cmd()
+            .args(["push", "--atomic", "origin", "main", "b1", "b2"])
+            .fails()?;
     let lower = o.all_lower();
     ensure!(
         lower.contains("rejected") || lower.contains("atomic") || lower.contains("failed"),
         "{o}"
     );
     let after = s.git.remote_refs(&s.url)?;
-    ensure!(after == before, "atomic push applied something: {before:?} -> {after:?}");
+    ensure!(
+        after == before,
+        "atomic push applied something: {before:?} -> {after:?}"
+    );
     ensure!(after["refs/heads/main"] != mine["refs/heads/main"]);
     assert_fresh_clone(&s, &after)?;
     Ok(())
@@ -124,20 +130,23 @@ fn atomic_push_racing_a_ref_update_is_rejected_by_the_server() -> Result<()> {
     let c = Cluster::shared();
     let s = setup(c, "atomic-race")?;
     s.b.run(["checkout", "-q", "b1"])?;
-    let b_b1 = s.b.commit_file("other.txt", "from b\n", "b moves b1 late")?;
+    let b_b1 =
+        s.b.commit_file("other.txt", "from b\n", "b moves b1 late")?;
     install_racing_hook(&s)?;
     let before = s.git.remote_refs(&s.url)?;
     let mine = commit_on_three(&s.a, "a atomic race")?;
-    let o = s
-        .a
-        .cmd()
-        .args(["push", "--atomic", "origin", "main", "b1", "b2"])
-        .fails()?;
+    let o =
+        s.a.cmd()
+            .args(["push", "--atomic", "origin", "main", "b1", "b2"])
+            .fails()?;
     let after = s.git.remote_refs(&s.url)?;
     // Only the hook's own push went through.
     let mut expected = before.clone();
     expected.insert("refs/heads/b1".into(), b_b1);
-    ensure!(after == expected, "server refs {after:?}, expected {expected:?}\n{o}");
+    ensure!(
+        after == expected,
+        "server refs {after:?}, expected {expected:?}\n{o}"
+    );
     ensure!(after["refs/heads/main"] != mine["refs/heads/main"]);
     let lower = o.all_lower();
     ensure!(
@@ -153,18 +162,21 @@ fn non_atomic_push_racing_a_ref_update_applies_the_others() -> Result<()> {
     let c = Cluster::shared();
     let s = setup(c, "nonatomic-race")?;
     s.b.run(["checkout", "-q", "b1"])?;
-    let b_b1 = s.b.commit_file("other.txt", "from b\n", "b moves b1 late")?;
+    let b_b1 =
+        s.b.commit_file("other.txt", "from b\n", "b moves b1 late")?;
     install_racing_hook(&s)?;
     let mine = commit_on_three(&s.a, "a non-atomic race")?;
-    let o = s
-        .a
-        .cmd()
-        .args(["push", "origin", "main", "b1", "b2"])
-        .fails()?;
+    let o =
+        s.a.cmd()
+            .args(["push", "origin", "main", "b1", "b2"])
+            .fails()?;
     let after = s.git.remote_refs(&s.url)?;
     ensure!(after["refs/heads/main"] == mine["refs/heads/main"], "{o}");
     ensure!(after["refs/heads/b2"] == mine["refs/heads/b2"], "{o}");
-    ensure!(after["refs/heads/b1"] == b_b1, "stale b1 was overwritten: {o}");
+    ensure!(
+        after["refs/heads/b1"] == b_b1,
+        "stale b1 was overwritten: {o}"
+    );
     assert_fresh_clone(&s, &after)?;
     Ok(())
 }
@@ -201,7 +213,11 @@ fn raw_atomic_push_with_a_stale_old_id_applies_nothing() -> Result<()> {
         .body(&body)
         .send(c.http_url())?;
     let rep = PushReport::parse(&r.body);
-    ensure!(!rep.any_ok(), "atomic push reported success: {} {rep:?}", r.status);
+    ensure!(
+        !rep.any_ok(),
+        "atomic push reported success: {} {rep:?}",
+        r.status
+    );
     ensure!(
         r.status >= 400 || rep.refs.values().any(Option::is_some),
         "no error reported: {} {:?}",
@@ -225,7 +241,10 @@ fn raw_atomic_push_with_a_stale_old_id_applies_nothing() -> Result<()> {
         .send(c.http_url())?;
     let rep = PushReport::parse(&r.body);
     ensure!(
-        r.status == 200 && rep.unpack.as_deref() == Some("ok") && rep.refs.len() == 2 && rep.refs.values().all(Option::is_none),
+        r.status == 200
+            && rep.unpack.as_deref() == Some("ok")
+            && rep.refs.len() == 2
+            && rep.refs.values().all(Option::is_none),
         "{} {rep:?}",
         r.status
     );
@@ -282,9 +301,15 @@ fn concurrent_pushes_to_one_ref_have_exactly_one_winner() -> Result<()> {
         let loser = &outs[1 - winner];
         let lower = loser.all_lower();
         ensure!(
-            ["rejected", "stale", "failed", "fetch first", "non-fast-forward"]
-                .iter()
-                .any(|w| lower.contains(w)),
+            [
+                "rejected",
+                "stale",
+                "failed",
+                "fetch first",
+                "non-fast-forward"
+            ]
+            .iter()
+            .any(|w| lower.contains(w)),
             "round {round}: unclear rejection: {loser}"
         );
         let server = s.git.remote_refs(&s.url)?;
@@ -296,7 +321,10 @@ fn concurrent_pushes_to_one_ref_have_exactly_one_winner() -> Result<()> {
         );
         wins[winner] += 1;
     }
-    eprintln!("concurrent push winners over {rounds} rounds: clone a {}, clone b {}", wins[0], wins[1]);
+    eprintln!(
+        "concurrent push winners over {rounds} rounds: clone a {}, clone b {}",
+        wins[0], wins[1]
+    );
     let server = s.git.remote_refs(&s.url)?;
     let clone = s.git.clone_repo(&s.url, s.git.scratch("final"), &["-q"])?;
     assert_clone_matches(&clone, &server)?;

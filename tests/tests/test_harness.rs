@@ -78,7 +78,10 @@ fn receive_pack_bodies_are_accepted_by_stock_git() -> Result<()> {
     );
     let out = stock_stateless_rpc(&dst, "receive-pack", &body, false)?;
     let rep = PushReport::parse(&out.stdout_bytes);
-    ensure!(rep.any_ok() && rep.unpack.as_deref() == Some("ok"), "{rep:?}");
+    ensure!(
+        rep.any_ok() && rep.unpack.as_deref() == Some("ok"),
+        "{rep:?}"
+    );
     ensure!(dst.rev_parse("main")? == c2);
     dst.assert_fsck_clean()?;
     Ok(())
@@ -94,7 +97,10 @@ fn broken_receive_pack_bodies_are_rejected_by_stock_git() -> Result<()> {
         "report-status",
         &pack,
     );
-    ensure!(PushReport::parse(&stock_stateless_rpc(&dst, "receive-pack", &body, false)?.stdout_bytes).any_ok());
+    ensure!(PushReport::parse(
+        &stock_stateless_rpc(&dst, "receive-pack", &body, false)?.stdout_bytes
+    )
+    .any_ok());
     let before = dst.refs()?;
     let update = [RefUpdate::new(&c1, &c2, "refs/heads/main")];
     let good = src.pack_objects(&format!("{c2}\n^{c1}\n"), true, false)?;
@@ -151,10 +157,13 @@ fn received_pack_size_matches_the_kept_clone_pack() -> Result<()> {
     gen.import(&src, "main", 60)?;
     let url = format!("file://{}", src.path.display());
     let dest = git.scratch("clone");
-    let cmd = git
-        .with_protocol(2)
-        .cmd(git.home())
-        .args(["clone", "-q", "--bare", &url, &dest.display().to_string()]);
+    let cmd = git.with_protocol(2).cmd(git.home()).args([
+        "clone",
+        "-q",
+        "--bare",
+        &url,
+        &dest.display().to_string(),
+    ]);
     let (_, size) = received_pack_size(&git, cmd)?;
     let clone = git.repo(&dest);
     let packs = clone.pack_files()?;
@@ -166,7 +175,10 @@ fn received_pack_size_matches_the_kept_clone_pack() -> Result<()> {
         .cmd()
         .args(["fetch", "-q", "origin", "+refs/heads/*:refs/heads/*"]);
     let (_, fetched) = received_pack_size(&git, cmd)?;
-    ensure!(fetched > 32 && fetched < size / 4, "fetch pack {fetched} vs clone {size}");
+    ensure!(
+        fetched > 32 && fetched < size / 4,
+        "fetch pack {fetched} vs clone {size}"
+    );
     ensure!(clone.rev_parse("main")? == src.rev_parse("main")?);
     clone.assert_fsck_clean()?;
     Ok(())

@@ -56,7 +56,10 @@ fn push_to_empty_then_clone_v0_and_v2() -> Result<()> {
     let p = push_initial(c, "push-clone")?;
     let expected = pushable_refs(&p.work)?;
     let server = p.git.remote_refs(&p.url)?;
-    ensure!(server == expected, "server refs {server:?} != pushed {expected:?}");
+    ensure!(
+        server == expected,
+        "server refs {server:?} != pushed {expected:?}"
+    );
     // Annotated tags are advertised peeled too.
     let peeled = p.git.ls_remote(&p.url)?;
     ensure!(
@@ -81,7 +84,10 @@ fn push_to_empty_then_clone_v0_and_v2() -> Result<()> {
             "v{v}: clone did not check out main"
         );
         ensure!(clone.head()? == expected["refs/heads/main"]);
-        ensure!(clone.run(["cat-file", "-t", "v1.0"])? == "tag", "v{v}: v1.0 not annotated");
+        ensure!(
+            clone.run(["cat-file", "-t", "v1.0"])? == "tag",
+            "v{v}: v1.0 not annotated"
+        );
         ensure!(clone.run(["cat-file", "-t", "light"])? == "commit");
         ensure!(clone.run(["rev-list", "--count", "origin/feature"])? == "5");
         // Content round-trips.
@@ -123,8 +129,10 @@ fn incremental_fetch_both_protocols() -> Result<()> {
     p.work.run(["checkout", "-q", "feature"])?;
     p.work.commit_n("feature.txt", 1, "feature-more")?;
     p.work.run(["checkout", "-q", "main"])?;
-    p.work.run(["tag", "-a", "-m", "release 2.0", "v2.0", "main"])?;
-    p.work.run(["push", "-q", "origin", "main", "feature", "topic", "v2.0"])?;
+    p.work
+        .run(["tag", "-a", "-m", "release 2.0", "v2.0", "main"])?;
+    p.work
+        .run(["push", "-q", "origin", "main", "feature", "topic", "v2.0"])?;
     let server = p.git.remote_refs(&p.url)?;
     ensure!(server == pushable_refs(&p.work)?);
     for clone in &clones {
@@ -133,7 +141,8 @@ fn incremental_fetch_both_protocols() -> Result<()> {
     }
 
     // Round 2: a tag on a commit every clone already has is still followed.
-    p.work.run(["tag", "-a", "-m", "late tag", "late", "main~3"])?;
+    p.work
+        .run(["tag", "-a", "-m", "late tag", "late", "main~3"])?;
     p.work.run(["tag", "late-light", "main~4"])?;
     p.work.run(["push", "-q", "origin", "late", "late-light"])?;
     let server = p.git.remote_refs(&p.url)?;
@@ -146,7 +155,8 @@ fn incremental_fetch_both_protocols() -> Result<()> {
     // Round 3: include-tag: an annotated tag on a new commit comes with a
     // fetch of just that branch.
     let new_head = p.work.commit_file("README.md", "rewritten\n", "rewrite")?;
-    p.work.run(["tag", "-a", "-m", "release 3.0", "v3.0", "main"])?;
+    p.work
+        .run(["tag", "-a", "-m", "release 3.0", "v3.0", "main"])?;
     p.work.run(["push", "-q", "origin", "main", "v3.0"])?;
     let server = p.git.remote_refs(&p.url)?;
     for clone in &clones {
@@ -185,7 +195,9 @@ fn delete_branch_and_force_push() -> Result<()> {
     // Rewrite main: a plain push is refused, a forced one goes through.
     let old_main = p.work.rev_parse("main")?;
     p.work.run(["reset", "-q", "--hard", "main~2"])?;
-    let rewritten = p.work.commit_file("README.md", "another past\n", "rewrite history")?;
+    let rewritten = p
+        .work
+        .commit_file("README.md", "another past\n", "rewrite history")?;
     let o = p.work.cmd().args(["push", "origin", "main"]).fails()?;
     ensure!(o.all_lower().contains("rejected"), "{o}");
     ensure!(p.git.remote_refs(&p.url)?["refs/heads/main"] == old_main);
@@ -211,7 +223,9 @@ fn delete_branch_and_force_push() -> Result<()> {
 fn push_options_are_accepted() -> Result<()> {
     let c = Cluster::shared();
     let p = push_initial(c, "pushopt")?;
-    let head = p.work.commit_file("ci.txt", "skip me\n", "with push options")?;
+    let head = p
+        .work
+        .commit_file("ci.txt", "skip me\n", "with push options")?;
     p.work
         .cmd()
         .args(["push", "-q", "-o", "ci.skip", "-o", "x=y", "origin", "main"])
@@ -237,7 +251,10 @@ fn push_of_many_refs_and_deep_paths() -> Result<()> {
     let url = c.repo_url(&full);
     let work = git.init(git.scratch("work"))?;
     work.write_file("deep/a/b/c/d/e/f.txt", "deep\n")?;
-    work.write_file("bin.dat", (0u8..=255).cycle().take(70_000).collect::<Vec<u8>>())?;
+    work.write_file(
+        "bin.dat",
+        (0u8..=255).cycle().take(70_000).collect::<Vec<u8>>(),
+    )?;
     work.write_file("empty", "")?;
     work.run(["add", "-A"])?;
     work.run(["commit", "-q", "-m", "tree shapes"])?;
@@ -251,7 +268,9 @@ fn push_of_many_refs_and_deep_paths() -> Result<()> {
         let g = git.with_protocol(v);
         let clone = g.clone_repo(&url, g.scratch("clone"), &["-q"])?;
         assert_clone_matches(&clone, &server)?;
-        ensure!(std::fs::read(clone.path.join("bin.dat"))? == std::fs::read(work.path.join("bin.dat"))?);
+        ensure!(
+            std::fs::read(clone.path.join("bin.dat"))? == std::fs::read(work.path.join("bin.dat"))?
+        );
     }
     Ok(())
 }
@@ -264,7 +283,10 @@ fn data_survives_a_restart() -> Result<()> {
     c.restart()?;
     // The port may change: rebuild the URL.
     let url = c.repo_url(&p.full);
-    ensure!(p.git.remote_refs(&url)? == before, "refs changed across a restart");
+    ensure!(
+        p.git.remote_refs(&url)? == before,
+        "refs changed across a restart"
+    );
     for v in [0u8, 2] {
         let git = p.git.with_protocol(v);
         let clone = git.clone_repo(&url, git.scratch("after-restart"), &["-q"])?;
@@ -272,18 +294,26 @@ fn data_survives_a_restart() -> Result<()> {
     }
     // Still writable, and the write survives a second restart.
     p.work.run(["remote", "set-url", "origin", &url])?;
-    let head = p.work.commit_file("after.txt", "after restart\n", "after restart")?;
+    let head = p
+        .work
+        .commit_file("after.txt", "after restart\n", "after restart")?;
     p.work.run(["push", "-q", "origin", "main"])?;
     c.restart()?;
     let url = c.repo_url(&p.full);
     let after = p.git.remote_refs(&url)?;
     ensure!(after["refs/heads/main"] == head);
-    let clone = p.git.clone_repo(&url, p.git.scratch("after-second"), &["-q"])?;
+    let clone = p
+        .git
+        .clone_repo(&url, p.git.scratch("after-second"), &["-q"])?;
     assert_clone_matches(&clone, &after)?;
     // A repository created before the restarts is still listed as existing.
     let r = c
         .request("POST", &format!("/2.0/repositories/{}", p.full))
         .send(c.http_url())?;
-    ensure!(r.status == 400 || r.status == 409, "re-create after restart: {}", r.status);
+    ensure!(
+        r.status == 400 || r.status == 409,
+        "re-create after restart: {}",
+        r.status
+    );
     Ok(())
 }
