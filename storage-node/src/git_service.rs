@@ -227,15 +227,10 @@ fn run_receive_pack(
         }
     };
     let n = request.commands.len();
+    let staging = store.push_staging()?;
     let ingested = if request.expects_pack() {
         let mut pack = BufReader::with_capacity(64 * 1024, reader.into_inner());
-        receive::ingest(
-            &request,
-            &mut pack,
-            &snap.packs,
-            &store.staging_dir(),
-            limits,
-        )
+        receive::ingest(&request, &mut pack, &snap.packs, staging.path(), limits)
     } else {
         Ok(Ingested {
             pack: None,

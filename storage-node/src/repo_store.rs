@@ -9,6 +9,7 @@ use std::collections::HashMap;
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use cairn_packfile::receive::{self, Command, StagedPack};
@@ -175,6 +176,19 @@ impl RepoStore {
 
     pub fn staging_dir(&self) -> PathBuf {
         self.data_dir.join("staging")
+    }
+
+    /// A fresh directory under `staging/` for one push, so concurrent pushes
+    /// of identical packs (same checksum, same file names) never collide.
+    /// Removed when the returned guard drops.
+    pub fn push_staging(&self) -> Result<StagingDir, StoreError> {
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let path = self
+            .staging_dir()
+            .join(format!("push-{}-{n}", std::process::id()));
+        fs::create_dir_all(&path).map_err(io_err(&path))?;
+        Ok(StagingDir { path })
     }
 
     fn pack_dir(&self, id: RepoId) -> PathBuf {
@@ -422,20 +436,28 @@ impl RepoStore {
             fs::create_dir_all(&dir).map_err(io_err(&dir))?;
             let pack_dst = dir.join(format!("pack-{name}.pack"));
             let idx_dst = dir.join(format!("pack-{name}.idx"));
-            fs::rename(&staged.pack_path, &pack_dst).map_err(io_err(&pack_dst))?;
-            fs::rename(&staged.index_path, &idx_dst).map_err(io_err(&idx_dst))?;
-            fsync_dir(&dir)?;
-            let rec = PackRecord {
-                objects: staged.objects,
-                bytes: staged.bytes,
-            };
-            batch.put_cf(
-                self.cf(CF_PACKS),
-                prefixed(record.id, name.as_bytes()),
-                serde_json::to_vec(&rec).expect("a pack record always serialises"),
-            );
-            let bundle = cairn_packfile::store::open_bundle(&idx_dst)?;
-            new_packs = Some(self.pack_set(record.id)?.with_bundle(Arc::new(bundle)));
+            let key = prefixed(record.id, name.as_bytes());
+            if self.db.get_cf(self.cf(CF_PACKS), &key)?.is_some() {
+                // The same pack (same checksum) is already committed: its
+                // objects are all present, so this copy adds nothing.
+                let path = staged.pack_path.clone();
+                staged.discard().map_err(io_err(&path))?;
+            } else {
+                fs::rename(&staged.pack_path, &pack_dst).map_err(io_err(&pack_dst))?;
+                fs::rename(&staged.index_path, &idx_dst).map_err(io_err(&idx_dst))?;
+                fsync_dir(&dir)?;
+                let rec = PackRecord {
+                    objects: staged.objects,
+                    bytes: staged.bytes,
+                };
+                batch.put_cf(
+                    self.cf(CF_PACKS),
+                    key,
+                    serde_json::to_vec(&rec).expect("a pack record always serialises"),
+                );
+                let bundle = cairn_packfile::store::open_bundle(&idx_dst)?;
+                new_packs = Some(self.pack_set(record.id)?.with_bundle(Arc::new(bundle)));
+            }
         }
         let mut head_created = None;
         for (cmd, res) in commands.iter().zip(&results) {
@@ -475,6 +497,27 @@ impl RepoStore {
             lock(&self.packs).insert(record.id, set);
         }
         Ok(results)
+    }
+}
+
+/// One push's staging directory; removed with whatever is left in it.
+pub struct StagingDir {
+    path: PathBuf,
+}
+
+impl StagingDir {
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for StagingDir {
+    fn drop(&mut self) {
+        if let Err(e) = fs::remove_dir_all(&self.path) {
+            if e.kind() != io::ErrorKind::NotFound {
+                tracing::warn!(path = %self.path.display(), error = %e, "cannot remove staging dir");
+            }
+        }
     }
 }
 
