@@ -50,6 +50,11 @@ enum RepoCommand {
 }
 
 pub async fn run(args: AdminArgs) -> Result<()> {
+    // Bad arguments are reported before looking for a cluster.
+    let AdminCommand::Repo { command } = &args.command;
+    if let RepoCommand::Create { full_name, .. } | RepoCommand::Delete { full_name } = command {
+        split_full_name(full_name)?;
+    }
     let url = match args.node {
         Some(u) => u,
         None => {

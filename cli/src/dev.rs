@@ -145,8 +145,9 @@ pub async fn run(args: DevArgs) -> Result<()> {
     println!("  password:      {token}");
     println!();
     println!("Create a repository and push to it:");
+    println!("  curl -u x-token-auth:{token} -X POST {http_url}/2.0/repositories/myteam/hello");
     println!(
-        "  cairn admin --data-dir {} repo create myteam/hello",
+        "  (or: cairn admin --data-dir {} repo create myteam/hello)",
         args.data_dir.display()
     );
     println!("  git push http://x-token-auth:{token}@{host}/myteam/hello.git main");

@@ -239,14 +239,24 @@ fn run_receive_pack(
     };
     let (unpack, results) = match ingested {
         Ok(ing) => {
-            let results = store.apply_push(
+            match store.apply_push(
                 &snap.record,
                 &request.commands,
                 request.caps.atomic,
                 &ing.command_errors,
                 ing.pack,
-            )?;
-            (Ok(()), results)
+            ) {
+                Ok(results) => (Ok(()), results),
+                Err(e) => {
+                    // The batch is the commit point: when applying fails no
+                    // ref moved, so every command is reported as refused.
+                    tracing::error!(error = %e, "applying a push failed");
+                    (
+                        Ok(()),
+                        vec![Err("internal storage error, nothing changed".to_owned()); n],
+                    )
+                }
+            }
         }
         Err(e) => {
             tracing::info!(error = %e, "push rejected while unpacking");

@@ -97,8 +97,8 @@ pub fn cairn_bin() -> Result<PathBuf> {
     let bin = profile_dir.join("cairn");
     ensure!(
         bin.is_file(),
-        "the cairn binary is missing at {}: build it first (`cargo build -p cairn`, or run the \
-         suite with `cargo test --workspace`, which builds it), or point CAIRN_BIN at it",
+        "the cairn binary is missing at {}: build it first with `cargo build -p cairn` (or \
+         `cargo build --workspace`), or point CAIRN_BIN at it",
         bin.display()
     );
     Ok(bin)
@@ -487,7 +487,8 @@ impl Cluster {
         if std::env::var_os("CAIRN_KEEP_DATA").is_some() {
             if let Some(r) = c.root.take() {
                 let p = r.keep();
-                eprintln!("cluster data kept in {}", p.display());
+                // Written past the test harness's output capture on purpose.
+                let _ = writeln!(std::io::stderr(), "cluster data kept in {}", p.display());
             }
         }
         c.spawn()?;
@@ -606,9 +607,11 @@ impl Cluster {
     /// exits: it waits for EOF on a pipe that only this process holds.
     fn arm_watchdog(&mut self, remove_root: bool) {
         if let Some((mut w, stdin)) = self.watchdog.take() {
-            drop(stdin);
+            // Kill it before closing its pipe: EOF would make it stop the
+            // cluster.
             let _ = w.kill();
             let _ = w.wait();
+            drop(stdin);
         }
         let Some(child) = self.child.as_ref() else {
             return;
@@ -654,8 +657,8 @@ if [ -n "$2" ]; then rm -rf "$2"; fi
     fn stop_processes(&mut self) {
         if let Some((mut w, stdin)) = self.watchdog.take() {
             let _ = w.kill();
-            drop(stdin);
             let _ = w.wait();
+            drop(stdin);
         }
         let mut extra: Vec<u32> = self.info.nodes.iter().filter_map(|n| n.pid).collect();
         extra.extend(self.info.router_pid);

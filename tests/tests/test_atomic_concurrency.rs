@@ -299,6 +299,9 @@ fn concurrent_pushes_to_one_ref_have_exactly_one_winner() -> Result<()> {
         );
         let winner = ok[0];
         let loser = &outs[1 - winner];
+        if round == 0 {
+            eprintln!("losing push of round 0: {loser}");
+        }
         let lower = loser.all_lower();
         ensure!(
             [
@@ -329,5 +332,51 @@ fn concurrent_pushes_to_one_ref_have_exactly_one_winner() -> Result<()> {
     let clone = s.git.clone_repo(&s.url, s.git.scratch("final"), &["-q"])?;
     assert_clone_matches(&clone, &server)?;
     ensure!(clone.run(["rev-list", "--count", "HEAD"])? == (2 + rounds).to_string());
+    Ok(())
+}
+
+#[test]
+fn identical_concurrent_pushes_to_different_repositories_all_succeed() -> Result<()> {
+    // The same history pushed at the same moment to several repositories
+    // (forks, mirrors, CI): every push carries a byte-identical pack.
+    let c = Cluster::shared();
+    let git = Git::new()?;
+    let src = git.init(git.scratch("src"))?;
+    let head = src
+        .commit_n("same.txt", 3, "same")?
+        .pop()
+        .unwrap_or_default();
+    let per_round = 4;
+    for round in 0..5 {
+        let urls: Vec<String> = (0..per_round)
+            .map(|i| Ok(c.repo_url(&c.new_repo(&format!("same-{round}-{i}"))?)))
+            .collect::<Result<_>>()?;
+        let barrier = Arc::new(Barrier::new(per_round));
+        let handles: Vec<_> = urls
+            .iter()
+            .map(|url| {
+                let cmd = src.cmd().args(["push", url, "main"]);
+                let barrier = Arc::clone(&barrier);
+                thread::spawn(move || {
+                    barrier.wait();
+                    cmd.output()
+                })
+            })
+            .collect();
+        for h in handles {
+            let o = h.join().map_err(|_| anyhow!("push thread panicked"))??;
+            ensure!(
+                o.success(),
+                "round {round}: identical concurrent push failed: {o}"
+            );
+        }
+        for url in &urls {
+            let refs = git.remote_refs(url)?;
+            ensure!(
+                refs.get("refs/heads/main") == Some(&head),
+                "round {round}: {refs:?}"
+            );
+        }
+    }
     Ok(())
 }

@@ -317,3 +317,74 @@ fn data_survives_a_restart() -> Result<()> {
     );
     Ok(())
 }
+
+#[test]
+fn clone_of_an_empty_repository_then_push_from_it() -> Result<()> {
+    let c = Cluster::shared();
+    let git = Git::new()?;
+    for v in [0u8, 2] {
+        let g = git.with_protocol(v);
+        let full = c.new_repo(&format!("empty-v{v}"))?;
+        let url = c.repo_url(&full);
+        let dest = g.scratch("empty");
+        let out = g
+            .cmd(g.home())
+            .args(["clone", &url, &dest.display().to_string()])
+            .ok()?;
+        ensure!(out.stderr.contains("empty repository"), "v{v}: {out}");
+        let clone = g.repo(&dest);
+        ensure!(clone.refs()?.is_empty());
+        let head = clone.commit_file("first.txt", "first\n", "first commit")?;
+        clone.run(["push", "-q", "origin", "main"])?;
+        let server = g.remote_refs(&url)?;
+        ensure!(
+            server.get("refs/heads/main") == Some(&head),
+            "v{v}: {server:?}"
+        );
+        clone.run(["fetch", "-q", "origin"])?;
+        assert_clone_matches(&clone, &server)?;
+    }
+    Ok(())
+}
+
+#[test]
+fn merges_orphan_roots_and_a_large_blob() -> Result<()> {
+    let c = Cluster::shared();
+    let git = Git::new()?;
+    let full = c.new_repo("shapes")?;
+    let url = c.repo_url(&full);
+    let work = git.init(git.scratch("work"))?;
+    work.commit_n("a.txt", 2, "main")?;
+    work.run(["checkout", "-q", "-b", "topic"])?;
+    work.commit_n("b.txt", 2, "topic")?;
+    work.run(["checkout", "-q", "main"])?;
+    work.commit_n("c.txt", 1, "main-more")?;
+    work.run(["merge", "-q", "--no-ff", "-m", "merge topic", "topic"])?;
+    ensure!(work.run(["rev-list", "--count", "--merges", "HEAD"])? == "1");
+    // A second root.
+    work.run(["switch", "-q", "--orphan", "pages"])?;
+    // 6 MiB that does not compress: exercises streaming in both directions.
+    let mut rng = Rng::new(99);
+    let big: Vec<u8> = (0..6 * 1024 * 1024 / 8)
+        .flat_map(|_| rng.next_u64().to_le_bytes())
+        .collect();
+    work.write_file("big.bin", &big)?;
+    work.run(["add", "big.bin"])?;
+    work.run(["commit", "-q", "-m", "orphan root with a big blob"])?;
+    work.run(["checkout", "-q", "main"])?;
+    work.run(["push", "-q", &url, "main", "topic", "pages"])?;
+    let server = git.remote_refs(&url)?;
+    ensure!(server == pushable_refs(&work)?, "{server:?}");
+    for v in [0u8, 2] {
+        let g = git.with_protocol(v);
+        let clone = g.clone_repo(&url, g.scratch("clone"), &["-q"])?;
+        assert_clone_matches(&clone, &server)?;
+        ensure!(clone.run(["rev-list", "--count", "--merges", "origin/main"])? == "1");
+        clone.run(["checkout", "-q", "pages"])?;
+        ensure!(
+            std::fs::read(clone.path.join("big.bin"))? == big,
+            "v{v}: big blob differs"
+        );
+    }
+    Ok(())
+}

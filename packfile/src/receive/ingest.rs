@@ -335,18 +335,17 @@ fn read_exact_classified<R: BufRead>(
 
 /// All of gix's error chain on one line.
 pub(super) fn flatten(e: &gix_error::Error) -> String {
-    let mut parts: Vec<String> = Vec::new();
-    for err in e.iter_errors() {
-        let s = format!("{err:#}");
-        if !s.is_empty() && !parts.iter().any(|p| p.contains(&s)) {
-            parts.push(s);
-        }
-    }
-    if parts.is_empty() {
-        e.to_string()
-    } else {
-        parts.join(": ")
-    }
+    // The innermost cause is the one a person can act on; outer layers of
+    // gix errors repeat it wrapped in debug formatting.
+    e.iter_errors()
+        .map(|err| err.to_string())
+        .filter(|s| !s.is_empty())
+        .last()
+        .unwrap_or_else(|| e.to_string())
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .to_owned()
 }
 
 fn classify_stream_error<R>(
