@@ -8,7 +8,7 @@
 
 use std::cell::RefCell;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use gix_hash::{oid, ObjectId};
 use gix_object::Kind;
@@ -32,10 +32,43 @@ pub struct EntryLocation {
     pub offset: u64,
 }
 
+/// A pack's entries in pack order: `(offset, index position)`, sorted by
+/// offset, so the extent of an entry and the id at an offset are found by
+/// binary search. Built once per pack and shared by every request.
+pub struct RevIndex {
+    pub entries: Vec<(u64, u32)>,
+    pub pack_end: u64,
+}
+
+impl RevIndex {
+    pub fn build(bundle: &gix_pack::Bundle) -> Self {
+        let n = bundle.index.num_objects();
+        let mut entries: Vec<(u64, u32)> = (0..n)
+            .map(|i| (bundle.index.pack_offset_at_index(i), i))
+            .collect();
+        entries.sort_unstable();
+        RevIndex {
+            entries,
+            pack_end: bundle.pack.pack_end() as u64,
+        }
+    }
+
+    /// Sorted position of the entry starting at `offset`.
+    pub fn find(&self, offset: u64) -> Option<usize> {
+        self.entries.binary_search_by_key(&offset, |e| e.0).ok()
+    }
+
+    /// End of the entry at sorted position `pos` (start of the next one).
+    pub fn end(&self, pos: usize) -> u64 {
+        self.entries.get(pos + 1).map_or(self.pack_end, |e| e.0)
+    }
+}
+
 /// An immutable, cheaply clonable set of pack bundles.
 #[derive(Clone, Default)]
 pub struct PackSet {
     bundles: Vec<Arc<gix_pack::Bundle>>,
+    revs: Vec<Arc<OnceLock<RevIndex>>>,
 }
 
 impl PackSet {
@@ -45,18 +78,29 @@ impl PackSet {
         for p in paths {
             bundles.push(Arc::new(open_bundle(p.as_ref())?));
         }
-        Ok(PackSet { bundles })
+        let revs = bundles.iter().map(|_| Arc::default()).collect();
+        Ok(PackSet { bundles, revs })
     }
 
     /// This set plus one more bundle (e.g. a freshly received pack).
     pub fn with_bundle(&self, bundle: Arc<gix_pack::Bundle>) -> Self {
         let mut bundles = self.bundles.clone();
         bundles.push(bundle);
-        PackSet { bundles }
+        let mut revs = self.revs.clone();
+        revs.push(Arc::default());
+        PackSet { bundles, revs }
     }
 
     pub fn bundles(&self) -> &[Arc<gix_pack::Bundle>] {
         &self.bundles
+    }
+
+    /// The pack-order index of bundle `pack`, built on first use.
+    ///
+    /// # Panics
+    /// If `pack` is not a position in this set.
+    pub fn rev_index(&self, pack: usize) -> &RevIndex {
+        self.revs[pack].get_or_init(|| RevIndex::build(&self.bundles[pack]))
     }
 
     pub fn is_empty(&self) -> bool {

@@ -50,35 +50,6 @@ pub struct PackStats {
     pub bytes: u64,
 }
 
-/// Offsets of one pack's entries in pack order, with their index positions.
-struct RevIndex {
-    entries: Vec<(u64, u32)>,
-    pack_end: u64,
-}
-
-impl RevIndex {
-    fn build(bundle: &gix_pack::Bundle) -> Self {
-        let n = bundle.index.num_objects();
-        let mut entries: Vec<(u64, u32)> = (0..n)
-            .map(|i| (bundle.index.pack_offset_at_index(i), i))
-            .collect();
-        entries.sort_unstable();
-        RevIndex {
-            entries,
-            pack_end: bundle.pack.pack_end() as u64,
-        }
-    }
-
-    fn find(&self, offset: u64) -> Option<usize> {
-        self.entries.binary_search_by_key(&offset, |e| e.0).ok()
-    }
-
-    /// End of the entry at sorted position `pos` (start of the next one).
-    fn end(&self, pos: usize) -> u64 {
-        self.entries.get(pos + 1).map_or(self.pack_end, |e| e.0)
-    }
-}
-
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Base {
     /// Another object of this pack (index into the item list).
@@ -156,7 +127,6 @@ pub fn write_pack(
     out: &mut impl Write,
 ) -> Result<PackStats, UploadError> {
     let bundles = packs.bundles();
-    let mut revs: Vec<Option<RevIndex>> = (0..bundles.len()).map(|_| None).collect();
     let position: HashMap<ObjectId, usize> = plan
         .objects
         .iter()
@@ -179,7 +149,7 @@ pub fn write_pack(
             .locate(&o.id)
             .ok_or(StoreError::Missing { id: o.id })?;
         let bundle = &bundles[loc.pack];
-        let rev = revs[loc.pack].get_or_insert_with(|| RevIndex::build(bundle));
+        let rev = packs.rev_index(loc.pack);
         let pos = rev
             .find(loc.offset)
             .ok_or_else(|| corrupt(o.id, "offset not in index"))?;
@@ -387,6 +357,7 @@ mod tests {
     use std::process::{Command, Output, Stdio};
 
     use super::*;
+    use crate::store::RevIndex;
     use crate::upload::walk::PlannedObject;
 
     fn git(dir: &Path, args: &[&str], stdin: &[u8]) -> Output {
