@@ -492,9 +492,20 @@ impl RepoStore {
                 );
             }
         }
-        self.sync_write(batch)?;
-        if let Some(set) = new_packs {
-            lock(&self.packs).insert(record.id, set);
+        // Readers take the pack set before the refs (see `snapshot`), so the
+        // new pack must be visible before the refs that need it are.
+        let previous = new_packs.map(|set| lock(&self.packs).insert(record.id, set));
+        if let Err(e) = self.sync_write(batch) {
+            // Not committed: hide the pack again so no later push relies on
+            // objects that restart cleanup will delete.
+            if let Some(prev) = previous {
+                let mut cache = lock(&self.packs);
+                match prev {
+                    Some(p) => cache.insert(record.id, p),
+                    None => cache.remove(&record.id),
+                };
+            }
+            return Err(e);
         }
         Ok(results)
     }
