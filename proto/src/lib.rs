@@ -12,3 +12,11 @@ pub mod git {
 pub mod admin {
     tonic::include_proto!("cairn.admin.v1");
 }
+
+pub mod pack {
+    tonic::include_proto!("cairn.pack.v1");
+}
+
+pub mod raft {
+    tonic::include_proto!("cairn.raft.v1");
+}
