@@ -9,8 +9,12 @@ pub mod admin_service;
 pub mod bridge;
 pub mod config;
 pub mod git_service;
+pub mod pack_placer;
+pub mod pack_transfer;
 pub mod repo_store;
 pub mod server;
+pub mod shard_state;
+pub mod staging_cleanup;
 
 pub use config::Config;
 pub use server::StorageNode;

@@ -175,7 +175,17 @@ impl RepoStore {
     }
 
     pub fn staging_dir(&self) -> PathBuf {
-        self.data_dir.join("staging")
+        Self::staging_dir_at(&self.data_dir)
+    }
+
+    /// `staging/` of the node whose data dir is `data_dir`.
+    pub fn staging_dir_at(data_dir: &Path) -> PathBuf {
+        data_dir.join("staging")
+    }
+
+    /// Where repository `id`'s committed pack files live under `data_dir`.
+    pub fn pack_dir_at(data_dir: &Path, id: RepoId) -> PathBuf {
+        data_dir.join("packs").join(id.to_string())
     }
 
     /// A fresh directory under `staging/` for one push, so concurrent pushes
@@ -192,13 +202,18 @@ impl RepoStore {
     }
 
     fn pack_dir(&self, id: RepoId) -> PathBuf {
-        self.data_dir.join("packs").join(id.to_string())
+        Self::pack_dir_at(&self.data_dir, id)
     }
 
     fn clean_leftovers(&self) -> Result<(), StoreError> {
         let staging = self.staging_dir();
         for entry in fs::read_dir(&staging).map_err(io_err(&staging))? {
             let path = entry.map_err(io_err(&staging))?.path();
+            // Packs a leader transferred here were acknowledged as durable;
+            // they stay until committed or expired by the cleanup worker.
+            if path.file_name().is_some_and(|n| n == "transfer") {
+                continue;
+            }
             let res = if path.is_dir() {
                 fs::remove_dir_all(&path)
             } else {

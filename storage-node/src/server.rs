@@ -6,13 +6,16 @@ use std::sync::Arc;
 use cairn_packfile::receive::Limits;
 use cairn_proto::admin::admin_server::AdminServer;
 use cairn_proto::git::git_server::GitServer;
+use cairn_proto::pack::pack_transfer_server::PackTransferServer;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 
 use crate::admin_service::AdminService;
 use crate::config::Config;
 use crate::git_service::GitService;
+use crate::pack_transfer::{PackTransferService, StagingArea, TransferLimits};
 use crate::repo_store::{RepoStore, StoreError};
+use crate::staging_cleanup::{CleanupOptions, StagingCleanupWorker};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -20,6 +23,8 @@ pub enum StartError {
     Config(#[from] crate::config::ConfigError),
     #[error("opening the repository store: {0}")]
     Store(#[from] StoreError),
+    #[error("preparing the pack transfer staging area: {0}")]
+    Staging(#[source] std::io::Error),
     #[error("binding {addr}: {source}")]
     Bind {
         addr: SocketAddr,
@@ -62,10 +67,21 @@ impl StorageNode {
         let git = GitServer::new(GitService::new(store.clone(), limits))
             .max_decoding_message_size(16 << 20);
         let admin = AdminServer::new(AdminService::new(store.clone()));
+        // After `RepoStore::open`, which empties `staging/` on start.
+        let staging = StagingArea::at(&config.data_dir);
+        let pack_transfer = PackTransferService::with_area(
+            staging.clone(),
+            TransferLimits {
+                max_pack_bytes: config.max_pack_bytes,
+            },
+        )
+        .map_err(StartError::Staging)?;
+        StagingCleanupWorker::new(staging, CleanupOptions::default()).spawn();
         let task = tokio::spawn(
             tonic::transport::Server::builder()
                 .add_service(git)
                 .add_service(admin)
+                .add_service(PackTransferServer::new(pack_transfer))
                 .serve_with_incoming(TcpListenerStream::new(listener)),
         );
         tracing::info!(addr = %grpc_addr, data_dir = %config.data_dir.display(), "storage node serving");

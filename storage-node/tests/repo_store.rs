@@ -225,18 +225,27 @@ fn state_survives_reopen() {
             )
             .expect("apply");
         std::fs::write(dir.path().join("staging").join("junk.pack"), b"x").expect("junk");
+        let transfer = dir.path().join("staging").join("transfer").join("1");
+        std::fs::create_dir_all(&transfer).expect("transfer dir");
+        std::fs::write(transfer.join("pack-ab.pack"), b"acknowledged").expect("staged");
     }
     let store = RepoStore::open(dir.path()).expect("reopen");
     assert_eq!(
         refs_of(&store, "w", "keep"),
         vec![("refs/tags/v1".to_owned(), oid(4))]
     );
+    let left: Vec<_> = std::fs::read_dir(dir.path().join("staging"))
+        .expect("staging")
+        .map(|e| e.expect("entry").file_name())
+        .collect();
+    assert_eq!(
+        left,
+        vec![std::ffi::OsString::from("transfer")],
+        "push leftovers are removed on open"
+    );
     assert!(
-        std::fs::read_dir(dir.path().join("staging"))
-            .expect("staging")
-            .next()
-            .is_none(),
-        "staging leftovers are removed on open"
+        dir.path().join("staging/transfer/1/pack-ab.pack").exists(),
+        "packs transferred from a leader survive a restart"
     );
     let next = store.create_repo("w", "second", true, "").expect("create");
     assert_eq!(next.id, 2, "id allocation persists");

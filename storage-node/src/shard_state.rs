@@ -1,0 +1,434 @@
+//! What a shard's replicated state machine means: repositories, refs and
+//! pack lists, and how each Raft entry changes them.
+//!
+//! Applying is deterministic on every replica: it reads only the shard's
+//! own state (as of before the entry) and the entry itself — the leader's
+//! clock and choices travel inside the entry. Results are logged, never
+//! requests' intentions: a `Push` entry carries the per-command rejections
+//! the leader found while validating the pack, and apply adds the
+//! compare-and-swap outcome against this replica's refs. Results are kept
+//! by push id, so a proposal retried after an unknown outcome returns the
+//! original answer instead of applying twice.
+//!
+//! Where packs live is not this module's business: before an accepted push
+//! commits, [`PackPlacer::ensure`] must make the pack durable in the
+//! replica's pack directory (moving a staged copy or fetching it from a
+//! peer).
+
+use std::path::PathBuf;
+
+use cairn_packfile::receive::{self, Command};
+use cairn_packfile::refs::{RefRecord, RepoRefs};
+use cairn_packfile::ObjectId;
+use cairn_raft::{ApplyLogic, GroupId, GroupState};
+use serde::{Deserialize, Serialize};
+
+use crate::repo_store::{validate_name, RepoRecord};
+
+pub const DEFAULT_HEAD: &str = "refs/heads/main";
+
+/// Row keys, relative to the shard (the raft layer adds the shard prefix).
+pub mod keys {
+    pub const NEXT_REPO: &[u8] = b"n";
+
+    pub fn repo(workspace: &str, slug: &str) -> Vec<u8> {
+        let mut k = b"r/".to_vec();
+        k.extend_from_slice(workspace.as_bytes());
+        k.push(b'/');
+        k.extend_from_slice(slug.as_bytes());
+        k
+    }
+
+    pub fn repos_of(workspace: &str) -> Vec<u8> {
+        if workspace.is_empty() {
+            b"r/".to_vec()
+        } else {
+            repo(workspace, "")
+        }
+    }
+
+    /// Repository id → `workspace/slug`, for entries that name a repo by id.
+    pub fn repo_by_id(id: u64) -> Vec<u8> {
+        with_id(b"i/", id, b"")
+    }
+
+    pub fn refs_of(id: u64) -> Vec<u8> {
+        with_id(b"f/", id, b"")
+    }
+
+    pub fn ref_(id: u64, name: &str) -> Vec<u8> {
+        with_id(b"f/", id, name.as_bytes())
+    }
+
+    pub fn packs_of(id: u64) -> Vec<u8> {
+        with_id(b"p/", id, b"")
+    }
+
+    pub fn pack(id: u64, pack_hex: &str) -> Vec<u8> {
+        with_id(b"p/", id, pack_hex.as_bytes())
+    }
+
+    pub fn push(push_id: &str) -> Vec<u8> {
+        let mut k = b"u/".to_vec();
+        k.extend_from_slice(push_id.as_bytes());
+        k
+    }
+
+    fn with_id(tag: &[u8], id: u64, rest: &[u8]) -> Vec<u8> {
+        let mut k = Vec::with_capacity(tag.len() + 8 + rest.len());
+        k.extend_from_slice(tag);
+        k.extend_from_slice(&id.to_be_bytes());
+        k.extend_from_slice(rest);
+        k
+    }
+}
+
+/// A validated pack a push commits.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PackRef {
+    /// The pack checksum, lower-case hex; names `pack-<id>.{pack,idx}`.
+    pub id: String,
+    pub objects: u64,
+    pub bytes: u64,
+}
+
+/// One ref update as logged: a compare-and-swap from `old` to `new`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LoggedUpdate {
+    pub name: String,
+    pub old: [u8; 20],
+    pub new: [u8; 20],
+}
+
+impl LoggedUpdate {
+    pub fn from_command(c: &Command) -> Self {
+        let mut old = [0u8; 20];
+        old.copy_from_slice(c.old.as_bytes());
+        let mut new = [0u8; 20];
+        new.copy_from_slice(c.new.as_bytes());
+        LoggedUpdate {
+            name: c.name.clone(),
+            old,
+            new,
+        }
+    }
+
+    fn command(&self) -> Command {
+        Command {
+            old: ObjectId::from_bytes_or_panic(&self.old),
+            new: ObjectId::from_bytes_or_panic(&self.new),
+            name: self.name.clone(),
+        }
+    }
+}
+
+/// A Raft entry of a shard.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ShardRequest {
+    CreateRepo {
+        workspace: String,
+        slug: String,
+        is_private: bool,
+        description: String,
+        /// Leader's clock, seconds since the epoch.
+        created_at: i64,
+    },
+    DeleteRepo {
+        workspace: String,
+        slug: String,
+    },
+    Push {
+        repo_id: u64,
+        /// Chosen by the proposer; identifies the push across retries.
+        push_id: String,
+        pack: Option<PackRef>,
+        updates: Vec<LoggedUpdate>,
+        atomic: bool,
+        /// Per-update rejections found while validating the pack.
+        prior: Vec<Option<String>>,
+    },
+}
+
+/// What applying an entry answers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ShardResponse {
+    Repo(RepoRecord),
+    Deleted(RepoRecord),
+    /// Per update, `Err(reason)` if refused.
+    Pushed(Vec<Result<(), String>>),
+    /// The request was refused as a whole, with a short human reason.
+    Refused(Refusal),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Refusal {
+    RepoExists,
+    RepoNotFound,
+    InvalidName(String),
+}
+
+/// Makes a committed push's pack durable in the replica's pack directory.
+pub trait PackPlacer: Send + Sync + 'static {
+    /// Must not return until `pack-<id>.{pack,idx}` are fsynced under the
+    /// repository's pack directory; retries as long as it takes (a quorum
+    /// held the pack before the entry was proposed). An error stops apply.
+    fn ensure(
+        &self,
+        shard: GroupId,
+        repo_id: u64,
+        pack: &PackRef,
+    ) -> Result<PathBuf, std::io::Error>;
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    #[error("reading shard state: {0}")]
+    Db(#[from] rocksdb::Error),
+    #[error("corrupt row {key:?}: {message}")]
+    Corrupt { key: String, message: String },
+    #[error("placing pack {pack} of repository {repo_id}: {source}")]
+    Pack {
+        repo_id: u64,
+        pack: String,
+        source: std::io::Error,
+    },
+}
+
+/// The `ApplyLogic` of every shard group.
+pub struct ShardLogic<P> {
+    placer: P,
+}
+
+impl<P: PackPlacer> ShardLogic<P> {
+    pub fn new(placer: P) -> Self {
+        ShardLogic { placer }
+    }
+}
+
+fn corrupt(key: &[u8], message: impl ToString) -> ApplyError {
+    ApplyError::Corrupt {
+        key: String::from_utf8_lossy(key).into_owned(),
+        message: message.to_string(),
+    }
+}
+
+fn read_json<T: for<'de> Deserialize<'de>>(
+    state: &GroupState<'_>,
+    key: &[u8],
+) -> Result<Option<T>, ApplyError> {
+    match state.get(key)? {
+        Some(v) => serde_json::from_slice(&v)
+            .map(Some)
+            .map_err(|e| corrupt(key, e)),
+        None => Ok(None),
+    }
+}
+
+fn json<T: Serialize>(value: &T) -> Vec<u8> {
+    serde_json::to_vec(value).expect("shard rows always serialise")
+}
+
+/// Reads a repository's refs from rows `(key, value)` under `keys::refs_of`.
+pub fn refs_from_rows(
+    prefix_len: usize,
+    rows: Vec<(Vec<u8>, Vec<u8>)>,
+    head: String,
+) -> Result<RepoRefs, ApplyError> {
+    let mut refs = Vec::with_capacity(rows.len());
+    for (k, v) in rows {
+        let name = String::from_utf8(k[prefix_len..].to_vec()).map_err(|e| corrupt(&k, e))?;
+        let target = ObjectId::try_from(v.as_slice()).map_err(|e| corrupt(&k, e))?;
+        refs.push(RefRecord { name, target });
+    }
+    Ok(RepoRefs::new(refs, Some(head)))
+}
+
+impl<P: PackPlacer> ShardLogic<P> {
+    fn create_repo(
+        &self,
+        state: &mut GroupState<'_>,
+        workspace: String,
+        slug: String,
+        is_private: bool,
+        description: String,
+        created_at: i64,
+    ) -> Result<ShardResponse, ApplyError> {
+        for (what, value) in [("workspace", &workspace), ("repository slug", &slug)] {
+            if let Err(e) = validate_name(what, value) {
+                return Ok(ShardResponse::Refused(Refusal::InvalidName(e.to_string())));
+            }
+        }
+        let key = keys::repo(&workspace, &slug);
+        if state.get(&key)?.is_some() {
+            return Ok(ShardResponse::Refused(Refusal::RepoExists));
+        }
+        let counter = match state.get(keys::NEXT_REPO)? {
+            Some(v) => u64::from_be_bytes(
+                v.as_slice()
+                    .try_into()
+                    .map_err(|_| corrupt(keys::NEXT_REPO, "not 8 bytes"))?,
+            ),
+            None => 1,
+        };
+        // Ids are unique across shards: the shard id in the high bits.
+        let id = (state.group().0 << 40) | counter;
+        let record = RepoRecord {
+            id,
+            workspace,
+            slug,
+            head: DEFAULT_HEAD.to_owned(),
+            is_private,
+            description,
+            created_at,
+        };
+        state.put(keys::NEXT_REPO, &(counter + 1).to_be_bytes());
+        state.put(&key, &json(&record));
+        state.put(
+            &keys::repo_by_id(id),
+            format!("{}/{}", record.workspace, record.slug).as_bytes(),
+        );
+        Ok(ShardResponse::Repo(record))
+    }
+
+    fn delete_repo(
+        &self,
+        state: &mut GroupState<'_>,
+        workspace: &str,
+        slug: &str,
+    ) -> Result<ShardResponse, ApplyError> {
+        let key = keys::repo(workspace, slug);
+        let Some(record) = read_json::<RepoRecord>(state, &key)? else {
+            return Ok(ShardResponse::Refused(Refusal::RepoNotFound));
+        };
+        state.delete(&key);
+        state.delete(&keys::repo_by_id(record.id));
+        for prefix in [keys::refs_of(record.id), keys::packs_of(record.id)] {
+            for (k, _) in state.scan_prefix(&prefix)? {
+                state.delete(&k);
+            }
+        }
+        Ok(ShardResponse::Deleted(record))
+    }
+
+    fn record_by_id(
+        &self,
+        state: &GroupState<'_>,
+        id: u64,
+    ) -> Result<Option<(Vec<u8>, RepoRecord)>, ApplyError> {
+        let Some(name) = state.get(&keys::repo_by_id(id))? else {
+            return Ok(None);
+        };
+        let name = String::from_utf8(name).map_err(|e| corrupt(&keys::repo_by_id(id), e))?;
+        let (ws, slug) = name
+            .split_once('/')
+            .ok_or_else(|| corrupt(&keys::repo_by_id(id), "not workspace/slug"))?;
+        let key = keys::repo(ws, slug);
+        Ok(read_json::<RepoRecord>(state, &key)?.map(|r| (key, r)))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn push(
+        &self,
+        state: &mut GroupState<'_>,
+        repo_id: u64,
+        push_id: &str,
+        pack: Option<PackRef>,
+        updates: &[LoggedUpdate],
+        atomic: bool,
+        prior: &[Option<String>],
+    ) -> Result<ShardResponse, ApplyError> {
+        let push_key = keys::push(push_id);
+        if let Some(done) = read_json::<Vec<Result<(), String>>>(state, &push_key)? {
+            return Ok(ShardResponse::Pushed(done));
+        }
+        let Some((record_key, record)) = self.record_by_id(state, repo_id)? else {
+            let gone = vec![Err("repository no longer exists".to_owned()); updates.len()];
+            return Ok(ShardResponse::Pushed(gone));
+        };
+        let prefix = keys::refs_of(repo_id);
+        let current = refs_from_rows(
+            prefix.len(),
+            state.scan_prefix(&prefix)?,
+            record.head.clone(),
+        )?;
+        let commands: Vec<Command> = updates.iter().map(LoggedUpdate::command).collect();
+        let mut prior = prior.to_vec();
+        prior.resize(commands.len(), None);
+        let results = receive::plan_updates(&current, &commands, atomic, &prior);
+
+        if results.iter().any(|r| r.is_ok()) {
+            if let Some(pack) = &pack {
+                self.placer
+                    .ensure(state.group(), repo_id, pack)
+                    .map_err(|source| ApplyError::Pack {
+                        repo_id,
+                        pack: pack.id.clone(),
+                        source,
+                    })?;
+                state.put(&keys::pack(repo_id, &pack.id), &json(pack));
+            }
+            let mut created_branch = None;
+            for (cmd, res) in commands.iter().zip(&results) {
+                if res.is_err() {
+                    continue;
+                }
+                let key = keys::ref_(repo_id, &cmd.name);
+                if cmd.new.is_null() {
+                    state.delete(&key);
+                } else {
+                    state.put(&key, cmd.new.as_bytes());
+                    if cmd.old.is_null() && cmd.name.starts_with("refs/heads/") {
+                        created_branch.get_or_insert(cmd.name.clone());
+                    }
+                }
+            }
+            // HEAD follows the first branch pushed while its target is
+            // missing, so a clone checks out what was pushed.
+            let head_exists_after = current.get(&record.head).is_some()
+                || commands
+                    .iter()
+                    .zip(&results)
+                    .any(|(c, r)| r.is_ok() && c.name == record.head && !c.new.is_null());
+            if let (false, Some(branch)) = (head_exists_after, created_branch) {
+                let mut updated = record.clone();
+                updated.head = branch;
+                state.put(&record_key, &json(&updated));
+            }
+        }
+        state.put(&push_key, &json(&results));
+        Ok(ShardResponse::Pushed(results))
+    }
+}
+
+impl<P: PackPlacer> ApplyLogic for ShardLogic<P> {
+    type Request = ShardRequest;
+    type Response = ShardResponse;
+    type Error = ApplyError;
+
+    fn apply(
+        &self,
+        state: &mut GroupState<'_>,
+        request: ShardRequest,
+    ) -> Result<ShardResponse, ApplyError> {
+        match request {
+            ShardRequest::CreateRepo {
+                workspace,
+                slug,
+                is_private,
+                description,
+                created_at,
+            } => self.create_repo(state, workspace, slug, is_private, description, created_at),
+            ShardRequest::DeleteRepo { workspace, slug } => {
+                self.delete_repo(state, &workspace, &slug)
+            }
+            ShardRequest::Push {
+                repo_id,
+                push_id,
+                pack,
+                updates,
+                atomic,
+                prior,
+            } => self.push(state, repo_id, &push_id, pack, &updates, atomic, &prior),
+        }
+    }
+}
