@@ -5,6 +5,8 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
+use crate::shard_host::{ShardConfigError, ShardHostConfig};
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case", deny_unknown_fields)]
 pub struct Config {
@@ -16,6 +18,10 @@ pub struct Config {
     /// Largest pack a single push may send, in bytes.
     #[serde(default = "default_max_pack_bytes")]
     pub max_pack_bytes: u64,
+    /// Replicated shards hosted by this node. Absent (the default): the
+    /// node serves from its single-node store only.
+    #[serde(default)]
+    pub shards: Option<ShardHostConfig>,
 }
 
 fn default_grpc_addr() -> SocketAddr {
@@ -32,6 +38,8 @@ pub enum ConfigError {
     EmptyDataDir,
     #[error("max-pack-bytes must be greater than zero")]
     ZeroPackLimit,
+    #[error(transparent)]
+    Shards(#[from] ShardConfigError),
 }
 
 impl Config {
@@ -40,6 +48,7 @@ impl Config {
             data_dir,
             grpc_addr: default_grpc_addr(),
             max_pack_bytes: default_max_pack_bytes(),
+            shards: None,
         }
     }
 
@@ -49,6 +58,9 @@ impl Config {
         }
         if self.max_pack_bytes == 0 {
             return Err(ConfigError::ZeroPackLimit);
+        }
+        if let Some(shards) = &self.shards {
+            shards.validate()?;
         }
         Ok(())
     }

@@ -13,6 +13,7 @@ pub mod pack_placer;
 pub mod pack_transfer;
 pub mod repo_store;
 pub mod server;
+pub mod shard_host;
 pub mod shard_state;
 pub mod staging_cleanup;
 

@@ -15,6 +15,7 @@ use crate::config::Config;
 use crate::git_service::GitService;
 use crate::pack_transfer::{PackTransferService, StagingArea, TransferLimits};
 use crate::repo_store::{RepoStore, StoreError};
+use crate::shard_host::{ShardHost, ShardHostError};
 use crate::staging_cleanup::{CleanupOptions, StagingCleanupWorker};
 
 #[derive(Debug, thiserror::Error)]
@@ -25,6 +26,8 @@ pub enum StartError {
     Store(#[from] StoreError),
     #[error("preparing the pack transfer staging area: {0}")]
     Staging(#[source] std::io::Error),
+    #[error("starting the shard host: {0}")]
+    Shards(#[from] ShardHostError),
     #[error("binding {addr}: {source}")]
     Bind {
         addr: SocketAddr,
@@ -36,6 +39,8 @@ pub enum StartError {
 pub struct StorageNode {
     pub grpc_addr: SocketAddr,
     pub store: Arc<RepoStore>,
+    /// Present only when the configuration has a `shards` section.
+    pub shard_host: Option<Arc<ShardHost>>,
     task: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
 }
 
@@ -76,18 +81,35 @@ impl StorageNode {
             },
         )
         .map_err(StartError::Staging)?;
+        // Same staging area (and so the same lock) as PackTransfer and the
+        // cleanup worker: placing a pack must not race their removals.
+        let shard_host = match config.shards.clone() {
+            Some(shards) => Some(Arc::new(
+                ShardHost::start_with_area(
+                    shards,
+                    &config.data_dir,
+                    staging.clone(),
+                    cairn_raft::TransportFilter::new(),
+                )
+                .await?,
+            )),
+            None => None,
+        };
         StagingCleanupWorker::new(staging, CleanupOptions::default()).spawn();
+        let raft = shard_host.as_ref().map(|h| h.raft_service().into_server());
         let task = tokio::spawn(
             tonic::transport::Server::builder()
                 .add_service(git)
                 .add_service(admin)
                 .add_service(PackTransferServer::new(pack_transfer))
+                .add_optional_service(raft)
                 .serve_with_incoming(TcpListenerStream::new(listener)),
         );
         tracing::info!(addr = %grpc_addr, data_dir = %config.data_dir.display(), "storage node serving");
         Ok(StorageNode {
             grpc_addr,
             store,
+            shard_host,
             task,
         })
     }

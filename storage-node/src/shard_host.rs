@@ -1,0 +1,470 @@
+//! Runs this node's shard replicas as raft groups.
+//!
+//! Opt-in: a node only starts a `ShardHost` when its configuration has a
+//! `[shards]` section. The git and admin services still serve from
+//! `RepoStore`; nothing routes traffic here yet. The host owns one RocksDB
+//! for all of its groups, one channel pool to the peers (shared by every
+//! group, so many shards multiplex over one connection per peer) and the
+//! registry the node's `Raft` gRPC service dispatches to.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use cairn_raft::network::{GroupNetworkFactory, GroupRegistry, PeerPool, RaftService};
+use cairn_raft::{
+    Command, GroupId, GroupStateMachine, NodeId, PeerAddr, RaftDb, StateView, TransportFilter,
+    TypeConfig,
+};
+use openraft::async_runtime::WatchReceiver;
+use openraft::error::{ClientWriteError, ForwardToLeader, InitializeError, RaftError};
+use openraft::ReadPolicy;
+use serde::{Deserialize, Serialize};
+use tracing::Instrument;
+
+use crate::pack_placer::LocalPackPlacer;
+use crate::pack_transfer::StagingArea;
+use crate::shard_state::{ShardLogic, ShardRequest, ShardResponse};
+
+/// Group id of the meta directory; no shard may use it.
+pub const META_GROUP: u64 = 0;
+
+/// One shard and the nodes holding its replicas.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct ShardSpec {
+    pub id: u64,
+    /// Node ids; all of them are voters.
+    pub replicas: Vec<u64>,
+}
+
+/// The `[shards]` section of a storage node's configuration.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct ShardHostConfig {
+    /// This node's id in every group.
+    pub node_id: u64,
+    /// Every node of the cluster (this one included): id → gRPC `host:port`
+    /// of its `Raft` service.
+    pub peers: BTreeMap<u64, String>,
+    #[serde(default)]
+    pub shards: Vec<ShardSpec>,
+    /// Replicas every shard must list. 3 in production (a push is durable
+    /// on two nodes once acknowledged); tests may lower it.
+    #[serde(default = "default_replication_factor")]
+    pub replication_factor: usize,
+    #[serde(default = "default_heartbeat_ms")]
+    pub heartbeat_ms: u64,
+    #[serde(default = "default_election_timeout_min_ms")]
+    pub election_timeout_min_ms: u64,
+    #[serde(default = "default_election_timeout_max_ms")]
+    pub election_timeout_max_ms: u64,
+}
+
+fn default_replication_factor() -> usize {
+    3
+}
+
+// Cross-zone round trips are a few ms; these leave room for a slow fsync
+// without spurious elections.
+fn default_heartbeat_ms() -> u64 {
+    200
+}
+
+fn default_election_timeout_min_ms() -> u64 {
+    1000
+}
+
+fn default_election_timeout_max_ms() -> u64 {
+    2000
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ShardConfigError {
+    #[error("shards: node-id {0} is not among the peers")]
+    SelfNotAPeer(u64),
+    #[error("shards: peer {0} has an empty address")]
+    EmptyPeerAddr(u64),
+    #[error("shards: replication-factor must be between 1 and the number of peers ({peers})")]
+    ReplicationFactor { peers: usize },
+    #[error("shards: shard id 0 is reserved for the meta group")]
+    ReservedShard,
+    #[error("shards: shard {0} is listed twice")]
+    DuplicateShard(u64),
+    #[error("shards: shard {shard} lists {got} replicas, replication-factor is {want}")]
+    ReplicaCount { shard: u64, got: usize, want: usize },
+    #[error("shards: shard {shard} lists node {node} twice")]
+    DuplicateReplica { shard: u64, node: u64 },
+    #[error("shards: shard {shard} lists node {node}, which is not a peer")]
+    UnknownReplica { shard: u64, node: u64 },
+    #[error("shards: need 0 < heartbeat-ms < election-timeout-min-ms < election-timeout-max-ms")]
+    Timeouts,
+}
+
+impl ShardHostConfig {
+    pub fn validate(&self) -> Result<(), ShardConfigError> {
+        if !self.peers.contains_key(&self.node_id) {
+            return Err(ShardConfigError::SelfNotAPeer(self.node_id));
+        }
+        if let Some((id, _)) = self.peers.iter().find(|(_, a)| a.trim().is_empty()) {
+            return Err(ShardConfigError::EmptyPeerAddr(*id));
+        }
+        if self.replication_factor == 0 || self.replication_factor > self.peers.len() {
+            return Err(ShardConfigError::ReplicationFactor {
+                peers: self.peers.len(),
+            });
+        }
+        if !(self.heartbeat_ms > 0
+            && self.heartbeat_ms < self.election_timeout_min_ms
+            && self.election_timeout_min_ms < self.election_timeout_max_ms)
+        {
+            return Err(ShardConfigError::Timeouts);
+        }
+        let mut seen = BTreeSet::new();
+        for shard in &self.shards {
+            if shard.id == META_GROUP {
+                return Err(ShardConfigError::ReservedShard);
+            }
+            if !seen.insert(shard.id) {
+                return Err(ShardConfigError::DuplicateShard(shard.id));
+            }
+            if shard.replicas.len() != self.replication_factor {
+                return Err(ShardConfigError::ReplicaCount {
+                    shard: shard.id,
+                    got: shard.replicas.len(),
+                    want: self.replication_factor,
+                });
+            }
+            let mut nodes = BTreeSet::new();
+            for &node in &shard.replicas {
+                if !nodes.insert(node) {
+                    return Err(ShardConfigError::DuplicateReplica {
+                        shard: shard.id,
+                        node,
+                    });
+                }
+                if !self.peers.contains_key(&node) {
+                    return Err(ShardConfigError::UnknownReplica {
+                        shard: shard.id,
+                        node,
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn raft_config(&self) -> Result<Arc<openraft::Config>, ShardHostError> {
+        let config = openraft::Config {
+            cluster_name: "cairn-shards".into(),
+            heartbeat_interval: self.heartbeat_ms,
+            election_timeout_min: self.election_timeout_min_ms,
+            election_timeout_max: self.election_timeout_max_ms,
+            ..Default::default()
+        };
+        config
+            .validate()
+            .map(Arc::new)
+            .map_err(|e| ShardHostError::RaftConfig(e.to_string()))
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ShardHostError {
+    #[error(transparent)]
+    Config(#[from] ShardConfigError),
+    #[error("invalid raft configuration: {0}")]
+    RaftConfig(String),
+    #[error("opening the raft database: {0}")]
+    Db(#[from] cairn_raft::OpenError),
+    #[error("preparing the pack staging area: {0}")]
+    Staging(#[source] std::io::Error),
+    #[error("starting shard {shard}: {message}")]
+    Start { shard: u64, message: String },
+    #[error("initializing shard {shard}: {message}")]
+    Initialize { shard: u64, message: String },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ProposeError {
+    /// This replica is not the leader; retry at the hinted node if any.
+    #[error("not the leader of the shard (leader: {leader_hint:?})")]
+    NotLeader {
+        leader_hint: Option<(NodeId, String)>,
+    },
+    /// The entry was appended here but dropped when this node lost its
+    /// leadership: it may still commit elsewhere, so a retry must be
+    /// idempotent (a push retries under the same push id).
+    #[error("leadership changed mid-proposal; outcome unknown (leader: {leader_hint:?})")]
+    Indeterminate {
+        leader_hint: Option<(NodeId, String)>,
+    },
+    #[error("shard {0} is not hosted on this node")]
+    UnknownShard(u64),
+    #[error("raft: {0}")]
+    Raft(String),
+}
+
+type ShardRaft = openraft::Raft<TypeConfig, GroupStateMachine<ShardLogic<LocalPackPlacer>>>;
+
+/// This node's shard replicas, each a running raft group.
+pub struct ShardHost {
+    node_id: NodeId,
+    peers: BTreeMap<u64, String>,
+    db: RaftDb,
+    registry: GroupRegistry,
+    pool: PeerPool,
+    rafts: BTreeMap<u64, ShardRaft>,
+}
+
+impl std::fmt::Debug for ShardHost {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ShardHost")
+            .field("node_id", &self.node_id)
+            .field("shards", &self.rafts.keys().collect::<Vec<_>>())
+            .finish()
+    }
+}
+
+impl ShardHost {
+    /// Starts the host with its own staging area under `data_dir`. A node
+    /// that also serves `PackTransfer` must use [`ShardHost::start_with_area`]
+    /// with the same area, whose lock orders placing against cleanup.
+    pub async fn start(
+        config: ShardHostConfig,
+        data_dir: &Path,
+        filter: TransportFilter,
+    ) -> Result<Self, ShardHostError> {
+        let area = StagingArea::at(data_dir);
+        Self::start_with_area(config, data_dir, area, filter).await
+    }
+
+    /// Opens the raft database and starts every shard that lists this
+    /// node; the lowest-id replica initializes a new group.
+    pub async fn start_with_area(
+        config: ShardHostConfig,
+        data_dir: &Path,
+        area: StagingArea,
+        filter: TransportFilter,
+    ) -> Result<Self, ShardHostError> {
+        config.validate()?;
+        let span = tracing::info_span!("shard_host", node = config.node_id);
+        async move {
+            let raft_config = config.raft_config()?;
+            // A RocksDB of its own, apart from RepoStore's, while shards are
+            // opt-in: nothing here may disturb the single-node store. They
+            // merge once the shard path serves git traffic.
+            let raft_dir = data_dir.join("raft");
+            let db = {
+                let (db_path, snap_path) = (raft_dir.join("rocksdb"), raft_dir.join("snapshots"));
+                tokio::task::spawn_blocking(move || RaftDb::open(&db_path, &snap_path))
+                    .await
+                    .map_err(|e| ShardHostError::RaftConfig(format!("open task failed: {e}")))??
+            };
+            area.create().map_err(ShardHostError::Staging)?;
+            let registry = GroupRegistry::new();
+            let pool = PeerPool::default();
+            let mut host = ShardHost {
+                node_id: config.node_id,
+                peers: config.peers.clone(),
+                db,
+                registry,
+                pool,
+                rafts: BTreeMap::new(),
+            };
+            for shard in config
+                .shards
+                .iter()
+                .filter(|s| s.replicas.contains(&config.node_id))
+            {
+                let raft = host
+                    .start_shard(shard, raft_config.clone(), &area, &filter)
+                    .await?;
+                host.rafts.insert(shard.id, raft);
+            }
+            tracing::info!(shards = ?host.rafts.keys().collect::<Vec<_>>(), "shard host started");
+            Ok(host)
+        }
+        .instrument(span)
+        .await
+    }
+
+    async fn start_shard(
+        &self,
+        shard: &ShardSpec,
+        raft_config: Arc<openraft::Config>,
+        area: &StagingArea,
+        filter: &TransportFilter,
+    ) -> Result<ShardRaft, ShardHostError> {
+        let group = GroupId(shard.id);
+        let start_err = |message: String| ShardHostError::Start {
+            shard: shard.id,
+            message,
+        };
+        let network =
+            GroupNetworkFactory::new(group, self.node_id, self.pool.clone(), filter.clone());
+        let sm = self
+            .db
+            .state_machine(group, ShardLogic::new(LocalPackPlacer::new(area.clone())))?;
+        let raft = openraft::Raft::new(
+            self.node_id,
+            raft_config,
+            network,
+            self.db.log_store(group),
+            sm,
+        )
+        .await
+        .map_err(|e| start_err(e.to_string()))?;
+        self.registry.register(group, raft.clone());
+
+        // One replica bootstraps, so two nodes never form competing
+        // single-term memberships of the same group.
+        let bootstrap = shard.replicas.iter().min() == Some(&self.node_id);
+        if bootstrap {
+            let members: BTreeMap<NodeId, PeerAddr> = shard
+                .replicas
+                .iter()
+                .map(|id| {
+                    let addr = self.peers.get(id).cloned().unwrap_or_default();
+                    (*id, PeerAddr { addr })
+                })
+                .collect();
+            match raft.initialize(members).await {
+                Ok(()) => tracing::info!(shard = shard.id, "initialized shard group"),
+                // A restart: the group already has a vote or a log.
+                Err(RaftError::APIError(InitializeError::NotAllowed(_))) => {
+                    tracing::debug!(shard = shard.id, "shard group already initialized")
+                }
+                Err(e) => {
+                    return Err(ShardHostError::Initialize {
+                        shard: shard.id,
+                        message: e.to_string(),
+                    })
+                }
+            }
+        }
+        Ok(raft)
+    }
+
+    pub fn node_id(&self) -> NodeId {
+        self.node_id
+    }
+
+    /// Shards hosted here.
+    pub fn shards(&self) -> Vec<u64> {
+        self.rafts.keys().copied().collect()
+    }
+
+    /// The registry of this node's groups (what the `Raft` service serves).
+    pub fn registry(&self) -> &GroupRegistry {
+        &self.registry
+    }
+
+    /// The `Raft` gRPC service for the node's tonic server.
+    pub fn raft_service(&self) -> RaftService {
+        RaftService::new(self.node_id, self.db.clone(), self.registry.clone())
+    }
+
+    fn raft(&self, shard: u64) -> Result<&ShardRaft, ProposeError> {
+        self.rafts
+            .get(&shard)
+            .ok_or(ProposeError::UnknownShard(shard))
+    }
+
+    /// Proposes `req` to `shard` and returns its applied result. Only the
+    /// leader accepts proposals.
+    #[tracing::instrument(level = "debug", skip(self, req), fields(node = self.node_id))]
+    pub async fn propose(
+        &self,
+        shard: u64,
+        req: ShardRequest,
+    ) -> Result<ShardResponse, ProposeError> {
+        let raft = self.raft(shard)?;
+        let cmd = Command::encode(&req).map_err(|e| ProposeError::Raft(e.to_string()))?;
+        match raft.client_write(cmd).await {
+            Ok(resp) => resp
+                .data
+                .decode::<ShardResponse>()
+                .map_err(|e| ProposeError::Raft(e.to_string())),
+            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
+                Err(ProposeError::NotLeader {
+                    leader_hint: self.hint(&f),
+                })
+            }
+            Err(RaftError::APIError(ClientWriteError::LogEntryDiscarded(f))) => {
+                Err(ProposeError::Indeterminate {
+                    leader_hint: self.hint(&f),
+                })
+            }
+            Err(e) => Err(ProposeError::Raft(e.to_string())),
+        }
+    }
+
+    /// Linearizable read barrier on the leader: confirms leadership with a
+    /// quorum and waits until this replica has applied everything committed
+    /// before the call. Returns that read index, which a follower can pass
+    /// to [`ShardHost::wait_applied`] to serve the same read.
+    #[tracing::instrument(level = "debug", skip(self), fields(node = self.node_id))]
+    pub async fn read_index(&self, shard: u64) -> Result<u64, ProposeError> {
+        let raft = self.raft(shard)?;
+        match raft.ensure_linearizable(ReadPolicy::ReadIndex).await {
+            Ok(read) => Ok(read.index()),
+            Err(e) => match e.forward_to_leader() {
+                Some(f) => Err(ProposeError::NotLeader {
+                    leader_hint: self.hint(f),
+                }),
+                None => Err(ProposeError::Raft(e.to_string())),
+            },
+        }
+    }
+
+    /// Waits until this replica of `shard` has applied `index`.
+    pub async fn wait_applied(
+        &self,
+        shard: u64,
+        index: u64,
+        timeout: Duration,
+    ) -> Result<(), ProposeError> {
+        self.raft(shard)?
+            .wait(Some(timeout))
+            .applied_index_at_least(Some(index), "read index applied")
+            .await
+            .map(|_| ())
+            .map_err(|e| ProposeError::Raft(e.to_string()))
+    }
+
+    /// This replica's view of `shard`'s state; linearizable only after
+    /// [`ShardHost::read_index`] (or `wait_applied` with a leader's index).
+    pub fn state_view(&self, shard: u64) -> Result<StateView, ProposeError> {
+        self.raft(shard)?;
+        Ok(self.db.state_view(GroupId(shard)))
+    }
+
+    /// The leader this replica knows of, if any.
+    pub fn leader(&self, shard: u64) -> Option<NodeId> {
+        let raft = self.rafts.get(&shard)?;
+        let leader = raft.metrics().borrow_watched().current_leader;
+        leader
+    }
+
+    /// Stops every group (in-flight proposals fail); the host answers
+    /// nothing afterwards.
+    pub async fn shutdown(&self) {
+        for (shard, raft) in &self.rafts {
+            self.registry.unregister(GroupId(*shard));
+            if let Err(e) = raft.shutdown().await {
+                tracing::warn!(shard, error = %e, "shard group did not stop cleanly");
+            }
+        }
+    }
+
+    fn hint(&self, f: &ForwardToLeader<TypeConfig>) -> Option<(NodeId, String)> {
+        let id = f.leader_id?;
+        let addr = match &f.leader_node {
+            Some(node) if !node.addr.is_empty() => node.addr.clone(),
+            _ => self.peers.get(&id)?.clone(),
+        };
+        Some((id, addr))
+    }
+}
