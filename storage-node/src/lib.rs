@@ -11,6 +11,7 @@ pub mod config;
 pub mod git_service;
 pub mod pack_placer;
 pub mod pack_transfer;
+pub mod replicated_store;
 pub mod repo_store;
 pub mod server;
 pub mod shard_host;

@@ -319,10 +319,22 @@ async fn restart_keeps_the_group_and_its_state() {
         election_timeout_max_ms: 400,
     };
     for round in 0..2 {
-        let host = ShardHost::start(config.clone(), dir.path(), TransportFilter::new())
-            .await
-            .expect("starts, also on existing data");
+        // In one process, openraft's tasks of the previous instance may drop
+        // their database handle a moment after shutdown returns, holding
+        // RocksDB's lock until then; a restarted process never sees that.
         let deadline = Instant::now() + WAIT;
+        let host = loop {
+            match ShardHost::start(config.clone(), dir.path(), TransportFilter::new()).await {
+                Ok(host) => break host,
+                Err(e)
+                    if e.to_string().contains("cannot open raft database")
+                        && Instant::now() < deadline =>
+                {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                Err(e) => panic!("round {round}: starts, also on existing data: {e}"),
+            }
+        };
         let resp = loop {
             match host.propose(SHARD, create("r")).await {
                 Ok(resp) => break resp,

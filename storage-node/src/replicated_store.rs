@@ -1,0 +1,603 @@
+//! The repository operations the git and admin services need, served by
+//! the replicated shards instead of the single-node `RepoStore`.
+//!
+//! Writes go through the shard leader: a push's pack is staged on a quorum
+//! of the shard's replicas before the small `Push` entry that moves refs is
+//! proposed (see the design's write path). Reads are linearizable: the
+//! leader confirms its leadership with a read index before reading rows.
+//!
+//! Placement is static for now: a workspace's shard is a stable hash of its
+//! name over the configured shard ids. The meta group's directory replaces
+//! it later.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use cairn_packfile::receive::{Command, StagedPack};
+use cairn_packfile::store::PackSet;
+use cairn_packfile::ObjectId;
+use cairn_proto::pack::pack_transfer_client::PackTransferClient;
+use cairn_raft::{NodeId, StateView};
+use tonic::transport::{Channel, Endpoint};
+use tracing::Instrument;
+
+use crate::pack_transfer::{stage_pack, StagingArea};
+use crate::repo_store::{validate_name, RepoRecord, RepoSnapshot, StoreError};
+use crate::shard_host::{ProposeError, ShardHost, ShardHostConfig};
+use crate::shard_state::{
+    keys, refs_from_rows, LoggedUpdate, PackRef, Refusal, ShardRequest, ShardResponse,
+};
+
+/// How long a push waits for a quorum of replicas to stage its pack.
+const STAGE_TIMEOUT: Duration = Duration::from_secs(60);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReplicatedError {
+    /// This node does not lead the shard; retry at the hinted node if any.
+    #[error("not the leader of the shard (leader: {leader_hint:?})")]
+    NotLeader {
+        leader_hint: Option<(NodeId, String)>,
+    },
+    /// A proposal may or may not have committed; the caller must not assume
+    /// either (a retry must reuse the push id).
+    #[error("outcome of the proposal unknown (push id: {push_id:?}, leader: {leader_hint:?})")]
+    Indeterminate {
+        push_id: Option<String>,
+        leader_hint: Option<(NodeId, String)>,
+    },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("staging pack {pack} on a quorum of shard {shard}: {acked} of {needed} replicas hold it; {errors}")]
+    Transfer {
+        shard: u64,
+        pack: String,
+        acked: usize,
+        needed: usize,
+        errors: String,
+    },
+    #[error("staging pack locally: I/O on {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("shard {0} is not hosted on this node")]
+    UnknownShard(u64),
+    #[error("reading shard state: {0}")]
+    State(#[from] cairn_raft::StoreError),
+    #[error("raft: {0}")]
+    Raft(String),
+    #[error("no shards are configured")]
+    NoShards,
+}
+
+impl From<ProposeError> for ReplicatedError {
+    fn from(e: ProposeError) -> Self {
+        match e {
+            ProposeError::NotLeader { leader_hint } => ReplicatedError::NotLeader { leader_hint },
+            // `push` settles its own unknown outcomes by push id.
+            ProposeError::Indeterminate { leader_hint } => ReplicatedError::Indeterminate {
+                push_id: None,
+                leader_hint,
+            },
+            ProposeError::UnknownShard(s) => ReplicatedError::UnknownShard(s),
+            ProposeError::Raft(m) => ReplicatedError::Raft(m),
+        }
+    }
+}
+
+/// FNV-1a, 64 bit: stable across processes and releases, unlike std's
+/// `DefaultHasher`, so every node places a workspace on the same shard.
+fn fnv1a(bytes: &[u8]) -> u64 {
+    const OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+    const PRIME: u64 = 0x0000_0100_0000_01b3;
+    bytes
+        .iter()
+        .fold(OFFSET, |h, &b| (h ^ u64::from(b)).wrapping_mul(PRIME))
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // Only caches live behind these locks; a poisoned one is still usable.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn corrupt(key: &[u8], message: impl ToString) -> ReplicatedError {
+    ReplicatedError::Store(StoreError::Corrupt {
+        key: String::from_utf8_lossy(key).into_owned(),
+        message: message.to_string(),
+    })
+}
+
+fn decode_record(key: &[u8], value: &[u8]) -> Result<RepoRecord, ReplicatedError> {
+    serde_json::from_slice(value).map_err(|e| corrupt(key, e))
+}
+
+fn now_secs() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+/// Repositories served from this node's shard replicas.
+pub struct ReplicatedStore {
+    host: Arc<ShardHost>,
+    area: StagingArea,
+    /// Configured shard ids, sorted: the placement domain.
+    shard_ids: Vec<u64>,
+    replicas: BTreeMap<u64, Vec<u64>>,
+    peers: BTreeMap<u64, String>,
+    /// One lazily connected channel per peer, shared by all transfers.
+    channels: Mutex<HashMap<u64, Channel>>,
+    /// Open pack sets by repository, with the pack list they were opened for.
+    packs: Mutex<HashMap<u64, (Vec<String>, PackSet)>>,
+    next_push: AtomicU64,
+}
+
+impl std::fmt::Debug for ReplicatedStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReplicatedStore")
+            .field("node", &self.host.node_id())
+            .field("shards", &self.shard_ids)
+            .finish()
+    }
+}
+
+impl ReplicatedStore {
+    /// `config` must be the one `host` was started with and `area` the
+    /// staging area it places packs from.
+    pub fn new(
+        host: Arc<ShardHost>,
+        config: &ShardHostConfig,
+        area: StagingArea,
+    ) -> Result<Self, ReplicatedError> {
+        let mut shard_ids: Vec<u64> = config.shards.iter().map(|s| s.id).collect();
+        if shard_ids.is_empty() {
+            return Err(ReplicatedError::NoShards);
+        }
+        shard_ids.sort_unstable();
+        Ok(ReplicatedStore {
+            host,
+            area,
+            shard_ids,
+            replicas: config
+                .shards
+                .iter()
+                .map(|s| (s.id, s.replicas.clone()))
+                .collect(),
+            peers: config.peers.clone(),
+            channels: Mutex::new(HashMap::new()),
+            packs: Mutex::new(HashMap::new()),
+            next_push: AtomicU64::new(0),
+        })
+    }
+
+    /// The shard holding `workspace`'s repositories.
+    pub fn shard_of(&self, workspace: &str) -> u64 {
+        // Non-empty by construction.
+        let n = self.shard_ids.len() as u64;
+        self.shard_ids[(fnv1a(workspace.as_bytes()) % n) as usize]
+    }
+
+    fn node_id(&self) -> NodeId {
+        self.host.node_id()
+    }
+
+    fn hint_for(&self, node: Option<NodeId>) -> Option<(NodeId, String)> {
+        let id = node?;
+        Some((id, self.peers.get(&id)?.clone()))
+    }
+
+    /// Fails fast with the known leader when this node does not lead
+    /// `shard`, before any expensive work.
+    fn require_leader(&self, shard: u64) -> Result<(), ReplicatedError> {
+        match self.host.leader(shard) {
+            Some(l) if l == self.node_id() => Ok(()),
+            other => Err(ReplicatedError::NotLeader {
+                leader_hint: self.hint_for(other),
+            }),
+        }
+    }
+
+    /// A linearizable view of `shard`'s rows; only the leader serves it.
+    async fn read_view(&self, shard: u64) -> Result<StateView, ReplicatedError> {
+        self.host.read_index(shard).await?;
+        Ok(self.host.state_view(shard)?)
+    }
+
+    #[tracing::instrument(skip(self, description), fields(node = self.node_id()))]
+    pub async fn create_repo(
+        &self,
+        workspace: &str,
+        slug: &str,
+        is_private: bool,
+        description: &str,
+    ) -> Result<RepoRecord, ReplicatedError> {
+        let shard = self.shard_of(workspace);
+        let req = ShardRequest::CreateRepo {
+            workspace: workspace.to_owned(),
+            slug: slug.to_owned(),
+            is_private,
+            description: description.to_owned(),
+            created_at: now_secs(),
+        };
+        match self.host.propose(shard, req).await? {
+            ShardResponse::Repo(record) => Ok(record),
+            other => Err(self.refused(workspace, slug, other)),
+        }
+    }
+
+    #[tracing::instrument(skip(self), fields(node = self.node_id()))]
+    pub async fn delete_repo(&self, workspace: &str, slug: &str) -> Result<(), ReplicatedError> {
+        let shard = self.shard_of(workspace);
+        let req = ShardRequest::DeleteRepo {
+            workspace: workspace.to_owned(),
+            slug: slug.to_owned(),
+        };
+        match self.host.propose(shard, req).await? {
+            ShardResponse::Deleted(_) => Ok(()),
+            other => Err(self.refused(workspace, slug, other)),
+        }
+    }
+
+    fn refused(&self, workspace: &str, slug: &str, response: ShardResponse) -> ReplicatedError {
+        let names = || (workspace.to_owned(), slug.to_owned());
+        match response {
+            ShardResponse::Refused(Refusal::RepoExists) => {
+                let (workspace, slug) = names();
+                StoreError::RepoExists { workspace, slug }.into()
+            }
+            ShardResponse::Refused(Refusal::RepoNotFound) => {
+                let (workspace, slug) = names();
+                StoreError::RepoNotFound { workspace, slug }.into()
+            }
+            ShardResponse::Refused(Refusal::InvalidName(reason)) => {
+                // Apply checks names with the same rule; rerun it for the
+                // structured error, which says which of the two it was.
+                validate_name("workspace", workspace)
+                    .and_then(|()| validate_name("repository slug", slug))
+                    .err()
+                    .unwrap_or(StoreError::InvalidName {
+                        what: "repository name",
+                        value: reason,
+                    })
+                    .into()
+            }
+            other => ReplicatedError::Raft(format!("unexpected shard response {other:?}")),
+        }
+    }
+
+    /// Repositories of `workspace`, as of a linearizable read.
+    #[tracing::instrument(skip(self), fields(node = self.node_id()))]
+    pub async fn list_repos(&self, workspace: &str) -> Result<Vec<RepoRecord>, ReplicatedError> {
+        let view = self.read_view(self.shard_of(workspace)).await?;
+        view.scan_prefix(&keys::repos_of(workspace))?
+            .iter()
+            .map(|(k, v)| decode_record(k, v))
+            .collect()
+    }
+
+    fn record_in(
+        view: &StateView,
+        workspace: &str,
+        slug: &str,
+    ) -> Result<RepoRecord, ReplicatedError> {
+        let key = keys::repo(workspace, slug);
+        match view.get(&key)? {
+            Some(v) => decode_record(&key, &v),
+            None => Err(StoreError::RepoNotFound {
+                workspace: workspace.to_owned(),
+                slug: slug.to_owned(),
+            }
+            .into()),
+        }
+    }
+
+    /// The repository's record, as of a linearizable read.
+    pub async fn require_repo(
+        &self,
+        workspace: &str,
+        slug: &str,
+    ) -> Result<RepoRecord, ReplicatedError> {
+        let view = self.read_view(self.shard_of(workspace)).await?;
+        Self::record_in(&view, workspace, slug)
+    }
+
+    /// Refs and packs of one repository, as of a linearizable read.
+    #[tracing::instrument(skip(self), fields(node = self.node_id()))]
+    pub async fn snapshot(
+        &self,
+        workspace: &str,
+        slug: &str,
+    ) -> Result<RepoSnapshot, ReplicatedError> {
+        let view = self.read_view(self.shard_of(workspace)).await?;
+        let record = Self::record_in(&view, workspace, slug)?;
+        // Packs before refs: apply writes a pack row in the same batch as
+        // the refs needing it, so no ref read second lacks its objects.
+        let prefix = keys::packs_of(record.id);
+        let names: Vec<String> = view
+            .scan_prefix(&prefix)?
+            .into_iter()
+            .map(|(k, _)| String::from_utf8_lossy(&k[prefix.len()..]).into_owned())
+            .collect();
+        let packs = self.pack_set(record.id, names).await?;
+        let prefix = keys::refs_of(record.id);
+        let refs = refs_from_rows(
+            prefix.len(),
+            view.scan_prefix(&prefix)?,
+            record.head.clone(),
+        )
+        .map_err(|e| {
+            ReplicatedError::Store(StoreError::Corrupt {
+                key: String::from_utf8_lossy(&prefix).into_owned(),
+                message: e.to_string(),
+            })
+        })?;
+        Ok(RepoSnapshot {
+            record,
+            refs,
+            packs,
+        })
+    }
+
+    /// The repository's pack set for exactly `names`, reopened only when
+    /// the list changed.
+    async fn pack_set(&self, repo: u64, names: Vec<String>) -> Result<PackSet, ReplicatedError> {
+        if let Some((cached, set)) = lock(&self.packs).get(&repo) {
+            if *cached == names {
+                return Ok(set.clone());
+            }
+        }
+        let mut paths = Vec::with_capacity(names.len());
+        for name in &names {
+            let id = crate::pack_transfer::parse_pack_id(name)
+                .ok_or_else(|| corrupt(&keys::pack(repo, name), "not a pack id"))?;
+            paths.push(self.area.committed_paths(repo, &id).1);
+        }
+        let set = tokio::task::spawn_blocking(move || PackSet::open(&paths))
+            .await
+            .map_err(|e| ReplicatedError::Raft(format!("pack open task failed: {e}")))?
+            .map_err(StoreError::from)?;
+        lock(&self.packs).insert(repo, (names, set.clone()));
+        Ok(set)
+    }
+
+    /// Stages `staged` on a quorum of the repository's shard, then proposes
+    /// the ref updates; returns the per-command results as applied. Only
+    /// the shard leader accepts pushes.
+    #[tracing::instrument(skip_all, fields(node = self.node_id(), repo = record.id, push_id))]
+    pub async fn push(
+        &self,
+        record: &RepoRecord,
+        commands: &[Command],
+        atomic: bool,
+        prior: &[Option<String>],
+        staged: Option<StagedPack>,
+    ) -> Result<Vec<Result<(), String>>, ReplicatedError> {
+        let shard = self.shard_of(&record.workspace);
+        self.require_leader(shard)?;
+        let push_id = self.fresh_push_id();
+        tracing::Span::current().record("push_id", push_id.as_str());
+
+        let pack = match staged {
+            Some(staged) => Some(self.replicate_pack(shard, record.id, staged).await?),
+            None => None,
+        };
+        let req = ShardRequest::Push {
+            repo_id: record.id,
+            push_id: push_id.clone(),
+            pack,
+            updates: commands.iter().map(LoggedUpdate::from_command).collect(),
+            atomic,
+            prior: prior.to_vec(),
+        };
+        match self.host.propose(shard, req).await {
+            Ok(ShardResponse::Pushed(results)) => Ok(results),
+            Ok(other) => Err(ReplicatedError::Raft(format!(
+                "unexpected shard response {other:?}"
+            ))),
+            Err(ProposeError::Indeterminate { leader_hint }) => {
+                self.settle(shard, push_id, leader_hint).await
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// After an unknown outcome: the push's result row answers it if this
+    /// node leads again and the entry was applied. Otherwise the outcome
+    /// stays unknown; re-proposing could apply the push twice under a new id.
+    async fn settle(
+        &self,
+        shard: u64,
+        push_id: String,
+        leader_hint: Option<(NodeId, String)>,
+    ) -> Result<Vec<Result<(), String>>, ReplicatedError> {
+        let indeterminate = |leader_hint| ReplicatedError::Indeterminate {
+            push_id: Some(push_id.clone()),
+            leader_hint,
+        };
+        let view = match self.read_view(shard).await {
+            Ok(view) => view,
+            Err(ReplicatedError::NotLeader { leader_hint: h }) => {
+                return Err(indeterminate(h.or(leader_hint)))
+            }
+            Err(_) => return Err(indeterminate(leader_hint)),
+        };
+        let key = keys::push(&push_id);
+        match view.get(&key)? {
+            Some(v) => serde_json::from_slice(&v).map_err(|e| corrupt(&key, e)),
+            None => Err(indeterminate(self.hint_for(self.host.leader(shard)))),
+        }
+    }
+
+    fn fresh_push_id(&self) -> String {
+        // Node id + wall clock + counter: unique across restarts of this
+        // node and across nodes, which is all the result rows need.
+        let nanos = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        let n = self.next_push.fetch_add(1, Ordering::Relaxed);
+        format!("{}-{nanos:x}-{n}", self.node_id())
+    }
+
+    /// Moves the validated pack into this node's shard staging directory and
+    /// stages it on the other replicas until a majority (this node
+    /// included) holds it.
+    async fn replicate_pack(
+        &self,
+        shard: u64,
+        repo: u64,
+        staged: StagedPack,
+    ) -> Result<PackRef, ReplicatedError> {
+        let pack_ref = PackRef {
+            id: staged.id.to_string(),
+            objects: staged.objects,
+            bytes: staged.bytes,
+        };
+        let (pack_path, index_path) = {
+            let area = self.area.clone();
+            tokio::task::spawn_blocking(move || stage_locally(&area, shard, &staged))
+                .await
+                .map_err(|e| ReplicatedError::Raft(format!("staging task failed: {e}")))??
+        };
+        let id = ObjectId::from_hex(pack_ref.id.as_bytes())
+            .map_err(|e| ReplicatedError::Raft(format!("pack id: {e}")))?;
+        let others: Vec<u64> = self
+            .replicas
+            .get(&shard)
+            .ok_or(ReplicatedError::UnknownShard(shard))?
+            .iter()
+            .copied()
+            .filter(|&n| n != self.node_id())
+            .collect();
+        let total = others.len() + 1;
+        let needed = total / 2 + 1;
+        let mut acked = 1;
+        let mut errors = Vec::new();
+
+        // Each transfer runs as its own task, so a slow follower keeps
+        // receiving the pack after the quorum is met (sparing it a fetch at
+        // apply time) without holding up the push.
+        let (tx, mut rx) = tokio::sync::mpsc::channel(others.len().max(1));
+        for peer in others {
+            let channel = match self.channel(peer) {
+                Ok(c) => c,
+                Err(e) => {
+                    errors.push(format!("node {peer}: {e}"));
+                    continue;
+                }
+            };
+            let (tx, pack_path, index_path) = (tx.clone(), pack_path.clone(), index_path.clone());
+            let span = tracing::debug_span!("stage_on_peer", peer);
+            tokio::spawn(
+                async move {
+                    let mut client = PackTransferClient::new(channel);
+                    let res =
+                        stage_pack(&mut client, shard, repo, &pack_path, &index_path, id).await;
+                    if let Err(e) = &res {
+                        tracing::warn!(error = %e, "staging on a replica failed");
+                    }
+                    // The push may have returned already; nobody listens then.
+                    let _ = tx.send((peer, res)).await;
+                }
+                .instrument(span),
+            );
+        }
+        drop(tx);
+
+        let collect = async {
+            while acked < needed {
+                match rx.recv().await {
+                    Some((_, Ok(_))) => acked += 1,
+                    Some((peer, Err(e))) => errors.push(format!("node {peer}: {e}")),
+                    None => break,
+                }
+            }
+        };
+        if tokio::time::timeout(STAGE_TIMEOUT, collect).await.is_err() {
+            errors.push(format!("timed out after {STAGE_TIMEOUT:?}"));
+        }
+        if acked < needed {
+            // The local staged copy is left to the staging TTL cleanup.
+            return Err(ReplicatedError::Transfer {
+                shard,
+                pack: pack_ref.id,
+                acked,
+                needed,
+                errors: errors.join("; "),
+            });
+        }
+        tracing::debug!(acked, needed, "pack staged on a quorum");
+        Ok(pack_ref)
+    }
+
+    fn channel(&self, peer: u64) -> Result<Channel, ReplicatedError> {
+        let mut channels = lock(&self.channels);
+        if let Some(c) = channels.get(&peer) {
+            return Ok(c.clone());
+        }
+        let addr = self
+            .peers
+            .get(&peer)
+            .ok_or_else(|| ReplicatedError::Raft(format!("node {peer} has no address")))?;
+        let channel = Endpoint::from_shared(format!("http://{addr}"))
+            .map_err(|e| ReplicatedError::Raft(format!("address of node {peer}: {e}")))?
+            .connect_timeout(Duration::from_secs(5))
+            .connect_lazy();
+        channels.insert(peer, channel.clone());
+        Ok(channel)
+    }
+}
+
+/// Moves (or, across file systems, copies) the pack and its index to
+/// `staging/transfer/<shard>/`, durably, where apply and `Fetch` look.
+fn stage_locally(
+    area: &StagingArea,
+    shard: u64,
+    staged: &StagedPack,
+) -> Result<(PathBuf, PathBuf), ReplicatedError> {
+    let io_err = |path: &Path| {
+        let path = path.to_owned();
+        move |source| ReplicatedError::Io { path, source }
+    };
+    let dir = area.shard_dir(shard);
+    let (pack_dst, idx_dst) = area.staged_paths(shard, &staged.id);
+    // Held so the cleanup worker does not sweep the directory mid-move.
+    let _guard = area.hold();
+    fs::create_dir_all(&dir).map_err(io_err(&dir))?;
+    // The index last: a staged pack counts once its index exists.
+    for (src, dst) in [
+        (&staged.pack_path, &pack_dst),
+        (&staged.index_path, &idx_dst),
+    ] {
+        if fs::rename(src, dst).is_err() {
+            fs::copy(src, dst).map_err(io_err(dst))?;
+            fs::remove_file(src).map_err(io_err(src))?;
+        }
+        fs::File::open(dst)
+            .and_then(|f| f.sync_all())
+            .map_err(io_err(dst))?;
+    }
+    fs::File::open(&dir)
+        .and_then(|f| f.sync_all())
+        .map_err(io_err(&dir))?;
+    Ok((pack_dst, idx_dst))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::fnv1a;
+
+    #[test]
+    fn fnv1a_matches_the_reference_values() {
+        assert_eq!(fnv1a(b""), 0xcbf2_9ce4_8422_2325);
+        assert_eq!(fnv1a(b"a"), 0xaf63_dc4c_8601_ec8c);
+        assert_eq!(fnv1a(b"foobar"), 0x8594_4171_f739_67e8);
+    }
+}

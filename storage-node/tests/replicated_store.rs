@@ -1,0 +1,404 @@
+//! Replicated store: three in-process nodes serving `Raft` and
+//! `PackTransfer`; pushes stage their pack on a quorum, commit through the
+//! shard and land on every replica; reads are leader-only.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::io::{BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Command as Process, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use cairn_packfile::receive::{self, Command, Limits, PushRequest, ReceiveCaps, StagedPack};
+use cairn_packfile::store::PackSet;
+use cairn_packfile::ObjectId;
+use cairn_proto::pack::pack_transfer_server::PackTransferServer;
+use cairn_raft::TransportFilter;
+use cairn_storage_node::pack_transfer::{PackTransferService, StagingArea, TransferLimits};
+use cairn_storage_node::replicated_store::{ReplicatedError, ReplicatedStore};
+use cairn_storage_node::repo_store::RepoRecord;
+use cairn_storage_node::shard_host::{ShardHost, ShardHostConfig, ShardSpec};
+use cairn_storage_node::shard_state::keys;
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+const SHARD: u64 = 1;
+const WAIT: Duration = Duration::from_secs(10);
+
+struct Node {
+    host: Arc<ShardHost>,
+    store: ReplicatedStore,
+    area: StagingArea,
+    stop: Option<oneshot::Sender<()>>,
+    server: Option<JoinHandle<()>>,
+    dir: tempfile::TempDir,
+}
+
+impl Node {
+    async fn stop(&mut self) {
+        if self.server.is_none() {
+            return;
+        }
+        self.host.shutdown().await;
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(server) = self.server.take() {
+            tokio::time::timeout(WAIT, server)
+                .await
+                .expect("server stops")
+                .expect("server task");
+        }
+    }
+}
+
+/// Like `StorageNode::start` with shards, minus git/admin, plus a way to
+/// stop: `Raft` and `PackTransfer` over one listener and one staging area.
+async fn start_cluster(ids: &[u64]) -> BTreeMap<u64, Node> {
+    let mut listeners = BTreeMap::new();
+    for &id in ids {
+        let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        listeners.insert(id, l);
+    }
+    let peers: BTreeMap<u64, String> = listeners
+        .iter()
+        .map(|(id, l)| (*id, l.local_addr().expect("addr").to_string()))
+        .collect();
+    let filter = TransportFilter::new();
+    let mut nodes = BTreeMap::new();
+    for (id, listener) in listeners {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config = ShardHostConfig {
+            node_id: id,
+            peers: peers.clone(),
+            shards: vec![ShardSpec {
+                id: SHARD,
+                replicas: ids.to_vec(),
+            }],
+            replication_factor: ids.len(),
+            heartbeat_ms: 50,
+            election_timeout_min_ms: 200,
+            election_timeout_max_ms: 400,
+        };
+        let area = StagingArea::at(dir.path());
+        let transfer = PackTransferService::with_area(area.clone(), TransferLimits::default())
+            .expect("transfer service");
+        let host = Arc::new(
+            ShardHost::start_with_area(config.clone(), dir.path(), area.clone(), filter.clone())
+                .await
+                .expect("shard host starts"),
+        );
+        let store = ReplicatedStore::new(host.clone(), &config, area.clone()).expect("store");
+        let raft = host.raft_service().into_server();
+        let (stop_tx, stop_rx) = oneshot::channel();
+        let server = tokio::spawn(async move {
+            tonic::transport::Server::builder()
+                .add_service(raft)
+                .add_service(PackTransferServer::new(transfer))
+                .serve_with_incoming_shutdown(
+                    tokio_stream::wrappers::TcpListenerStream::new(listener),
+                    async {
+                        let _ = stop_rx.await;
+                    },
+                )
+                .await
+                .expect("node server");
+        });
+        nodes.insert(
+            id,
+            Node {
+                host,
+                store,
+                area,
+                stop: Some(stop_tx),
+                server: Some(server),
+                dir,
+            },
+        );
+    }
+    nodes
+}
+
+async fn wait_until<T, F, Fut>(what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + WAIT;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn leader(nodes: &BTreeMap<u64, Node>, among: &[u64]) -> u64 {
+    wait_until("an agreed leader", || async {
+        let first = nodes[&among[0]].host.leader(SHARD)?;
+        (among.contains(&first)
+            && among
+                .iter()
+                .all(|id| nodes[id].host.leader(SHARD) == Some(first)))
+        .then_some(first)
+    })
+    .await
+}
+
+fn git(dir: &Path, args: &[&str]) -> String {
+    let out = Process::new("git")
+        .args(args)
+        .current_dir(dir)
+        .env("GIT_AUTHOR_DATE", "2024-01-01T00:00:00Z")
+        .env("GIT_COMMITTER_DATE", "2024-01-01T00:00:00Z")
+        .env("GIT_AUTHOR_NAME", "Test")
+        .env("GIT_AUTHOR_EMAIL", "test@example.com")
+        .env("GIT_COMMITTER_NAME", "Test")
+        .env("GIT_COMMITTER_EMAIL", "test@example.com")
+        .env("GIT_CONFIG_NOSYSTEM", "1")
+        .env("HOME", dir)
+        .output()
+        .expect("run git");
+    assert!(
+        out.status.success(),
+        "git {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).expect("utf-8")
+}
+
+/// A client-side repository to make commits and packs from.
+struct Client {
+    _dir: tempfile::TempDir,
+    repo: PathBuf,
+}
+
+impl Client {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let repo = dir.path().join("repo");
+        std::fs::create_dir(&repo).expect("mkdir");
+        git(&repo, &["init", "-q", "-b", "main"]);
+        Client { _dir: dir, repo }
+    }
+
+    fn commit(&self, file: &str, content: &str) -> ObjectId {
+        std::fs::write(self.repo.join(file), content).expect("write");
+        git(&self.repo, &["add", "."]);
+        git(&self.repo, &["commit", "-q", "-m", file]);
+        let hex = git(&self.repo, &["rev-parse", "HEAD"]);
+        ObjectId::from_hex(hex.trim().as_bytes()).expect("commit id")
+    }
+
+    /// What `git push` would send: objects of `revs` (e.g. `new ^old`).
+    fn pack(&self, revs: &str) -> Vec<u8> {
+        let mut child = Process::new("git")
+            .args(["pack-objects", "-q", "--revs", "--stdout"])
+            .current_dir(&self.repo)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("spawn pack-objects");
+        child
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(format!("{revs}\n").as_bytes())
+            .expect("feed pack-objects");
+        let out = child.wait_with_output().expect("pack-objects");
+        assert!(out.status.success());
+        out.stdout
+    }
+}
+
+fn update(name: &str, old: Option<ObjectId>, new: ObjectId) -> Command {
+    Command {
+        old: old.unwrap_or_else(|| ObjectId::null(gix_hash::Kind::Sha1)),
+        new,
+        name: name.to_owned(),
+    }
+}
+
+/// Validates `pack` against the repository's current packs, like
+/// receive-pack does, into a staging dir under the node's data dir.
+fn ingest(node: &Node, commands: &[Command], packs: &PackSet, pack: &[u8]) -> StagedPack {
+    let request = PushRequest {
+        commands: commands.to_vec(),
+        caps: ReceiveCaps::default(),
+        push_options: Vec::new(),
+    };
+    let staging = node.dir.path().join("ingest");
+    std::fs::create_dir_all(&staging).expect("mkdir");
+    let ingested = receive::ingest(
+        &request,
+        &mut BufReader::new(pack),
+        packs,
+        &staging,
+        &Limits::default(),
+    )
+    .expect("ingest");
+    assert!(ingested.command_errors.iter().all(Option::is_none));
+    ingested.pack.expect("a pack")
+}
+
+/// After the leader's latest commit is applied on `node`: the ref and the
+/// pack files are there.
+async fn assert_replicated(
+    node: &Node,
+    index: u64,
+    record: &RepoRecord,
+    tip: ObjectId,
+    pack: &str,
+) {
+    node.host
+        .wait_applied(SHARD, index, WAIT)
+        .await
+        .expect("applied");
+    let view = node.host.state_view(SHARD).expect("view");
+    let row = view
+        .get(&keys::ref_(record.id, "refs/heads/main"))
+        .expect("read")
+        .expect("ref row");
+    assert_eq!(row, tip.as_bytes());
+    let dir = node.dir.path().join("packs").join(record.id.to_string());
+    for ext in ["pack", "idx"] {
+        let path = dir.join(format!("pack-{pack}.{ext}"));
+        assert!(path.is_file(), "{} missing", path.display());
+    }
+    let (staged, _) = node
+        .area
+        .staged_paths(SHARD, &ObjectId::from_hex(pack.as_bytes()).expect("id"));
+    assert!(!staged.exists(), "staged copy left behind");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pushes_replicate_to_a_quorum_and_reads_are_leader_only() {
+    let ids = [1, 2, 3];
+    let mut nodes = start_cluster(&ids).await;
+    let lead = leader(&nodes, &ids).await;
+    let followers: Vec<u64> = ids.iter().copied().filter(|&n| n != lead).collect();
+    let store = &nodes[&lead].store;
+    assert_eq!(store.shard_of("w"), SHARD);
+
+    let record = store
+        .create_repo("w", "r", true, "demo")
+        .await
+        .expect("create");
+    assert!(matches!(
+        store.create_repo("w", "r", true, "").await,
+        Err(ReplicatedError::Store(
+            cairn_storage_node::repo_store::StoreError::RepoExists { .. }
+        ))
+    ));
+    assert_eq!(
+        store.list_repos("w").await.expect("list"),
+        vec![record.clone()]
+    );
+
+    // First push: a new branch with a whole pack.
+    let client = Client::new();
+    let c1 = client.commit("a.txt", "one\n");
+    let snap = store.snapshot("w", "r").await.expect("snapshot");
+    let cmds = [update("refs/heads/main", None, c1)];
+    let staged = ingest(
+        &nodes[&lead],
+        &cmds,
+        &snap.packs,
+        &client.pack(&c1.to_string()),
+    );
+    let pack1 = staged.id.to_string();
+    let results = store
+        .push(&snap.record, &cmds, false, &[None], Some(staged))
+        .await
+        .expect("push");
+    assert_eq!(results, vec![Ok(())]);
+    let index = nodes[&lead]
+        .host
+        .read_index(SHARD)
+        .await
+        .expect("read index");
+    for node in nodes.values() {
+        assert_replicated(node, index, &record, c1, &pack1).await;
+    }
+    let snap = store.snapshot("w", "r").await.expect("snapshot");
+    assert_eq!(snap.refs.get("refs/heads/main"), Some(c1));
+    assert_eq!(snap.packs.bundles().len(), 1);
+
+    // A stale compare-and-swap is refused and moves nothing.
+    let stale = [update("refs/heads/main", None, c1)];
+    let results = store
+        .push(&snap.record, &stale, false, &[None], None)
+        .await
+        .expect("push");
+    assert!(results[0].is_err(), "stale push accepted: {results:?}");
+
+    // Reads on a follower point at the leader.
+    match nodes[&followers[0]].store.snapshot("w", "r").await {
+        Err(ReplicatedError::NotLeader {
+            leader_hint: Some((id, _)),
+        }) => assert_eq!(id, lead),
+        other => panic!("follower served a snapshot: {:?}", other.map(|s| s.record)),
+    }
+
+    // One follower down: the pack reaches the leader and the other
+    // follower, which is a quorum.
+    let down = followers[1];
+    nodes.get_mut(&down).expect("node").stop().await;
+    let store = &nodes[&lead].store;
+    let c2 = client.commit("b.txt", "two\n");
+    let cmds = [update("refs/heads/main", Some(c1), c2)];
+    let staged = ingest(
+        &nodes[&lead],
+        &cmds,
+        &snap.packs,
+        &client.pack(&format!("{c2}\n^{c1}")),
+    );
+    let pack2 = staged.id.to_string();
+    let results = store
+        .push(&snap.record, &cmds, false, &[None], Some(staged))
+        .await
+        .expect("push with one follower down");
+    assert_eq!(results, vec![Ok(())]);
+    let index = nodes[&lead]
+        .host
+        .read_index(SHARD)
+        .await
+        .expect("read index");
+    for id in [lead, followers[0]] {
+        assert_replicated(&nodes[&id], index, &record, c2, &pack2).await;
+    }
+    let snap = store.snapshot("w", "r").await.expect("snapshot");
+    assert_eq!(snap.refs.get("refs/heads/main"), Some(c2));
+    assert_eq!(snap.packs.bundles().len(), 2);
+
+    store.delete_repo("w", "r").await.expect("delete");
+    assert!(store.list_repos("w").await.expect("list").is_empty());
+
+    // Both followers down: no quorum holds the pack, nothing is proposed.
+    nodes.get_mut(&followers[0]).expect("node").stop().await;
+    let store = &nodes[&lead].store;
+    let c3 = client.commit("c.txt", "three\n");
+    let cmds = [update("refs/heads/main", Some(c2), c3)];
+    let staged = ingest(
+        &nodes[&lead],
+        &cmds,
+        &snap.packs,
+        &client.pack(&format!("{c3}\n^{c2}")),
+    );
+    match store
+        .push(&snap.record, &cmds, false, &[None], Some(staged))
+        .await
+    {
+        Err(ReplicatedError::Transfer { acked, needed, .. }) => {
+            assert_eq!((acked, needed), (1, 2))
+        }
+        other => panic!("push without a quorum: {other:?}"),
+    }
+
+    for node in nodes.values_mut() {
+        node.stop().await;
+    }
+}
