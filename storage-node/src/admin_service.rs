@@ -1,7 +1,5 @@
 //! The `Admin` gRPC service: create, delete, get and list repositories.
 
-use std::sync::Arc;
-
 use cairn_proto::admin::admin_server::Admin;
 use cairn_proto::admin::{
     CreateRepositoryRequest, DeleteRepositoryRequest, DeleteRepositoryResponse,
@@ -9,28 +7,16 @@ use cairn_proto::admin::{
 };
 use tonic::{Request, Response, Status};
 
-use crate::git_service::status_of;
-use crate::repo_store::{RepoRecord, RepoStore, StoreError};
+use crate::backend::{status_of, RepoBackend};
+use crate::repo_store::RepoRecord;
 
 pub struct AdminService {
-    store: Arc<RepoStore>,
+    backend: RepoBackend,
 }
 
 impl AdminService {
-    pub fn new(store: Arc<RepoStore>) -> Self {
-        AdminService { store }
-    }
-
-    async fn blocking<T, F>(&self, f: F) -> Result<T, Status>
-    where
-        T: Send + 'static,
-        F: FnOnce(&RepoStore) -> Result<T, StoreError> + Send + 'static,
-    {
-        let store = self.store.clone();
-        tokio::task::spawn_blocking(move || f(&store))
-            .await
-            .map_err(|e| Status::internal(format!("admin task failed: {e}")))?
-            .map_err(status_of)
+    pub fn new(backend: RepoBackend) -> Self {
+        AdminService { backend }
     }
 }
 
@@ -55,8 +41,10 @@ impl Admin for AdminService {
     ) -> Result<Response<Repository>, Status> {
         let r = request.into_inner();
         let rec = self
-            .blocking(move |s| s.create_repo(&r.workspace, &r.slug, r.is_private, &r.description))
-            .await?;
+            .backend
+            .create_repo(&r.workspace, &r.slug, r.is_private, &r.description)
+            .await
+            .map_err(status_of)?;
         tracing::info!(repo = rec.id, workspace = %rec.workspace, slug = %rec.slug, "repository created");
         Ok(Response::new(to_proto(rec)))
     }
@@ -67,8 +55,10 @@ impl Admin for AdminService {
         request: Request<DeleteRepositoryRequest>,
     ) -> Result<Response<DeleteRepositoryResponse>, Status> {
         let r = request.into_inner();
-        self.blocking(move |s| s.delete_repo(&r.workspace, &r.slug))
-            .await?;
+        self.backend
+            .delete_repo(&r.workspace, &r.slug)
+            .await
+            .map_err(status_of)?;
         Ok(Response::new(DeleteRepositoryResponse {}))
     }
 
@@ -79,8 +69,10 @@ impl Admin for AdminService {
     ) -> Result<Response<Repository>, Status> {
         let r = request.into_inner();
         let rec = self
-            .blocking(move |s| s.require_repo(&r.workspace, &r.slug))
-            .await?;
+            .backend
+            .require_repo(&r.workspace, &r.slug)
+            .await
+            .map_err(status_of)?;
         Ok(Response::new(to_proto(rec)))
     }
 
@@ -90,7 +82,11 @@ impl Admin for AdminService {
         request: Request<ListRepositoriesRequest>,
     ) -> Result<Response<ListRepositoriesResponse>, Status> {
         let r = request.into_inner();
-        let recs = self.blocking(move |s| s.list_repos(&r.workspace)).await?;
+        let recs = self
+            .backend
+            .list_repos(&r.workspace)
+            .await
+            .map_err(status_of)?;
         Ok(Response::new(ListRepositoriesResponse {
             repositories: recs.into_iter().map(to_proto).collect(),
         }))

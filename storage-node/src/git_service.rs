@@ -2,7 +2,6 @@
 //! each run as a blocking protocol state machine on its own thread.
 
 use std::io::{BufReader, Write};
-use std::sync::Arc;
 
 use cairn_packfile::pktline::{PktReader, PktWriter};
 use cairn_packfile::receive::{self, Ingested, Limits};
@@ -16,8 +15,9 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::backend::{status_of, RepoBackend};
 use crate::bridge::{forward_inbound, ChannelReader, ChunkWriter, CHANNEL_DEPTH};
-use crate::repo_store::{RepoSnapshot, RepoStore, StoreError};
+use crate::repo_store::{RepoSnapshot, StoreError};
 
 pub const AGENT: &str = concat!("cairn/", env!("CARGO_PKG_VERSION"));
 
@@ -46,35 +46,24 @@ impl ProtocolVersion {
 }
 
 pub struct GitService {
-    store: Arc<RepoStore>,
+    backend: RepoBackend,
     limits: Limits,
 }
 
 impl GitService {
-    pub fn new(store: Arc<RepoStore>, limits: Limits) -> Self {
-        GitService { store, limits }
+    pub fn new(backend: RepoBackend, limits: Limits) -> Self {
+        GitService { backend, limits }
     }
 
+    /// Also the leadership check of a replicated node: it runs before the
+    /// handler returns its stream, so a follower answers with a status and
+    /// never a byte of git protocol.
     async fn snapshot(&self, repo: Option<RepoPath>) -> Result<RepoSnapshot, Status> {
         let repo = repo.ok_or_else(|| Status::invalid_argument("missing repository"))?;
-        let store = self.store.clone();
-        tokio::task::spawn_blocking(move || store.snapshot(&repo.workspace, &repo.slug))
+        self.backend
+            .snapshot(&repo.workspace, &repo.slug)
             .await
-            .map_err(|e| Status::internal(format!("snapshot task failed: {e}")))?
             .map_err(status_of)
-    }
-}
-
-/// Maps store errors onto stable gRPC codes.
-pub fn status_of(e: StoreError) -> Status {
-    match e {
-        StoreError::RepoNotFound { .. } => Status::not_found(e.to_string()),
-        StoreError::RepoExists { .. } => Status::already_exists(e.to_string()),
-        StoreError::InvalidName { .. } => Status::invalid_argument(e.to_string()),
-        other => {
-            tracing::error!(error = %other, "storage failure");
-            Status::internal(other.to_string())
-        }
     }
 }
 
@@ -186,12 +175,13 @@ impl Git for GitService {
         let snap = self.snapshot(first.repo).await?;
         tracing::Span::current().record("repo", snap.record.id);
         let input = forward_inbound(inbound, first.data, |m: ReceivePackRequest| m.data);
-        let store = self.store.clone();
+        let backend = self.backend.clone();
         let limits = self.limits.clone();
+        let runtime = tokio::runtime::Handle::current();
         let span = tracing::Span::current();
         let stream = stream_blocking(move |out| {
             let _enter = span.enter();
-            if let Err(e) = run_receive_pack(&store, &limits, snap, input, out) {
+            if let Err(e) = run_receive_pack(&backend, &runtime, &limits, snap, input, out) {
                 tracing::warn!(error = %e, "receive-pack failed");
             }
         });
@@ -209,7 +199,8 @@ enum PushError {
 
 /// One push: commands, pack ingestion and validation, compare-and-swap, report.
 fn run_receive_pack(
-    store: &RepoStore,
+    store: &RepoBackend,
+    runtime: &tokio::runtime::Handle,
     limits: &Limits,
     snap: RepoSnapshot,
     input: ChannelReader,
@@ -240,6 +231,7 @@ fn run_receive_pack(
     let (unpack, results) = match ingested {
         Ok(ing) => {
             match store.apply_push(
+                runtime,
                 &snap.record,
                 &request.commands,
                 request.caps.atomic,
@@ -248,13 +240,11 @@ fn run_receive_pack(
             ) {
                 Ok(results) => (Ok(()), results),
                 Err(e) => {
-                    // The batch is the commit point: when applying fails no
-                    // ref moved, so every command is reported as refused.
+                    // The reason says whether refs may have moved: a failure
+                    // before the commit point refuses every command, an
+                    // unknown replicated outcome says so, never "ok".
                     tracing::error!(error = %e, "applying a push failed");
-                    (
-                        Ok(()),
-                        vec![Err("internal storage error, nothing changed".to_owned()); n],
-                    )
+                    (Ok(()), vec![Err(e.reason().to_owned()); n])
                 }
             }
         }

@@ -6,6 +6,7 @@
 //! storage, concurrency and transport. It must not depend on the router.
 
 pub mod admin_service;
+pub mod backend;
 pub mod bridge;
 pub mod config;
 pub mod git_service;

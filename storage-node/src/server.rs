@@ -11,9 +11,11 @@ use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 
 use crate::admin_service::AdminService;
+use crate::backend::RepoBackend;
 use crate::config::Config;
 use crate::git_service::GitService;
 use crate::pack_transfer::{PackTransferService, StagingArea, TransferLimits};
+use crate::replicated_store::{ReplicatedError, ReplicatedStore};
 use crate::repo_store::{RepoStore, StoreError};
 use crate::shard_host::{ShardHost, ShardHostError};
 use crate::staging_cleanup::{CleanupOptions, StagingCleanupWorker};
@@ -28,6 +30,8 @@ pub enum StartError {
     Staging(#[source] std::io::Error),
     #[error("starting the shard host: {0}")]
     Shards(#[from] ShardHostError),
+    #[error("serving the shards: {0}")]
+    Replicated(#[from] ReplicatedError),
     #[error("binding {addr}: {source}")]
     Bind {
         addr: SocketAddr,
@@ -41,6 +45,9 @@ pub struct StorageNode {
     pub store: Arc<RepoStore>,
     /// Present only when the configuration has a `shards` section.
     pub shard_host: Option<Arc<ShardHost>>,
+    /// What the git and admin services serve from: `Replicated` exactly
+    /// when `shard_host` is present.
+    pub backend: RepoBackend,
     task: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
 }
 
@@ -69,9 +76,6 @@ impl StorageNode {
             max_pack_bytes: config.max_pack_bytes,
             ..Limits::default()
         };
-        let git = GitServer::new(GitService::new(store.clone(), limits))
-            .max_decoding_message_size(16 << 20);
-        let admin = AdminServer::new(AdminService::new(store.clone()));
         // After `RepoStore::open`, which empties `staging/` on start.
         let staging = StagingArea::at(&config.data_dir);
         let pack_transfer = PackTransferService::with_area(
@@ -95,6 +99,16 @@ impl StorageNode {
             )),
             None => None,
         };
+        let backend = match (&shard_host, &config.shards) {
+            (Some(host), Some(shards)) => RepoBackend::Replicated {
+                shards: Arc::new(ReplicatedStore::new(host.clone(), shards, staging.clone())?),
+                local: store.clone(),
+            },
+            _ => RepoBackend::Single(store.clone()),
+        };
+        let git = GitServer::new(GitService::new(backend.clone(), limits))
+            .max_decoding_message_size(16 << 20);
+        let admin = AdminServer::new(AdminService::new(backend.clone()));
         StagingCleanupWorker::new(staging, CleanupOptions::default()).spawn();
         let raft = shard_host.as_ref().map(|h| h.raft_service().into_server());
         let task = tokio::spawn(
@@ -110,6 +124,7 @@ impl StorageNode {
             grpc_addr,
             store,
             shard_host,
+            backend,
             task,
         })
     }

@@ -1,8 +1,8 @@
 //! Runs this node's shard replicas as raft groups.
 //!
 //! Opt-in: a node only starts a `ShardHost` when its configuration has a
-//! `[shards]` section. The git and admin services still serve from
-//! `RepoStore`; nothing routes traffic here yet. The host owns one RocksDB
+//! `[shards]` section; the git and admin services then serve through it
+//! (see `backend`), otherwise from `RepoStore`. The host owns one RocksDB
 //! for all of its groups, one channel pool to the peers (shared by every
 //! group, so many shards multiplex over one connection per peer) and the
 //! registry the node's `Raft` gRPC service dispatches to.
@@ -304,9 +304,17 @@ impl ShardHost {
         };
         let network =
             GroupNetworkFactory::new(group, self.node_id, self.pool.clone(), filter.clone());
-        let sm = self
-            .db
-            .state_machine(group, ShardLogic::new(LocalPackPlacer::new(area.clone())))?;
+        // Where apply fetches a committed pack this replica never received.
+        let others: Vec<(u64, String)> = shard
+            .replicas
+            .iter()
+            .filter(|&&id| id != self.node_id)
+            .filter_map(|id| Some((*id, self.peers.get(id)?.clone())))
+            .collect();
+        let sm = self.db.state_machine(
+            group,
+            ShardLogic::new(LocalPackPlacer::with_peers(area.clone(), others)),
+        )?;
         let raft = openraft::Raft::new(
             self.node_id,
             raft_config,

@@ -57,6 +57,11 @@ impl Node {
 /// Like `StorageNode::start` with shards, minus git/admin, plus a way to
 /// stop: `Raft` and `PackTransfer` over one listener and one staging area.
 async fn start_cluster(ids: &[u64]) -> BTreeMap<u64, Node> {
+    start_cluster_with_peers(ids).await.0
+}
+
+/// [`start_cluster`], also returning every node's address.
+async fn start_cluster_with_peers(ids: &[u64]) -> (BTreeMap<u64, Node>, BTreeMap<u64, String>) {
     let mut listeners = BTreeMap::new();
     for &id in ids {
         let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
@@ -70,55 +75,66 @@ async fn start_cluster(ids: &[u64]) -> BTreeMap<u64, Node> {
     let mut nodes = BTreeMap::new();
     for (id, listener) in listeners {
         let dir = tempfile::tempdir().expect("tempdir");
-        let config = ShardHostConfig {
-            node_id: id,
-            peers: peers.clone(),
-            shards: vec![ShardSpec {
-                id: SHARD,
-                replicas: ids.to_vec(),
-            }],
-            replication_factor: ids.len(),
-            heartbeat_ms: 50,
-            election_timeout_min_ms: 200,
-            election_timeout_max_ms: 400,
-        };
-        let area = StagingArea::at(dir.path());
-        let transfer = PackTransferService::with_area(area.clone(), TransferLimits::default())
-            .expect("transfer service");
-        let host = Arc::new(
-            ShardHost::start_with_area(config.clone(), dir.path(), area.clone(), filter.clone())
-                .await
-                .expect("shard host starts"),
-        );
-        let store = ReplicatedStore::new(host.clone(), &config, area.clone()).expect("store");
-        let raft = host.raft_service().into_server();
-        let (stop_tx, stop_rx) = oneshot::channel();
-        let server = tokio::spawn(async move {
-            tonic::transport::Server::builder()
-                .add_service(raft)
-                .add_service(PackTransferServer::new(transfer))
-                .serve_with_incoming_shutdown(
-                    tokio_stream::wrappers::TcpListenerStream::new(listener),
-                    async {
-                        let _ = stop_rx.await;
-                    },
-                )
-                .await
-                .expect("node server");
-        });
-        nodes.insert(
-            id,
-            Node {
-                host,
-                store,
-                area,
-                stop: Some(stop_tx),
-                server: Some(server),
-                dir,
-            },
-        );
+        let config = shard_config(id, &peers, ids);
+        nodes.insert(id, start_node(config, listener, dir, filter.clone()).await);
     }
-    nodes
+    (nodes, peers)
+}
+
+fn shard_config(id: u64, peers: &BTreeMap<u64, String>, ids: &[u64]) -> ShardHostConfig {
+    ShardHostConfig {
+        node_id: id,
+        peers: peers.clone(),
+        shards: vec![ShardSpec {
+            id: SHARD,
+            replicas: ids.to_vec(),
+        }],
+        replication_factor: ids.len(),
+        heartbeat_ms: 50,
+        election_timeout_min_ms: 200,
+        election_timeout_max_ms: 400,
+    }
+}
+
+/// One node serving `Raft` and `PackTransfer` on `listener` from `dir`.
+async fn start_node(
+    config: ShardHostConfig,
+    listener: TcpListener,
+    dir: tempfile::TempDir,
+    filter: TransportFilter,
+) -> Node {
+    let area = StagingArea::at(dir.path());
+    let transfer = PackTransferService::with_area(area.clone(), TransferLimits::default())
+        .expect("transfer service");
+    let host = Arc::new(
+        ShardHost::start_with_area(config.clone(), dir.path(), area.clone(), filter)
+            .await
+            .expect("shard host starts"),
+    );
+    let store = ReplicatedStore::new(host.clone(), &config, area.clone()).expect("store");
+    let raft = host.raft_service().into_server();
+    let (stop_tx, stop_rx) = oneshot::channel();
+    let server = tokio::spawn(async move {
+        tonic::transport::Server::builder()
+            .add_service(raft)
+            .add_service(PackTransferServer::new(transfer))
+            .serve_with_incoming_shutdown(
+                tokio_stream::wrappers::TcpListenerStream::new(listener),
+                async {
+                    let _ = stop_rx.await;
+                },
+            )
+            .await
+            .expect("node server");
+    });
+    Node {
+        host,
+        store,
+        area,
+        stop: Some(stop_tx),
+        server: Some(server),
+        dir,
+    }
 }
 
 async fn wait_until<T, F, Fut>(what: &str, mut check: F) -> T
@@ -397,6 +413,74 @@ async fn pushes_replicate_to_a_quorum_and_reads_are_leader_only() {
         }
         other => panic!("push without a quorum: {other:?}"),
     }
+
+    for node in nodes.values_mut() {
+        node.stop().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_follower_fetches_the_pack_it_missed() {
+    let ids = [1, 2, 3];
+    let (mut nodes, peers) = start_cluster_with_peers(&ids).await;
+    let lead = leader(&nodes, &ids).await;
+    let down = *ids.iter().find(|&&n| n != lead).expect("a follower");
+    let record = nodes[&lead]
+        .store
+        .create_repo("w", "r", true, "")
+        .await
+        .expect("create");
+
+    // The follower misses the staging of the pack and the commit.
+    nodes.get_mut(&down).expect("node").stop().await;
+    let store = &nodes[&lead].store;
+    let client = Client::new();
+    let c1 = client.commit("a.txt", "one\n");
+    let snap = store.snapshot("w", "r").await.expect("snapshot");
+    let cmds = [update("refs/heads/main", None, c1)];
+    let staged = ingest(
+        &nodes[&lead],
+        &cmds,
+        &snap.packs,
+        &client.pack(&c1.to_string()),
+    );
+    let pack = staged.id.to_string();
+    let results = store
+        .push(&snap.record, &cmds, false, &[None], Some(staged))
+        .await
+        .expect("push with one follower down");
+    assert_eq!(results, vec![Ok(())]);
+
+    // Same data dir, same address: it catches up on the log and, applying
+    // the push, fetches the pack from a peer.
+    let Node { dir, .. } = nodes.remove(&down).expect("node");
+    let pack_id = ObjectId::from_hex(pack.as_bytes()).expect("id");
+    let (staged_path, _) = StagingArea::at(dir.path()).staged_paths(SHARD, &pack_id);
+    assert!(!staged_path.exists(), "the stopped follower got the pack");
+    let listener = TcpListener::bind(peers[&down].as_str())
+        .await
+        .expect("rebind the follower's address");
+    let restarted = start_node(
+        shard_config(down, &peers, &ids),
+        listener,
+        dir,
+        TransportFilter::new(),
+    )
+    .await;
+    nodes.insert(down, restarted);
+    let index = nodes[&lead]
+        .host
+        .read_index(SHARD)
+        .await
+        .expect("read index");
+    assert_replicated(&nodes[&down], index, &record, c1, &pack).await;
+    let leader_view = nodes[&lead].host.state_view(SHARD).expect("view");
+    let follower_view = nodes[&down].host.state_view(SHARD).expect("view");
+    let prefix = keys::refs_of(record.id);
+    assert_eq!(
+        leader_view.scan_prefix(&prefix).expect("scan"),
+        follower_view.scan_prefix(&prefix).expect("scan"),
+    );
 
     for node in nodes.values_mut() {
         node.stop().await;

@@ -1,0 +1,244 @@
+//! A storage node started with `shards` serves git and admin traffic
+//! through its shard replicas: the leader answers, followers refuse with
+//! `FAILED_PRECONDITION` naming the leader before streaming anything.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::io::Write;
+use std::path::Path;
+use std::process::{Command as Process, Stdio};
+use std::time::{Duration, Instant};
+
+use cairn_proto::admin::admin_client::AdminClient;
+use cairn_proto::admin::ListRepositoriesRequest;
+use cairn_proto::git::git_client::GitClient;
+use cairn_proto::git::{AdvertiseRefsRequest, GitService, ReceivePackRequest, RepoPath};
+use cairn_storage_node::backend::LEADER_METADATA;
+use cairn_storage_node::shard_host::{ShardHostConfig, ShardSpec};
+use cairn_storage_node::{Config, StorageNode};
+use tonic::Code;
+
+const SHARD: u64 = 1;
+const WAIT: Duration = Duration::from_secs(10);
+
+async fn wait_until<T, F, Fut>(what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + WAIT;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn git(dir: &Path, args: &[&str]) -> String {
+    let out = Process::new("git")
+        .args(args)
+        .current_dir(dir)
+        .env("GIT_AUTHOR_NAME", "Test")
+        .env("GIT_AUTHOR_EMAIL", "test@example.com")
+        .env("GIT_COMMITTER_NAME", "Test")
+        .env("GIT_COMMITTER_EMAIL", "test@example.com")
+        .env("GIT_CONFIG_NOSYSTEM", "1")
+        .env("HOME", dir)
+        .output()
+        .expect("run git");
+    assert!(
+        out.status.success(),
+        "git {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).expect("utf-8")
+}
+
+/// A one-commit repository and the pack `git push` would send for it.
+fn commit_and_pack(dir: &Path) -> (String, Vec<u8>) {
+    git(dir, &["init", "-q", "-b", "main"]);
+    std::fs::write(dir.join("a.txt"), "one\n").expect("write");
+    git(dir, &["add", "."]);
+    git(dir, &["commit", "-q", "-m", "one"]);
+    let tip = git(dir, &["rev-parse", "HEAD"]).trim().to_owned();
+    let mut child = Process::new("git")
+        .args(["pack-objects", "-q", "--revs", "--stdout"])
+        .current_dir(dir)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("spawn pack-objects");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(format!("{tip}\n").as_bytes())
+        .expect("feed pack-objects");
+    let out = child.wait_with_output().expect("pack-objects");
+    assert!(out.status.success());
+    (tip, out.stdout)
+}
+
+fn pkt(line: &str) -> Vec<u8> {
+    let mut v = format!("{:04x}", line.len() + 4).into_bytes();
+    v.extend_from_slice(line.as_bytes());
+    v
+}
+
+fn repo() -> Option<RepoPath> {
+    Some(RepoPath {
+        workspace: "w".into(),
+        slug: "r".into(),
+    })
+}
+
+async fn collect(mut stream: tonic::Streaming<cairn_proto::git::Chunk>) -> String {
+    let mut out = Vec::new();
+    while let Some(chunk) = stream.message().await.expect("stream") {
+        out.extend_from_slice(&chunk.data);
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn git_traffic_goes_to_the_shard_leader() {
+    let ids = [1u64, 2, 3];
+    // Free ports for every node, known before any starts (peers need them).
+    let mut peers = BTreeMap::new();
+    for &id in &ids {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        peers.insert(id, l.local_addr().expect("addr").to_string());
+    }
+    let mut dirs = Vec::new();
+    let mut nodes = BTreeMap::new();
+    for &id in &ids {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut config = Config::new(dir.path().to_owned());
+        config.grpc_addr = peers[&id].parse().expect("addr");
+        config.shards = Some(ShardHostConfig {
+            node_id: id,
+            peers: peers.clone(),
+            shards: vec![ShardSpec {
+                id: SHARD,
+                replicas: ids.to_vec(),
+            }],
+            replication_factor: ids.len(),
+            heartbeat_ms: 50,
+            election_timeout_min_ms: 200,
+            election_timeout_max_ms: 400,
+        });
+        let node = StorageNode::start(config).await.expect("node starts");
+        assert!(node.backend.replicated().is_some());
+        nodes.insert(id, node);
+        dirs.push(dir);
+    }
+    let host = |id: u64| nodes[&id].shard_host.clone().expect("shard host");
+    let lead = wait_until("an agreed leader", || async {
+        let first = host(1).leader(SHARD)?;
+        ids.iter()
+            .all(|&id| host(id).leader(SHARD) == Some(first))
+            .then_some(first)
+    })
+    .await;
+    let follower = *ids.iter().find(|&&n| n != lead).expect("a follower");
+    let leader_addr = peers[&lead].clone();
+    let store = nodes[&lead]
+        .backend
+        .replicated()
+        .expect("replicated")
+        .clone();
+    store
+        .create_repo("w", "r", false, "")
+        .await
+        .expect("create");
+
+    // A push through the leader's ReceivePack.
+    let work = tempfile::tempdir().expect("tempdir");
+    let (tip, pack) = commit_and_pack(work.path());
+    let zero = "0".repeat(40);
+    let mut body = pkt(&format!("{zero} {tip} refs/heads/main\0report-status\n"));
+    body.extend_from_slice(b"0000");
+    body.extend_from_slice(&pack);
+    let mut git_leader = GitClient::connect(format!("http://{leader_addr}"))
+        .await
+        .expect("connect");
+    let push = ReceivePackRequest {
+        repo: repo(),
+        git_protocol: String::new(),
+        data: body.clone().into(),
+    };
+    let report = collect(
+        git_leader
+            .receive_pack(tokio_stream::iter(vec![push]))
+            .await
+            .expect("receive-pack")
+            .into_inner(),
+    )
+    .await;
+    assert!(report.contains("unpack ok"), "report: {report:?}");
+    assert!(report.contains("ok refs/heads/main"), "report: {report:?}");
+
+    // The leader advertises the pushed ref.
+    let advertise = AdvertiseRefsRequest {
+        repo: repo(),
+        service: GitService::UploadPack as i32,
+        git_protocol: String::new(),
+    };
+    let refs = collect(
+        git_leader
+            .advertise_refs(advertise.clone())
+            .await
+            .expect("advertise")
+            .into_inner(),
+    )
+    .await;
+    assert!(
+        refs.contains(&format!("{tip} refs/heads/main")),
+        "refs: {refs:?}"
+    );
+
+    // A follower refuses, naming the leader, for reads, pushes and admin.
+    let follower_url = format!("http://{}", peers[&follower]);
+    let mut git_follower = GitClient::connect(follower_url.clone())
+        .await
+        .expect("connect");
+    let check = |status: tonic::Status| {
+        assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
+        assert_eq!(status.message(), "not the shard leader");
+        let hint = status
+            .metadata()
+            .get(LEADER_METADATA)
+            .expect("leader metadata")
+            .to_str()
+            .expect("ascii");
+        assert_eq!(hint, leader_addr);
+    };
+    check(
+        git_follower
+            .advertise_refs(advertise)
+            .await
+            .expect_err("a follower advertised refs"),
+    );
+    let push = ReceivePackRequest {
+        repo: repo(),
+        git_protocol: String::new(),
+        data: body.into(),
+    };
+    check(
+        git_follower
+            .receive_pack(tokio_stream::iter(vec![push]))
+            .await
+            .expect_err("a follower accepted a push"),
+    );
+    let mut admin = AdminClient::connect(follower_url).await.expect("connect");
+    check(
+        admin
+            .list_repositories(ListRepositoriesRequest {
+                workspace: "w".into(),
+            })
+            .await
+            .expect_err("a follower listed repositories"),
+    );
+}
