@@ -11,7 +11,14 @@ pub struct Config {
     #[serde(default = "default_http_addr")]
     pub http_addr: SocketAddr,
     /// gRPC endpoint of the storage node, e.g. `http://127.0.0.1:7410`.
+    /// May be empty when `storage-nodes` names the cluster instead.
+    #[serde(default)]
     pub storage_node: String,
+    /// gRPC endpoints of the storage nodes of a replicated cluster; the
+    /// router finds the shard leader among them (and any node they name as
+    /// leader). Combined with `storage-node` when both are given.
+    #[serde(default)]
+    pub storage_nodes: Vec<String>,
     /// The access token clients present (Basic `x-token-auth:<token>` or
     /// Bearer). Every request except `/healthz` must carry it.
     pub token: String,
@@ -43,6 +50,8 @@ fn default_max_push_bytes() -> u64 {
 pub enum ConfigError {
     #[error("storage-node must be an http:// URL, got {0:?}")]
     BadStorageNode(String),
+    #[error("at least one of storage-node or storage-nodes must be set")]
+    NoStorageNode,
     #[error("token must be at least 16 characters")]
     WeakToken,
 }
@@ -52,6 +61,7 @@ impl Config {
         Config {
             http_addr: default_http_addr(),
             storage_node,
+            storage_nodes: Vec::new(),
             token,
             public_url: None,
             max_negotiation_bytes: default_max_negotiation_bytes(),
@@ -59,13 +69,69 @@ impl Config {
         }
     }
 
+    /// Every configured storage node, `storage-node` first, without
+    /// duplicates, in configuration order (the order leader search tries).
+    pub fn nodes(&self) -> Vec<String> {
+        let mut out: Vec<String> = Vec::new();
+        let single = (!self.storage_node.is_empty()).then_some(&self.storage_node);
+        for n in single.into_iter().chain(&self.storage_nodes) {
+            if !out.contains(n) {
+                out.push(n.clone());
+            }
+        }
+        out
+    }
+
     pub fn validate(&self) -> Result<(), ConfigError> {
-        if !self.storage_node.starts_with("http://") && !self.storage_node.starts_with("https://") {
-            return Err(ConfigError::BadStorageNode(self.storage_node.clone()));
+        let nodes = self.nodes();
+        if nodes.is_empty() {
+            return Err(ConfigError::NoStorageNode);
+        }
+        if let Some(bad) = nodes
+            .iter()
+            .find(|n| !n.starts_with("http://") && !n.starts_with("https://"))
+        {
+            return Err(ConfigError::BadStorageNode(bad.clone()));
         }
         if self.token.len() < 16 {
             return Err(ConfigError::WeakToken);
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn single_node_still_valid() {
+        let c = Config::new("http://127.0.0.1:7410".into(), "0123456789abcdef".into());
+        assert!(c.validate().is_ok());
+        assert_eq!(c.nodes(), vec!["http://127.0.0.1:7410".to_owned()]);
+    }
+
+    #[test]
+    fn node_list_merged_and_validated() {
+        let mut c = Config::new(String::new(), "0123456789abcdef".into());
+        assert!(matches!(c.validate(), Err(ConfigError::NoStorageNode)));
+        c.storage_nodes = vec!["http://a:1".into(), "http://b:1".into()];
+        assert!(c.validate().is_ok());
+        c.storage_node = "http://b:1".into();
+        assert_eq!(
+            c.nodes(),
+            vec!["http://b:1".to_owned(), "http://a:1".into()]
+        );
+        c.storage_nodes.push("b:2".into());
+        assert!(matches!(c.validate(), Err(ConfigError::BadStorageNode(n)) if n == "b:2"));
+    }
+
+    #[test]
+    fn toml_shape() {
+        let c: Config = serde_json::from_str(
+            r#"{"storage-nodes": ["http://a:1", "http://b:1"], "token": "0123456789abcdef"}"#,
+        )
+        .expect("parses");
+        assert_eq!(c.nodes().len(), 2);
     }
 }

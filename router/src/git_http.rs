@@ -3,6 +3,8 @@
 
 use std::io;
 use std::pin::Pin;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::task::{Context, Poll};
 
 use async_compression::tokio::bufread::GzipDecoder;
 use axum::body::Body;
@@ -10,6 +12,7 @@ use axum::extract::{Path, Query, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
+use cairn_proto::git::git_client::GitClient;
 use cairn_proto::git::{
     AdvertiseRefsRequest, GitService, ReceivePackRequest, RepoPath, UploadPackRequest,
 };
@@ -17,8 +20,14 @@ use futures::{Stream, StreamExt, TryStreamExt};
 use serde::Deserialize;
 use tokio::io::{AsyncBufRead, BufReader};
 use tokio_util::io::{ReaderStream, StreamReader};
+use tonic::transport::Channel;
 
+use crate::leader::Attempt;
 use crate::server::AppState;
+
+fn git_client(channel: Channel) -> GitClient<Channel> {
+    GitClient::new(channel).max_decoding_message_size(16 << 20)
+}
 
 /// `Git-Protocol` header as sent by the client, or empty.
 fn git_protocol(headers: &HeaderMap) -> String {
@@ -125,8 +134,12 @@ pub async fn info_refs(
         service: service as i32,
         git_protocol: protocol.clone(),
     };
-    let inner = match st.git.clone().advertise_refs(req).await {
-        Ok(r) => r.into_inner(),
+    let call = st.cluster.call(|ch| {
+        let req = req.clone();
+        async move { Ok(git_client(ch).advertise_refs(req).await?.into_inner()) }
+    });
+    let inner = match call.await {
+        Ok(r) => r,
         Err(s) => return status_response(s),
     };
     // git http-backend omits the "# service=" preamble for protocol v2
@@ -228,18 +241,30 @@ pub async fn upload_pack(
         Ok(b) => b,
         Err(r) => return r.into_response(),
     };
+    // Negotiation bodies are small (and bounded by max-negotiation-bytes):
+    // held in memory so the request can be replayed on another node.
+    let body: Vec<Bytes> = bytes.collect().await;
     let first = UploadPackRequest {
         repo: Some(repo_path(workspace, repo)),
         git_protocol: git_protocol(&headers),
         data: Bytes::new(),
     };
-    let messages =
-        futures::stream::once(async move { first }).chain(bytes.map(|data| UploadPackRequest {
-            data,
-            ..Default::default()
-        }));
-    match st.git.clone().upload_pack(messages).await {
-        Ok(r) => streamed("application/x-git-upload-pack-result", r.into_inner()),
+    let call = st.cluster.call(|ch| {
+        let messages = std::iter::once(first.clone())
+            .chain(body.iter().map(|data| UploadPackRequest {
+                data: data.clone(),
+                ..Default::default()
+            }))
+            .collect::<Vec<_>>();
+        async move {
+            let r = git_client(ch)
+                .upload_pack(futures::stream::iter(messages))
+                .await?;
+            Ok(r.into_inner())
+        }
+    });
+    match call.await {
+        Ok(r) => streamed("application/x-git-upload-pack-result", r),
         Err(s) => status_response(s),
     }
 }
@@ -257,18 +282,143 @@ pub async fn receive_pack(
         Ok(b) => b,
         Err(r) => return r.into_response(),
     };
+    // A push body is a pack: never buffered whole. Read ahead a bounded
+    // prefix (all of a small push); the rest is streamed, and once any of
+    // it went to a node the push cannot be replayed elsewhere.
+    let mut bytes: BodyStream = Box::pin(bytes);
+    let mut prefix = Vec::new();
+    let mut prefix_len = 0usize;
+    let mut ended = false;
+    while prefix_len < PUSH_PREFIX_BYTES {
+        match bytes.next().await {
+            Some(b) => {
+                prefix_len += b.len();
+                prefix.push(b);
+            }
+            None => {
+                ended = true;
+                break;
+            }
+        }
+    }
+    let rest = PushRemainder::new((!ended).then_some(bytes));
     let first = ReceivePackRequest {
         repo: Some(repo_path(workspace, repo)),
         git_protocol: git_protocol(&headers),
         data: Bytes::new(),
     };
-    let messages =
-        futures::stream::once(async move { first }).chain(bytes.map(|data| ReceivePackRequest {
-            data,
-            ..Default::default()
-        }));
-    match st.git.clone().receive_pack(messages).await {
-        Ok(r) => streamed("application/x-git-receive-pack-result", r.into_inner()),
+    let call = st.cluster.call(|ch| {
+        let messages = std::iter::once(first.clone())
+            .chain(prefix.iter().map(|data| ReceivePackRequest {
+                data: data.clone(),
+                ..Default::default()
+            }))
+            .collect::<Vec<_>>();
+        let tail = rest.attempt();
+        let rest = Arc::clone(&rest);
+        async move {
+            let stream =
+                futures::stream::iter(messages).chain(tail.map(|data| ReceivePackRequest {
+                    data,
+                    ..Default::default()
+                }));
+            match git_client(ch).receive_pack(stream).await {
+                Ok(r) => Ok(r.into_inner()),
+                Err(status) => Err(Attempt {
+                    status,
+                    replayable: rest.fence(),
+                }),
+            }
+        }
+    });
+    match call.await {
+        Ok(r) => streamed("application/x-git-receive-pack-result", r),
         Err(s) => status_response(s),
+    }
+}
+
+type BodyStream = Pin<Box<dyn Stream<Item = Bytes> + Send>>;
+
+/// Push body read ahead before the first attempt. Larger than the storage
+/// node's HTTP/2 receive window (1 MiB by default) so that a node refusing at
+/// call time stops the transport before it pulls the unreplayable rest;
+/// costs this much memory per push in flight.
+const PUSH_PREFIX_BYTES: usize = (1 << 20) + (256 << 10);
+
+/// The unread part of a push body, shared by the attempts of one request.
+/// Each attempt reads it under a generation number so a failed attempt's
+/// request body, which the transport may still poll, can take nothing
+/// once the next attempt has started.
+struct PushRemainder {
+    inner: Mutex<RemainderState>,
+}
+
+struct RemainderState {
+    generation: u64,
+    stream: Option<BodyStream>,
+    consumed: bool,
+}
+
+impl PushRemainder {
+    fn new(stream: Option<BodyStream>) -> Arc<Self> {
+        Arc::new(PushRemainder {
+            inner: Mutex::new(RemainderState {
+                generation: 0,
+                stream,
+                consumed: false,
+            }),
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, RemainderState> {
+        self.inner.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The remainder as read by a new attempt.
+    fn attempt(self: &Arc<Self>) -> RemainderReader {
+        let generation = self.lock().generation;
+        RemainderReader {
+            shared: Arc::clone(self),
+            generation,
+        }
+    }
+
+    /// Ends the current attempt's access; true when none of the remainder
+    /// was handed out, so the request can be replayed in full.
+    fn fence(&self) -> bool {
+        let mut st = self.lock();
+        st.generation += 1;
+        !st.consumed
+    }
+}
+
+struct RemainderReader {
+    shared: Arc<PushRemainder>,
+    generation: u64,
+}
+
+impl Stream for RemainderReader {
+    type Item = Bytes;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Bytes>> {
+        let mut st = self.shared.lock();
+        if st.generation != self.generation {
+            return Poll::Ready(None);
+        }
+        let Some(stream) = st.stream.as_mut() else {
+            return Poll::Ready(None);
+        };
+        match stream.as_mut().poll_next(cx) {
+            Poll::Ready(Some(b)) => {
+                st.consumed = true;
+                Poll::Ready(Some(b))
+            }
+            Poll::Ready(None) => {
+                // Ending loses nothing: a replay ends at the same place.
+                st.stream = None;
+                Poll::Ready(None)
+            }
+            Poll::Pending => Poll::Pending,
+        }
     }
 }

@@ -4,6 +4,7 @@ use axum::extract::{Path, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
+use cairn_proto::admin::admin_client::AdminClient;
 use cairn_proto::admin::{
     CreateRepositoryRequest, DeleteRepositoryRequest, GetRepositoryRequest,
     ListRepositoriesRequest, Repository,
@@ -125,7 +126,11 @@ pub async fn create(
         is_private: parsed.is_private.unwrap_or(true),
         description: parsed.description.unwrap_or_default(),
     };
-    match st.admin.clone().create_repository(req).await {
+    let call = st.cluster.call(|ch| {
+        let req = req.clone();
+        async move { Ok(AdminClient::new(ch).create_repository(req).await?) }
+    });
+    match call.await {
         Ok(r) => {
             let base = base_url(&st, &headers);
             let repo = r.into_inner();
@@ -147,12 +152,12 @@ pub async fn get(
     Path((workspace, slug)): Path<(String, String)>,
     headers: HeaderMap,
 ) -> Response {
-    match st
-        .admin
-        .clone()
-        .get_repository(GetRepositoryRequest { workspace, slug })
-        .await
-    {
+    let req = GetRepositoryRequest { workspace, slug };
+    let call = st.cluster.call(|ch| {
+        let req = req.clone();
+        async move { Ok(AdminClient::new(ch).get_repository(req).await?) }
+    });
+    match call.await {
         Ok(r) => Json(repository_json(&r.into_inner(), &base_url(&st, &headers))).into_response(),
         Err(s) => grpc_error(s),
     }
@@ -162,12 +167,12 @@ pub async fn delete(
     State(st): State<AppState>,
     Path((workspace, slug)): Path<(String, String)>,
 ) -> Response {
-    match st
-        .admin
-        .clone()
-        .delete_repository(DeleteRepositoryRequest { workspace, slug })
-        .await
-    {
+    let req = DeleteRepositoryRequest { workspace, slug };
+    let call = st.cluster.call(|ch| {
+        let req = req.clone();
+        async move { Ok(AdminClient::new(ch).delete_repository(req).await?) }
+    });
+    match call.await {
         Ok(_) => StatusCode::NO_CONTENT.into_response(),
         Err(s) => grpc_error(s),
     }
@@ -178,12 +183,12 @@ pub async fn list(
     Path(workspace): Path<String>,
     headers: HeaderMap,
 ) -> Response {
-    match st
-        .admin
-        .clone()
-        .list_repositories(ListRepositoriesRequest { workspace })
-        .await
-    {
+    let req = ListRepositoriesRequest { workspace };
+    let call = st.cluster.call(|ch| {
+        let req = req.clone();
+        async move { Ok(AdminClient::new(ch).list_repositories(req).await?) }
+    });
+    match call.await {
         Ok(r) => {
             let base = base_url(&st, &headers);
             let values: Vec<Value> = r

@@ -8,20 +8,18 @@ use axum::http::{header, HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use cairn_proto::admin::admin_client::AdminClient;
-use cairn_proto::git::git_client::GitClient;
 use tokio::net::TcpListener;
-use tonic::transport::{Channel, Endpoint};
 
 use crate::auth::{self, AuthFailure};
 use crate::config::Config;
+use crate::leader::{Cluster, RetryPolicy};
 use crate::{git_http, rest};
 
 #[derive(Clone)]
 pub struct AppState {
     pub config: Arc<Config>,
-    pub git: GitClient<Channel>,
-    pub admin: AdminClient<Channel>,
+    /// The storage nodes; every gRPC call goes through its leader search.
+    pub cluster: Arc<Cluster>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -93,12 +91,12 @@ pub fn app(state: AppState) -> axum::Router {
 impl Router {
     pub async fn start(config: Config) -> Result<Self, StartError> {
         config.validate()?;
-        let channel = Endpoint::from_shared(config.storage_node.clone())?
-            .tcp_nodelay(true)
-            .connect_lazy();
+        // Reject malformed URLs now rather than on the first request.
+        for node in config.nodes() {
+            tonic::transport::Endpoint::from_shared(node)?;
+        }
         let state = AppState {
-            git: GitClient::new(channel.clone()).max_decoding_message_size(16 << 20),
-            admin: AdminClient::new(channel),
+            cluster: Cluster::new(config.nodes(), RetryPolicy::default()),
             config: Arc::new(config),
         };
         let addr = state.config.http_addr;

@@ -1,0 +1,491 @@
+//! Finding and following the shard leader.
+//!
+//! Storage nodes are Raft-replicated: a node that is not the leader answers
+//! `FailedPrecondition` with the leader's `host:port` in the `x-cairn-leader`
+//! metadata when it knows it. Until placement comes from a directory, the
+//! whole cluster is one shard group, so one cached leader serves every
+//! repository.
+//!
+//! [`decide`] is the pure policy (which node next, after how long, or give
+//! up); [`Cluster::call`] runs it against real channels.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use tonic::transport::{Channel, Endpoint};
+
+/// gRPC metadata key naming the leader's `host:port`.
+pub const LEADER_HINT: &str = "x-cairn-leader";
+
+/// How a storage node's `Unavailable` begins when a write's fate is unknown.
+pub const OUTCOME_UNKNOWN: &str = "outcome unknown";
+
+/// The `FailedPrecondition` message of a node that is not the leader.
+pub const NOT_LEADER: &str = "not the shard leader";
+
+/// How a storage node call failed, as far as routing cares.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Failure {
+    /// The node is not the leader; `hint` is the leader's `host:port`.
+    NotLeader { hint: Option<String> },
+    /// The node could not be reached (down, refused, connection lost).
+    Unreachable,
+    /// Anything else is the request's own answer: not for routing to fix.
+    Other,
+}
+
+impl Failure {
+    pub fn classify(status: &tonic::Status) -> Failure {
+        match status.code() {
+            tonic::Code::FailedPrecondition => {
+                let hint = status
+                    .metadata()
+                    .get(LEADER_HINT)
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::trim)
+                    .filter(|h| !h.is_empty())
+                    .map(str::to_owned);
+                // FailedPrecondition also answers requests on their merits;
+                // only the leader refusal (hinted or by its message) routes.
+                if hint.is_some() || status.message() == NOT_LEADER {
+                    Failure::NotLeader { hint }
+                } else {
+                    Failure::Other
+                }
+            }
+            // A node that may have applied the request says so; replaying
+            // it elsewhere could apply it twice, so the client decides.
+            tonic::Code::Unavailable if status.message().starts_with(OUTCOME_UNKNOWN) => {
+                Failure::Other
+            }
+            tonic::Code::Unavailable => Failure::Unreachable,
+            _ => Failure::Other,
+        }
+    }
+}
+
+/// What to do after a failed attempt.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision {
+    Retry { node: String, backoff: Duration },
+    GiveUp,
+}
+
+/// Bounds on leader search.
+#[derive(Debug, Clone)]
+pub struct RetryPolicy {
+    /// Passes over the configured nodes before giving up. Election timeouts
+    /// are 1–2 s; enough rounds with backoff span an election so writes
+    /// resume within about 3 s of a leader loss.
+    pub rounds: u32,
+    /// Pause before the second round; doubles each round up to `max_backoff`.
+    pub base_backoff: Duration,
+    pub max_backoff: Duration,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        RetryPolicy {
+            rounds: 6,
+            base_backoff: Duration::from_millis(100),
+            max_backoff: Duration::from_millis(800),
+        }
+    }
+}
+
+impl RetryPolicy {
+    pub fn max_attempts(&self, nodes: usize) -> u32 {
+        self.rounds
+            .saturating_mul(u32::try_from(nodes.max(1)).unwrap_or(u32::MAX))
+    }
+}
+
+/// A leader hint as a URL, with the scheme of the node that gave it.
+pub fn hint_url(from: &str, hint: &str) -> String {
+    if hint.contains("://") {
+        return hint.to_owned();
+    }
+    let scheme = if from.starts_with("https://") {
+        "https"
+    } else {
+        "http"
+    };
+    format!("{scheme}://{hint}")
+}
+
+/// The next node to try after `attempts` failed attempts, the last one on
+/// `current` with `failure`.
+///
+/// A hint is followed at once (the leader is known). Without one, try the
+/// next configured node round-robin (from the first when `current` came
+/// from a hint); each new pass over the nodes waits a little longer so an
+/// election can finish.
+pub fn decide(
+    policy: &RetryPolicy,
+    nodes: &[String],
+    current: &str,
+    failure: &Failure,
+    attempts: u32,
+) -> Decision {
+    if nodes.is_empty() || attempts >= policy.max_attempts(nodes.len()) {
+        return Decision::GiveUp;
+    }
+    match failure {
+        Failure::Other => Decision::GiveUp,
+        // A node naming itself as leader while refusing is mid-transition:
+        // treat as no hint rather than loop on it.
+        Failure::NotLeader { hint: Some(h) } if hint_url(current, h) != current => {
+            Decision::Retry {
+                node: hint_url(current, h),
+                backoff: Duration::ZERO,
+            }
+        }
+        Failure::NotLeader { .. } | Failure::Unreachable => {
+            let next = nodes
+                .iter()
+                .position(|n| n == current)
+                .map_or(0, |i| (i + 1) % nodes.len());
+            let n = u32::try_from(nodes.len()).unwrap_or(u32::MAX);
+            let backoff = if attempts.is_multiple_of(n) {
+                let round = attempts / n;
+                let factor = 1u32 << (round.saturating_sub(1)).min(16);
+                policy
+                    .base_backoff
+                    .saturating_mul(factor)
+                    .min(policy.max_backoff)
+            } else {
+                Duration::ZERO
+            };
+            Decision::Retry {
+                node: nodes[next].clone(),
+                backoff,
+            }
+        }
+    }
+}
+
+/// One lazily connected channel per node URL, configured or hinted.
+#[derive(Default)]
+pub struct NodePool {
+    channels: Mutex<HashMap<String, Channel>>,
+}
+
+impl NodePool {
+    pub fn channel(&self, url: &str) -> Result<Channel, tonic::transport::Error> {
+        let mut map = self.channels.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(c) = map.get(url) {
+            return Ok(c.clone());
+        }
+        let channel = Endpoint::from_shared(url.to_owned())?
+            .tcp_nodelay(true)
+            // A dead host must not eat the failover budget.
+            .connect_timeout(Duration::from_millis(500))
+            .connect_lazy();
+        map.insert(url.to_owned(), channel.clone());
+        Ok(channel)
+    }
+}
+
+/// The node believed to be the leader.
+pub struct LeaderCache {
+    current: Mutex<String>,
+}
+
+impl LeaderCache {
+    pub fn new(initial: String) -> Self {
+        LeaderCache {
+            current: Mutex::new(initial),
+        }
+    }
+
+    pub fn get(&self) -> String {
+        self.current
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Moves from `failed` to `next` unless another request already moved
+    /// the cache: concurrent failures must not race it round-robin.
+    pub fn replace(&self, failed: &str, next: &str) {
+        let mut cur = self.current.lock().unwrap_or_else(PoisonError::into_inner);
+        if *cur == failed {
+            *cur = next.to_owned();
+        }
+    }
+
+    /// `node` answered: it is the leader (or serving) now.
+    pub fn confirm(&self, node: &str) {
+        let mut cur = self.current.lock().unwrap_or_else(PoisonError::into_inner);
+        if *cur != node {
+            tracing::info!(leader = node, "storage leader changed");
+            *cur = node.to_owned();
+        }
+    }
+}
+
+/// A failed attempt, and whether the request can be sent again.
+pub struct Attempt {
+    pub status: tonic::Status,
+    pub replayable: bool,
+}
+
+impl From<tonic::Status> for Attempt {
+    fn from(status: tonic::Status) -> Self {
+        Attempt {
+            status,
+            replayable: true,
+        }
+    }
+}
+
+/// The storage cluster as the router sees it.
+pub struct Cluster {
+    nodes: Vec<String>,
+    pool: NodePool,
+    leader: LeaderCache,
+    policy: RetryPolicy,
+}
+
+impl Cluster {
+    /// `nodes` must not be empty (the config validation ensures it).
+    pub fn new(nodes: Vec<String>, policy: RetryPolicy) -> Arc<Self> {
+        let first = nodes.first().cloned().unwrap_or_default();
+        Arc::new(Cluster {
+            nodes,
+            pool: NodePool::default(),
+            leader: LeaderCache::new(first),
+            policy,
+        })
+    }
+
+    pub fn leader(&self) -> String {
+        self.leader.get()
+    }
+
+    /// Runs `call` against the leader, following hints and failing over
+    /// while the failure allows it and the attempt says it is replayable.
+    /// Callers return `Ok` as soon as response bytes may flow: nothing
+    /// after that is retried.
+    pub async fn call<T, F, Fut>(&self, mut call: F) -> Result<T, tonic::Status>
+    where
+        F: FnMut(Channel) -> Fut,
+        Fut: Future<Output = Result<T, Attempt>>,
+    {
+        let mut node = self.leader.get();
+        let mut attempts = 0u32;
+        loop {
+            let result = match self.pool.channel(&node) {
+                Ok(channel) => call(channel).await,
+                Err(e) => Err(Attempt::from(tonic::Status::unavailable(format!(
+                    "bad storage node address {node}: {e}"
+                )))),
+            };
+            let failed = match result {
+                Ok(v) => {
+                    self.leader.confirm(&node);
+                    return Ok(v);
+                }
+                Err(a) => a,
+            };
+            attempts += 1;
+            let failure = Failure::classify(&failed.status);
+            if failure == Failure::Other {
+                return Err(failed.status);
+            }
+            if !failed.replayable {
+                tracing::warn!(
+                    node,
+                    ?failure,
+                    "storage node failed after the request body was consumed; not retrying"
+                );
+                return Err(tonic::Status::unavailable(
+                    "storage leader changed mid-request",
+                ));
+            }
+            match decide(&self.policy, &self.nodes, &node, &failure, attempts) {
+                Decision::GiveUp => {
+                    tracing::warn!(node, attempts, ?failure, "no storage leader found");
+                    return Err(tonic::Status::unavailable("no storage leader available"));
+                }
+                Decision::Retry {
+                    node: next,
+                    backoff,
+                } => {
+                    tracing::debug!(
+                        from = node,
+                        to = next,
+                        ?failure,
+                        ?backoff,
+                        "retrying on another storage node"
+                    );
+                    self.leader.replace(&node, &next);
+                    if !backoff.is_zero() {
+                        tokio::time::sleep(backoff).await;
+                    }
+                    node = next;
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn nodes() -> Vec<String> {
+        vec![
+            "http://a:1".into(),
+            "http://b:1".into(),
+            "http://c:1".into(),
+        ]
+    }
+
+    fn retry(node: &str, ms: u64) -> Decision {
+        Decision::Retry {
+            node: node.into(),
+            backoff: Duration::from_millis(ms),
+        }
+    }
+
+    #[test]
+    fn decisions() {
+        let p = RetryPolicy::default();
+        let hint = |h: &str| Failure::NotLeader {
+            hint: Some(h.into()),
+        };
+        let nohint = Failure::NotLeader { hint: None };
+        let cases: Vec<(&str, Failure, u32, Decision)> = vec![
+            // hint present → go there, even outside the configured nodes
+            ("http://a:1", hint("c:1"), 1, retry("http://c:1", 0)),
+            ("http://a:1", hint("d:9"), 1, retry("http://d:9", 0)),
+            // hint naming the refusing node itself → as if absent
+            ("http://a:1", hint("a:1"), 1, retry("http://b:1", 0)),
+            // hint absent → next node round-robin
+            ("http://a:1", nohint.clone(), 1, retry("http://b:1", 0)),
+            ("http://b:1", nohint.clone(), 2, retry("http://c:1", 0)),
+            // wrapping to a new round waits, longer each round, capped
+            ("http://c:1", nohint.clone(), 3, retry("http://a:1", 100)),
+            (
+                "http://c:1",
+                Failure::Unreachable,
+                6,
+                retry("http://a:1", 200),
+            ),
+            (
+                "http://c:1",
+                Failure::Unreachable,
+                12,
+                retry("http://a:1", 800),
+            ),
+            // unreachable → next node; from a hinted node → first configured
+            (
+                "http://b:1",
+                Failure::Unreachable,
+                1,
+                retry("http://c:1", 0),
+            ),
+            (
+                "http://d:9",
+                Failure::Unreachable,
+                2,
+                retry("http://a:1", 0),
+            ),
+            // other codes → give up
+            ("http://a:1", Failure::Other, 1, Decision::GiveUp),
+            // bounded: rounds × nodes attempts
+            ("http://a:1", nohint.clone(), 18, Decision::GiveUp),
+            ("http://a:1", hint("b:1"), 18, Decision::GiveUp),
+        ];
+        for (current, failure, attempts, want) in cases {
+            assert_eq!(
+                decide(&p, &nodes(), current, &failure, attempts),
+                want,
+                "{current} {failure:?} after {attempts}"
+            );
+        }
+    }
+
+    #[test]
+    fn single_node_retries_itself_with_backoff() {
+        let p = RetryPolicy::default();
+        let one = vec!["http://a:1".to_owned()];
+        assert_eq!(
+            decide(&p, &one, "http://a:1", &Failure::Unreachable, 1),
+            retry("http://a:1", 100)
+        );
+        assert_eq!(
+            decide(&p, &one, "http://a:1", &Failure::Unreachable, 6),
+            Decision::GiveUp
+        );
+    }
+
+    #[test]
+    fn worst_case_wait_spans_an_election() {
+        let p = RetryPolicy::default();
+        let nodes = nodes();
+        let mut total = Duration::ZERO;
+        let mut cur = nodes[0].clone();
+        for attempts in 1.. {
+            match decide(&p, &nodes, &cur, &Failure::Unreachable, attempts) {
+                Decision::Retry { node, backoff } => {
+                    total += backoff;
+                    cur = node;
+                }
+                Decision::GiveUp => break,
+            }
+        }
+        // Longer than the 2 s maximum election timeout, short enough to
+        // answer the client within a few seconds.
+        assert!(
+            total >= Duration::from_secs(2) && total <= Duration::from_secs(3),
+            "{total:?}"
+        );
+    }
+
+    #[test]
+    fn classify_statuses() {
+        let mut s = tonic::Status::failed_precondition("not the shard leader");
+        assert_eq!(Failure::classify(&s), Failure::NotLeader { hint: None });
+        s.metadata_mut()
+            .insert(LEADER_HINT, "10.0.0.2:7410".parse().expect("ascii"));
+        assert_eq!(
+            Failure::classify(&s),
+            Failure::NotLeader {
+                hint: Some("10.0.0.2:7410".into())
+            }
+        );
+        assert_eq!(
+            Failure::classify(&tonic::Status::unavailable("tcp connect error")),
+            Failure::Unreachable
+        );
+        assert_eq!(
+            Failure::classify(&tonic::Status::unavailable(
+                "outcome unknown, check and retry: timeout"
+            )),
+            Failure::Other
+        );
+        assert_eq!(
+            Failure::classify(&tonic::Status::failed_precondition("stale ref")),
+            Failure::Other
+        );
+        assert_eq!(
+            Failure::classify(&tonic::Status::not_found("no repo")),
+            Failure::Other
+        );
+    }
+
+    #[test]
+    fn cache_moves_only_from_the_failed_node() {
+        let c = LeaderCache::new("http://a:1".into());
+        c.replace("http://b:1", "http://c:1");
+        assert_eq!(c.get(), "http://a:1");
+        c.replace("http://a:1", "http://b:1");
+        assert_eq!(c.get(), "http://b:1");
+        c.confirm("http://c:1");
+        assert_eq!(c.get(), "http://c:1");
+    }
+}
