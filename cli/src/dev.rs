@@ -17,6 +17,11 @@ pub struct DevArgs {
     /// Router HTTP address (port 0 picks a free one).
     #[arg(long, default_value = "127.0.0.1:8080")]
     pub http: SocketAddr,
+    /// Storage nodes. 1 runs node and router in this process; more runs
+    /// each node and the router as its own process, one shard replicated
+    /// on every node.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=7))]
+    pub nodes: u64,
 }
 
 /// What `cairn dev` writes to `<data-dir>/dev-cluster.json` once it serves.
@@ -35,12 +40,17 @@ pub struct DevNode {
     pub grpc_addr: SocketAddr,
     pub pid: u32,
     pub data_dir: PathBuf,
+    /// The config file to start this node again with (multi-process mode).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config: Option<PathBuf>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
 pub struct DevProcess {
     pub pid: u32,
     pub http_addr: SocketAddr,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config: Option<PathBuf>,
 }
 
 pub const CLUSTER_FILE: &str = "dev-cluster.json";
@@ -63,7 +73,7 @@ fn dev_token(data_dir: &Path) -> Result<String> {
     Ok(token)
 }
 
-fn write_private(path: &Path, data: &[u8]) -> Result<()> {
+pub(crate) fn write_private(path: &Path, data: &[u8]) -> Result<()> {
     use std::os::unix::fs::OpenOptionsExt;
     let tmp = path.with_extension("tmp");
     let mut f = std::fs::OpenOptions::new()
@@ -100,6 +110,9 @@ pub async fn run(args: DevArgs) -> Result<()> {
         .with_context(|| format!("resolving {}", args.data_dir.display()))?;
     let _ = std::fs::remove_file(data_dir.join(CLUSTER_FILE));
     let token = dev_token(&data_dir)?;
+    if args.nodes > 1 {
+        return crate::dev_cluster::run(&data_dir, args.http, args.nodes, &token).await;
+    }
 
     let mut node_cfg = cairn_storage_node::Config::new(data_dir.join("node-1"));
     node_cfg.grpc_addr = SocketAddr::from(([127, 0, 0, 1], 0));
@@ -124,10 +137,12 @@ pub async fn run(args: DevArgs) -> Result<()> {
             grpc_addr: node.grpc_addr,
             pid: std::process::id(),
             data_dir: data_dir.join("node-1"),
+            config: None,
         }],
         router: DevProcess {
             pid: std::process::id(),
             http_addr: router.http_addr,
+            config: None,
         },
     };
     write_private(
@@ -135,23 +150,7 @@ pub async fn run(args: DevArgs) -> Result<()> {
         &serde_json::to_vec_pretty(&cluster)?,
     )?;
 
-    let host = http_url.trim_start_matches("http://");
-    println!("Cairn dev cluster is running (Ctrl-C stops it).");
-    println!("  data dir:      {}", data_dir.display());
-    println!("  storage node:  1 at {}", node.grpc_addr);
-    println!("  router:        {http_url}");
-    println!("  clone URL:     {http_url}/<workspace>/<repo>.git");
-    println!("  username:      x-token-auth");
-    println!("  password:      {token}");
-    println!();
-    println!("Create a repository and push to it:");
-    println!("  curl -u x-token-auth:{token} -X POST {http_url}/2.0/repositories/myteam/hello");
-    println!(
-        "  (or: cairn admin --data-dir {} repo create myteam/hello)",
-        args.data_dir.display()
-    );
-    println!("  git push http://x-token-auth:{token}@{host}/myteam/hello.git main");
-    let _ = std::io::stdout().flush();
+    print_banner(&data_dir, &cluster);
 
     tokio::select! {
         r = node.wait() => r.context("storage node stopped")?,
@@ -159,4 +158,32 @@ pub async fn run(args: DevArgs) -> Result<()> {
         _ = tokio::signal::ctrl_c() => eprintln!("stopping"),
     }
     Ok(())
+}
+
+/// What a person needs to use the cluster: URLs and credentials.
+pub fn print_banner(data_dir: &Path, cluster: &DevCluster) {
+    let http_url = &cluster.http_url;
+    let token = &cluster.token;
+    let host = http_url.trim_start_matches("http://");
+    println!("Cairn dev cluster is running (Ctrl-C stops it).");
+    println!("  data dir:      {}", data_dir.display());
+    for n in &cluster.nodes {
+        println!(
+            "  storage node:  {} at {} (pid {})",
+            n.id, n.grpc_addr, n.pid
+        );
+    }
+    println!("  router:        {http_url}");
+    println!("  clone URL:     {http_url}/<workspace>/<repo>.git");
+    println!("  username:      {}", cluster.username);
+    println!("  password:      {token}");
+    println!();
+    println!("Create a repository and push to it:");
+    println!("  curl -u x-token-auth:{token} -X POST {http_url}/2.0/repositories/myteam/hello");
+    println!(
+        "  (or: cairn admin --data-dir {} repo create myteam/hello)",
+        data_dir.display()
+    );
+    println!("  git push http://x-token-auth:{token}@{host}/myteam/hello.git main");
+    let _ = std::io::stdout().flush();
 }

@@ -9,6 +9,7 @@ use clap::{Parser, Subcommand};
 
 mod admin;
 mod dev;
+mod dev_cluster;
 
 #[derive(Parser)]
 #[command(name = "cairn", version, about = "Cairn distributed git hosting")]

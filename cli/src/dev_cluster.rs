@@ -1,0 +1,208 @@
+//! `cairn dev --nodes N` (N > 1): a local replicated cluster as separate OS
+//! processes — N `cairn node` processes hosting one shard replicated on all
+//! of them, and one `cairn router` — each with its own config file, so a
+//! test or an operator can kill one and start it again with the same
+//! config. Nothing is restarted automatically.
+
+use std::fs;
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+
+use crate::dev::{write_private, DevCluster, DevNode, DevProcess, CLUSTER_FILE};
+
+/// The shard every repository lives on in the dev cluster.
+const DEV_SHARD: u64 = 1;
+
+/// A free port on 127.0.0.1, chosen once and then kept in the config files
+/// so restarts reuse it.
+fn free_port() -> Result<u16> {
+    let l = TcpListener::bind("127.0.0.1:0").context("finding a free port")?;
+    Ok(l.local_addr()?.port())
+}
+
+/// Reads the address a previous run wrote into `config`, if any.
+fn remembered_addr(config: &Path, key: &str) -> Option<SocketAddr> {
+    let text = fs::read_to_string(config).ok()?;
+    let value: toml::Value = toml::from_str(&text).ok()?;
+    value.get(key)?.as_str()?.parse().ok()
+}
+
+fn node_config(data_dir: &Path, id: u64, addr: SocketAddr, peers: &[(u64, SocketAddr)]) -> String {
+    let mut peer_lines = String::new();
+    for (pid, paddr) in peers {
+        peer_lines.push_str(&format!("{pid} = \"{paddr}\"\n"));
+    }
+    let replicas: Vec<String> = peers.iter().map(|(p, _)| p.to_string()).collect();
+    format!(
+        "# Written by `cairn dev`; edit with care, the cluster keeps these addresses.\n\
+         data-dir = \"{data}\"\n\
+         grpc-addr = \"{addr}\"\n\n\
+         [shards]\n\
+         node-id = {id}\n\
+         replication-factor = {rf}\n\n\
+         [shards.peers]\n\
+         {peer_lines}\n\
+         [[shards.shards]]\n\
+         id = {DEV_SHARD}\n\
+         replicas = [{replicas}]\n",
+        data = data_dir.display(),
+        rf = peers.len(),
+        replicas = replicas.join(", "),
+    )
+}
+
+fn router_config(http: SocketAddr, nodes: &[(u64, SocketAddr)], token: &str) -> String {
+    let urls: Vec<String> = nodes
+        .iter()
+        .map(|(_, a)| format!("\"http://{a}\""))
+        .collect();
+    format!(
+        "# Written by `cairn dev`.\n\
+         http-addr = \"{http}\"\n\
+         storage-node = {first}\n\
+         storage-nodes = [{all}]\n\
+         token = \"{token}\"\n",
+        first = urls[0],
+        all = urls.join(", "),
+    )
+}
+
+fn spawn(exe: &Path, args: &[&str], log: &Path) -> Result<Child> {
+    let out = fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
+    let err = out.try_clone()?;
+    Command::new(exe)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(out)
+        .stderr(err)
+        .spawn()
+        .with_context(|| format!("starting {} {}", exe.display(), args.join(" ")))
+}
+
+/// Waits until `addr` accepts TCP connections or `child` exits.
+fn wait_listening(addr: SocketAddr, child: &mut Child, log: &Path) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
+            return Ok(());
+        }
+        if let Some(status) = child.try_wait()? {
+            bail!(
+                "process exited ({status}) before listening on {addr}; see {}",
+                log.display()
+            );
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "nothing listens on {addr} after 30 s; see {}",
+                log.display()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The cluster's processes; all are stopped when this drops, so a failed
+/// start or Ctrl-C leaves nothing running.
+struct Processes(Vec<Child>);
+
+impl Drop for Processes {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Starts the processes, writes `dev-cluster.json`, waits for Ctrl-C.
+pub async fn run(data_dir: &Path, http: SocketAddr, nodes: u64, token: &str) -> Result<()> {
+    let exe = std::env::current_exe().context("locating the cairn binary")?;
+    let logs = data_dir.join("logs");
+    fs::create_dir_all(&logs)?;
+
+    let mut addrs = Vec::new();
+    for id in 1..=nodes {
+        let cfg = data_dir.join(format!("node-{id}.toml"));
+        let addr = match remembered_addr(&cfg, "grpc-addr") {
+            Some(a) => a,
+            None => SocketAddr::from(([127, 0, 0, 1], free_port()?)),
+        };
+        addrs.push((id, addr));
+    }
+    let router_cfg = data_dir.join("router.toml");
+    let http = if http.port() == 0 {
+        remembered_addr(&router_cfg, "http-addr")
+            .unwrap_or(SocketAddr::from(([127, 0, 0, 1], free_port()?)))
+    } else {
+        http
+    };
+
+    let mut children = Processes(Vec::new());
+    let mut dev_nodes = Vec::new();
+    for &(id, addr) in &addrs {
+        let node_dir = data_dir.join(format!("node-{id}"));
+        let cfg: PathBuf = data_dir.join(format!("node-{id}.toml"));
+        write_private(&cfg, node_config(&node_dir, id, addr, &addrs).as_bytes())?;
+        let log = logs.join(format!("node-{id}.log"));
+        let child = spawn(&exe, &["node", "--config", &cfg.to_string_lossy()], &log)?;
+        dev_nodes.push(DevNode {
+            id,
+            grpc_addr: addr,
+            pid: child.id(),
+            data_dir: node_dir,
+            config: Some(cfg),
+        });
+        children.0.push(child);
+    }
+    write_private(&router_cfg, router_config(http, &addrs, token).as_bytes())?;
+    let router_log = logs.join("router.log");
+    let router = spawn(
+        &exe,
+        &["router", "--config", &router_cfg.to_string_lossy()],
+        &router_log,
+    )?;
+    let router_pid = router.id();
+    children.0.push(router);
+
+    for (i, (_, addr)) in addrs.iter().enumerate() {
+        let log = logs.join(format!("node-{}.log", i + 1));
+        wait_listening(*addr, &mut children.0[i], &log)?;
+    }
+    let last = children.0.len() - 1;
+    wait_listening(http, &mut children.0[last], &router_log)?;
+
+    let http_url = format!("http://{http}");
+    let cluster = DevCluster {
+        http_url: http_url.clone(),
+        username: "x-token-auth".into(),
+        token: token.to_owned(),
+        nodes: dev_nodes,
+        router: DevProcess {
+            pid: router_pid,
+            http_addr: http,
+            config: Some(router_cfg),
+        },
+    };
+    write_private(
+        &data_dir.join(CLUSTER_FILE),
+        &serde_json::to_vec_pretty(&cluster)?,
+    )?;
+    crate::dev::print_banner(data_dir, &cluster);
+
+    // SIGINT or SIGTERM stop the cluster; a SIGKILL of this process leaves
+    // the nodes running (their pids are in dev-cluster.json).
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("installing the SIGTERM handler")?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    eprintln!("stopping");
+    drop(children);
+    Ok(())
+}
