@@ -124,6 +124,19 @@ fn send_signal(pid: u32, sig: &str) {
 }
 
 fn pid_alive(pid: u32) -> bool {
+    // A killed child not yet reaped by its parent is a zombie: it holds no
+    // sockets or locks any more, so it counts as dead.
+    if let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/stat")) {
+        if let Some(state) = stat
+            .rsplit(')')
+            .next()
+            .and_then(|r| r.split_whitespace().next())
+        {
+            if state == "Z" || state == "X" {
+                return false;
+            }
+        }
+    }
     Command::new("kill")
         .arg("-0")
         .arg(pid.to_string())
@@ -459,11 +472,21 @@ pub struct Cluster {
     watchdog: Option<(Child, ChildStdin)>,
     info: ClusterInfo,
     starts: u32,
+    /// Storage-node processes `cairn dev` runs (1: in-process).
+    node_count: u64,
+    /// Nodes started again by the test after a kill; stopped on drop.
+    restarted: Vec<Child>,
 }
 
 impl Cluster {
     /// Starts a fresh cluster in a new temp dir and waits until it is ready.
     pub fn start() -> Result<Self> {
+        Self::start_with_nodes(1)
+    }
+
+    /// Like [`Cluster::start`] with `cairn dev --nodes N`: N storage-node
+    /// processes holding one Raft-replicated shard, and a router process.
+    pub fn start_with_nodes(node_count: u64) -> Result<Self> {
         let root = tempfile::Builder::new().prefix("cairn-e2e-").tempdir()?;
         let root_path = root.path().to_path_buf();
         let data_dir = root_path.join("data");
@@ -483,6 +506,8 @@ impl Cluster {
                 router_pid: None,
             },
             starts: 0,
+            node_count,
+            restarted: Vec::new(),
         };
         if std::env::var_os("CAIRN_KEEP_DATA").is_some() {
             if let Some(r) = c.root.take() {
@@ -553,6 +578,8 @@ impl Cluster {
             .arg(&self.data_dir)
             .arg("--http")
             .arg("127.0.0.1:0")
+            .arg("--nodes")
+            .arg(self.node_count.to_string())
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log);
@@ -778,8 +805,69 @@ if [ -n "$2" ]; then rm -rf "$2"; fi
     }
 }
 
+impl Cluster {
+    /// SIGKILLs storage node `id` (multi-process clusters).
+    pub fn kill_node(&mut self, id: u64) -> Result<()> {
+        if let Some(pos) = self
+            .restarted
+            .iter()
+            .position(|c| self.node_pid(id) == Some(c.id()))
+        {
+            let mut c = self.restarted.remove(pos);
+            c.kill()?;
+            c.wait()?;
+            return Ok(());
+        }
+        let pid = self
+            .node_pid(id)
+            .ok_or_else(|| anyhow!("no pid for node {id}"))?;
+        send_signal(pid, "KILL");
+        wait_until(
+            &format!("node {id} to die"),
+            Duration::from_secs(10),
+            || Ok((!pid_alive(pid)).then_some(())),
+        )
+    }
+
+    fn node_pid(&self, id: u64) -> Option<u32> {
+        self.info
+            .nodes
+            .iter()
+            .find(|n| n.id == id)
+            .and_then(|n| n.pid)
+    }
+
+    /// Starts storage node `id` again from the config `cairn dev` wrote.
+    pub fn restart_node(&mut self, id: u64) -> Result<()> {
+        let config = self.data_dir.join(format!("node-{id}.toml"));
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.data_dir.join("logs").join(format!("node-{id}.log")))?;
+        let child = Command::new(cairn_bin()?)
+            .arg("node")
+            .arg("--config")
+            .arg(&config)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("restart node")?;
+        let pid = child.id();
+        if let Some(n) = self.info.nodes.iter_mut().find(|n| n.id == id) {
+            n.pid = Some(pid);
+        }
+        self.restarted.push(child);
+        Ok(())
+    }
+}
+
 impl Drop for Cluster {
     fn drop(&mut self) {
+        for c in &mut self.restarted {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
         self.stop_processes();
     }
 }
