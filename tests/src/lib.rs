@@ -814,8 +814,9 @@ impl Cluster {
             .position(|c| self.node_pid(id) == Some(c.id()))
         {
             let mut c = self.restarted.remove(pos);
-            c.kill()?;
+            let killed = c.kill();
             c.wait()?;
+            killed?;
             return Ok(());
         }
         let pid = self
