@@ -481,7 +481,12 @@ pub struct Cluster {
 impl Cluster {
     /// Starts a fresh cluster in a new temp dir and waits until it is ready.
     pub fn start() -> Result<Self> {
-        Self::start_with_nodes(1)
+        // CAIRN_E2E_NODES=3 runs the whole suite against a replicated cluster.
+        let nodes = std::env::var("CAIRN_E2E_NODES")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(1);
+        Self::start_with_nodes(nodes)
     }
 
     /// Like [`Cluster::start`] with `cairn dev --nodes N`: N storage-node
