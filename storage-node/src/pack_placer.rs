@@ -19,7 +19,7 @@ use cairn_proto::pack::pack_transfer_client::PackTransferClient;
 use cairn_raft::GroupId;
 use tonic::transport::Endpoint;
 
-use crate::pack_transfer::{fetch_pack, parse_pack_id, StagingArea};
+use crate::pack_transfer::{fetch_pack, fsync_dir, parse_pack_id, StagingArea};
 use crate::shard_state::{PackPlacer, PackRef};
 
 const FIRST_BACKOFF: Duration = Duration::from_millis(100);
@@ -107,10 +107,6 @@ impl LocalPackPlacer {
             backoff = (backoff * 2).min(MAX_BACKOFF);
         }
     }
-}
-
-fn fsync_dir(dir: &std::path::Path) -> io::Result<()> {
-    fs::File::open(dir)?.sync_all()
 }
 
 impl PackPlacer for LocalPackPlacer {

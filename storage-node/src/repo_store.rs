@@ -555,7 +555,5 @@ fn decode_record(key: &[u8], value: &[u8]) -> Result<RepoRecord, StoreError> {
 }
 
 fn fsync_dir(dir: &Path) -> Result<(), StoreError> {
-    fs::File::open(dir)
-        .and_then(|f| f.sync_all())
-        .map_err(io_err(dir))
+    crate::pack_transfer::fsync_dir(dir).map_err(io_err(dir))
 }

@@ -2,12 +2,14 @@
 //! through its shard replicas: the leader answers, followers refuse with
 //! `FAILED_PRECONDITION` naming the leader before streaming anything.
 
+mod common;
+use common::{git, wait_until};
+
 use std::collections::BTreeMap;
-use std::future::Future;
 use std::io::Write;
 use std::path::Path;
 use std::process::{Command as Process, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use cairn_proto::admin::admin_client::AdminClient;
 use cairn_proto::admin::ListRepositoriesRequest;
@@ -20,41 +22,6 @@ use tonic::Code;
 
 const SHARD: u64 = 1;
 const WAIT: Duration = Duration::from_secs(10);
-
-async fn wait_until<T, F, Fut>(what: &str, mut check: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Option<T>>,
-{
-    let deadline = Instant::now() + WAIT;
-    loop {
-        if let Some(v) = check().await {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-fn git(dir: &Path, args: &[&str]) -> String {
-    let out = Process::new("git")
-        .args(args)
-        .current_dir(dir)
-        .env("GIT_AUTHOR_NAME", "Test")
-        .env("GIT_AUTHOR_EMAIL", "test@example.com")
-        .env("GIT_COMMITTER_NAME", "Test")
-        .env("GIT_COMMITTER_EMAIL", "test@example.com")
-        .env("GIT_CONFIG_NOSYSTEM", "1")
-        .env("HOME", dir)
-        .output()
-        .expect("run git");
-    assert!(
-        out.status.success(),
-        "git {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).expect("utf-8")
-}
 
 /// A one-commit repository and the pack `git push` would send for it.
 fn commit_and_pack(dir: &Path) -> (String, Vec<u8>) {
@@ -135,7 +102,7 @@ async fn git_traffic_goes_to_the_shard_leader() {
         dirs.push(dir);
     }
     let host = |id: u64| nodes[&id].shard_host.clone().expect("shard host");
-    let lead = wait_until("an agreed leader", || async {
+    let lead = wait_until("an agreed leader", WAIT, || async {
         let first = host(1).leader(SHARD)?;
         ids.iter()
             .all(|&id| host(id).leader(SHARD) == Some(first))

@@ -2,13 +2,15 @@
 //! `PackTransfer`; pushes stage their pack on a quorum, commit through the
 //! shard and land on every replica; reads are leader-only.
 
+mod common;
+use common::{git, wait_until};
+
 use std::collections::BTreeMap;
-use std::future::Future;
 use std::io::{BufReader, Write};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command as Process, Stdio};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use cairn_packfile::receive::{self, Command, Limits, PushRequest, ReceiveCaps, StagedPack};
 use cairn_packfile::store::PackSet;
@@ -137,23 +139,8 @@ async fn start_node(
     }
 }
 
-async fn wait_until<T, F, Fut>(what: &str, mut check: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Option<T>>,
-{
-    let deadline = Instant::now() + WAIT;
-    loop {
-        if let Some(v) = check().await {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 async fn leader(nodes: &BTreeMap<u64, Node>, among: &[u64]) -> u64 {
-    wait_until("an agreed leader", || async {
+    wait_until("an agreed leader", WAIT, || async {
         let first = nodes[&among[0]].host.leader(SHARD)?;
         (among.contains(&first)
             && among
@@ -162,28 +149,6 @@ async fn leader(nodes: &BTreeMap<u64, Node>, among: &[u64]) -> u64 {
         .then_some(first)
     })
     .await
-}
-
-fn git(dir: &Path, args: &[&str]) -> String {
-    let out = Process::new("git")
-        .args(args)
-        .current_dir(dir)
-        .env("GIT_AUTHOR_DATE", "2024-01-01T00:00:00Z")
-        .env("GIT_COMMITTER_DATE", "2024-01-01T00:00:00Z")
-        .env("GIT_AUTHOR_NAME", "Test")
-        .env("GIT_AUTHOR_EMAIL", "test@example.com")
-        .env("GIT_COMMITTER_NAME", "Test")
-        .env("GIT_COMMITTER_EMAIL", "test@example.com")
-        .env("GIT_CONFIG_NOSYSTEM", "1")
-        .env("HOME", dir)
-        .output()
-        .expect("run git");
-    assert!(
-        out.status.success(),
-        "git {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).expect("utf-8")
 }
 
 /// A client-side repository to make commits and packs from.

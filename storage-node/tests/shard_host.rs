@@ -1,8 +1,10 @@
 //! Shard host: three in-process nodes replicate one shard over gRPC, elect
 //! a leader, route proposals, serve linearizable reads and fail over.
 
+mod common;
+use common::wait_until;
+
 use std::collections::BTreeMap;
-use std::future::Future;
 use std::time::{Duration, Instant};
 
 use cairn_raft::TransportFilter;
@@ -95,24 +97,9 @@ async fn start_cluster(ids: &[u64]) -> BTreeMap<u64, Node> {
     nodes
 }
 
-async fn wait_until<T, F, Fut>(what: &str, mut check: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Option<T>>,
-{
-    let deadline = Instant::now() + WAIT;
-    loop {
-        if let Some(v) = check().await {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 /// A leader among `among` that all of them agree on.
 async fn leader(nodes: &BTreeMap<u64, Node>, among: &[u64]) -> u64 {
-    wait_until("an agreed leader", || async {
+    wait_until("an agreed leader", WAIT, || async {
         let first = nodes[&among[0]].host.leader(SHARD)?;
         (among.contains(&first)
             && among
@@ -386,7 +373,7 @@ async fn storage_node_serves_raft_only_when_configured() {
         .await
         .expect("sharded node");
     let host = node.shard_host.clone().expect("shard host");
-    wait_until("single replica leads", || async {
+    wait_until("single replica leads", WAIT, || async {
         (host.leader(SHARD) == Some(1)).then_some(())
     })
     .await;
