@@ -1,4 +1,4 @@
-//! Moving a committed push's pack from `staging/transfer/<shard>/` (where
+//! Moving a committed push's pack from `staging/transfer/<shard>/<repo>/` (where
 //! the leader's `PackTransfer.Stage` left it) into the repository's pack
 //! directory, durably and idempotently — the step a replica performs while
 //! applying a `Push` entry.
@@ -53,7 +53,7 @@ impl LocalPackPlacer {
     /// the entry, and the commit guarantees a peer holds the pack, so it
     /// waits rather than fails.
     fn fetch(&self, shard: u64, repo_id: u64, id: ObjectId) -> io::Result<()> {
-        let dir = self.area.shard_dir(shard);
+        let dir = self.area.staged_dir(shard, repo_id);
         self.area.create()?;
         fs::create_dir_all(&dir)?;
         // Apply runs synchronously on an async runtime of unknown flavour;
@@ -118,7 +118,7 @@ impl PackPlacer for LocalPackPlacer {
             )
         })?;
         let (pack_dst, idx_dst) = self.area.committed_paths(repo_id, &id);
-        let (pack_src, idx_src) = self.area.staged_paths(shard.0, &id);
+        let (pack_src, idx_src) = self.area.staged_paths(shard.0, repo_id, &id);
         let present = || pack_src.exists() && idx_src.exists();
         let placed = || pack_dst.exists() && idx_dst.exists();
         {

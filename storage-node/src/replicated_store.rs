@@ -462,7 +462,7 @@ impl ReplicatedStore {
         };
         let (pack_path, index_path) = {
             let area = self.area.clone();
-            tokio::task::spawn_blocking(move || stage_locally(&area, shard, &staged))
+            tokio::task::spawn_blocking(move || stage_locally(&area, shard, repo, &staged))
                 .await
                 .map_err(|e| ReplicatedError::Raft(format!("staging task failed: {e}")))??
         };
@@ -556,18 +556,19 @@ impl ReplicatedStore {
 }
 
 /// Moves (or, across file systems, copies) the pack and its index to
-/// `staging/transfer/<shard>/`, durably, where apply and `Fetch` look.
+/// `staging/transfer/<shard>/<repo>/`, durably, where apply and `Fetch` look.
 fn stage_locally(
     area: &StagingArea,
     shard: u64,
+    repo: u64,
     staged: &StagedPack,
 ) -> Result<(PathBuf, PathBuf), ReplicatedError> {
     let io_err = |path: &Path| {
         let path = path.to_owned();
         move |source| ReplicatedError::Io { path, source }
     };
-    let dir = area.shard_dir(shard);
-    let (pack_dst, idx_dst) = area.staged_paths(shard, &staged.id);
+    let dir = area.staged_dir(shard, repo);
+    let (pack_dst, idx_dst) = area.staged_paths(shard, repo, &staged.id);
     // Held so the cleanup worker does not sweep the directory mid-move.
     let _guard = area.hold();
     fs::create_dir_all(&dir).map_err(io_err(&dir))?;

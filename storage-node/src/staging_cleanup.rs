@@ -72,50 +72,67 @@ fn io_err(path: &Path) -> impl FnOnce(io::Error) -> CleanupError + '_ {
 }
 
 /// Lists the removable entries under `root` (`staging/transfer/`). Shard
-/// directories themselves are kept; their packs are grouped by name so a
-/// pack and its index go together.
+/// and repo directories (`<shard>/<repo>/`) themselves are kept; the packs
+/// inside are grouped by name so a pack and its index go together.
 pub fn scan(root: &Path) -> Result<Vec<StagedEntry>, CleanupError> {
     let mut out = Vec::new();
     for (path, is_dir) in list(root)? {
-        let is_shard_dir = is_dir
-            && path
-                .file_name()
-                .and_then(|n| n.to_str())
-                .is_some_and(|n| n.parse::<u64>().is_ok());
-        if !is_shard_dir {
-            if let Some(modified) = newest_mtime(&path)? {
-                out.push(StagedEntry {
-                    paths: vec![path],
+        if is_numeric_dir(&path, is_dir) {
+            for (repo_dir, is_dir) in list(&path)? {
+                if is_numeric_dir(&repo_dir, is_dir) {
+                    out.extend(group_packs(&repo_dir)?);
+                } else if let Some(entry) = single(repo_dir)? {
+                    out.push(entry);
+                }
+            }
+        } else if let Some(entry) = single(path)? {
+            out.push(entry);
+        }
+    }
+    Ok(out)
+}
+
+fn is_numeric_dir(path: &Path, is_dir: bool) -> bool {
+    is_dir
+        && path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| n.parse::<u64>().is_ok())
+}
+
+/// `path` (with everything in it) as one entry; `None` if it vanished.
+fn single(path: PathBuf) -> Result<Option<StagedEntry>, CleanupError> {
+    Ok(newest_mtime(&path)?.map(|modified| StagedEntry {
+        paths: vec![path],
+        modified,
+    }))
+}
+
+/// The children of `dir`, with `pack-<id>.pack` and `pack-<id>.idx` (which
+/// share a stem) as one entry.
+fn group_packs(dir: &Path) -> Result<Vec<StagedEntry>, CleanupError> {
+    let mut packs: Vec<StagedEntry> = Vec::new();
+    let mut stems: Vec<PathBuf> = Vec::new();
+    for (child, _) in list(dir)? {
+        let Some(modified) = newest_mtime(&child)? else {
+            continue;
+        };
+        let stem = child.with_extension("");
+        match stems.iter().position(|s| *s == stem) {
+            Some(i) => {
+                packs[i].paths.push(child);
+                packs[i].modified = packs[i].modified.max(modified);
+            }
+            None => {
+                stems.push(stem);
+                packs.push(StagedEntry {
+                    paths: vec![child],
                     modified,
                 });
             }
-            continue;
         }
-        let mut packs: Vec<StagedEntry> = Vec::new();
-        let mut stems: Vec<PathBuf> = Vec::new();
-        for (child, _) in list(&path)? {
-            let Some(modified) = newest_mtime(&child)? else {
-                continue;
-            };
-            // `pack-<id>.pack` and `pack-<id>.idx` share the stem.
-            let stem = child.with_extension("");
-            match stems.iter().position(|s| *s == stem) {
-                Some(i) => {
-                    packs[i].paths.push(child);
-                    packs[i].modified = packs[i].modified.max(modified);
-                }
-                None => {
-                    stems.push(stem);
-                    packs.push(StagedEntry {
-                        paths: vec![child],
-                        modified,
-                    });
-                }
-            }
-        }
-        out.extend(packs);
     }
-    Ok(out)
+    Ok(packs)
 }
 
 /// Entries of `dir` with whether each is a directory; empty when `dir` is
@@ -275,9 +292,10 @@ mod tests {
         let old = now - HOUR * 2;
 
         let shard = root.join("4");
-        fs::create_dir_all(&shard).expect("shard dir");
-        let (old_pack, old_idx) = (shard.join("pack-a.pack"), shard.join("pack-a.idx"));
-        let (new_pack, new_idx) = (shard.join("pack-b.pack"), shard.join("pack-b.idx"));
+        let repo = shard.join("9");
+        fs::create_dir_all(&repo).expect("repo dir");
+        let (old_pack, old_idx) = (repo.join("pack-a.pack"), repo.join("pack-a.idx"));
+        let (new_pack, new_idx) = (repo.join("pack-b.pack"), repo.join("pack-b.idx"));
         for p in [&old_pack, &old_idx, &new_pack, &new_idx] {
             fs::write(p, b"x").expect("write");
         }
@@ -308,7 +326,7 @@ mod tests {
         assert!(new_pack.exists() && new_idx.exists());
         assert!(!abandoned.exists());
         assert!(active.join("pack-d.pack").exists());
-        assert!(shard.is_dir(), "shard directories are kept");
+        assert!(repo.is_dir(), "shard and repo directories are kept");
         assert_eq!(worker.run_once(now).expect("second pass"), 0);
     }
 }

@@ -201,7 +201,7 @@ async fn stage_then_fetch_round_trips_byte_identical() {
         .await
         .expect("stage");
     assert_eq!(outcome, StageOutcome::Staged);
-    let (staged_pack, staged_index) = StagingArea::at(data.path()).staged_paths(SHARD, &p.id);
+    let (staged_pack, staged_index) = StagingArea::at(data.path()).staged_paths(SHARD, REPO, &p.id);
     assert_eq!(std::fs::read(&staged_pack).expect("staged"), p.pack_bytes());
     assert_eq!(
         std::fs::read(&staged_index).expect("staged"),
@@ -211,8 +211,9 @@ async fn stage_then_fetch_round_trips_byte_identical() {
         tree(&transfer_root(data.path())),
         vec![
             SHARD.to_string(),
-            format!("{SHARD}/pack-{}.idx", p.id),
-            format!("{SHARD}/pack-{}.pack", p.id),
+            format!("{SHARD}/{REPO}"),
+            format!("{SHARD}/{REPO}/pack-{}.idx", p.id),
+            format!("{SHARD}/{REPO}/pack-{}.pack", p.id),
         ],
         "only the staged pair remains"
     );
@@ -247,7 +248,7 @@ async fn restaging_a_staged_pack_succeeds_without_rewriting() {
             .expect("stage"),
         StageOutcome::Staged
     );
-    let (staged, _) = StagingArea::at(data.path()).staged_paths(SHARD, &p.id);
+    let (staged, _) = StagingArea::at(data.path()).staged_paths(SHARD, REPO, &p.id);
     let before = std::fs::metadata(&staged).expect("meta");
     let old = std::time::SystemTime::now() - Duration::from_secs(600);
     std::fs::File::open(&staged)
@@ -273,7 +274,7 @@ async fn restaging_a_staged_pack_succeeds_without_rewriting() {
         "re-staging refreshes the TTL clock"
     );
     assert_eq!(std::fs::read(&staged).expect("staged"), p.pack_bytes());
-    assert_eq!(tree(&transfer_root(data.path())).len(), 3);
+    assert_eq!(tree(&transfer_root(data.path())).len(), 4);
     // The connection is still usable after the early answers.
     fetch_pack(
         &mut client,
@@ -523,9 +524,9 @@ async fn concurrent_stages_of_different_packs() {
     }
     let area = StagingArea::at(data.path());
     for p in packs.iter() {
-        let (pack, index) = area.staged_paths(SHARD, &p.id);
+        let (pack, index) = area.staged_paths(SHARD, REPO, &p.id);
         assert_eq!(std::fs::read(pack).expect("staged"), p.pack_bytes());
         assert_eq!(std::fs::read(index).expect("staged"), p.index_bytes());
     }
-    assert_eq!(tree(area.root()).len(), 1 + 2 * packs.len());
+    assert_eq!(tree(area.root()).len(), 2 + 2 * packs.len());
 }

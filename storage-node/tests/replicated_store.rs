@@ -251,7 +251,7 @@ async fn assert_replicated(
     }
     let (staged, _) = node
         .area
-        .staged_paths(SHARD, &ObjectId::from_hex(pack.as_bytes()).expect("id"));
+        .staged_paths(SHARD, record.id, &ObjectId::from_hex(pack.as_bytes()).expect("id"));
     assert!(!staged.exists(), "staged copy left behind");
 }
 
@@ -420,7 +420,7 @@ async fn a_restarted_follower_fetches_the_pack_it_missed() {
     // the push, fetches the pack from a peer.
     let Node { dir, .. } = nodes.remove(&down).expect("node");
     let pack_id = ObjectId::from_hex(pack.as_bytes()).expect("id");
-    let (staged_path, _) = StagingArea::at(dir.path()).staged_paths(SHARD, &pack_id);
+    let (staged_path, _) = StagingArea::at(dir.path()).staged_paths(SHARD, snap.record.id, &pack_id);
     assert!(!staged_path.exists(), "the stopped follower got the pack");
     let listener = TcpListener::bind(peers[&down].as_str())
         .await

@@ -124,7 +124,7 @@ fn update(name: &str, old: [u8; 20], new: [u8; 20]) -> LoggedUpdate {
 }
 
 /// A real pack and index made by git, staged where PackTransfer leaves them.
-fn stage_real_pack(data_dir: &Path) -> (PackRef, [u8; 20]) {
+fn stage_real_pack(data_dir: &Path, repo_id: u64) -> (PackRef, [u8; 20]) {
     let work = tempfile::tempdir().expect("tempdir");
     let git = |args: &[&str]| {
         let out = Process::new("git")
@@ -174,7 +174,10 @@ fn stage_real_pack(data_dir: &Path) -> (PackRef, [u8; 20]) {
         .expect("utf8")
         .trim()
         .to_owned();
-    let shard_dir = data_dir.join("staging/transfer").join(SHARD.0.to_string());
+    let shard_dir = data_dir
+        .join("staging/transfer")
+        .join(SHARD.0.to_string())
+        .join(repo_id.to_string());
     std::fs::create_dir_all(&shard_dir).expect("shard dir");
     for ext in ["pack", "idx"] {
         std::fs::copy(
@@ -240,7 +243,7 @@ async fn pushes_compare_and_swap_place_packs_and_are_idempotent_by_id() {
     let mut f = Fixture::new();
     f.apply(&create("r")).await.expect("create");
     let id = f.repo("w", "r").expect("repo").id;
-    let (pack, head) = stage_real_pack(f.dir.path());
+    let (pack, head) = stage_real_pack(f.dir.path(), id);
 
     let first = push(
         id,
@@ -258,7 +261,7 @@ async fn pushes_compare_and_swap_place_packs_and_are_idempotent_by_id() {
         !f.dir
             .path()
             .join(format!(
-                "staging/transfer/{}/pack-{}.pack",
+                "staging/transfer/{}/{id}/pack-{}.pack",
                 SHARD.0, pack.id
             ))
             .exists(),

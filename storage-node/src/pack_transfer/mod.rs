@@ -16,7 +16,7 @@
 //!
 //! ```text
 //! staging/transfer/tmp-<pid>-<n>/pack-<id>.{pack,idx}   one transfer in flight
-//! staging/transfer/<shard>/pack-<id>.{pack,idx}         staged, awaiting commit
+//! staging/transfer/<shard>/<repo>/pack-<id>.{pack,idx}  staged, awaiting commit
 //! packs/<repo>/pack-<id>.{pack,idx}                     committed (RepoStore)
 //! ```
 //!
@@ -110,14 +110,24 @@ impl StagingArea {
         &self.inner.root
     }
 
-    /// Where staged packs of `shard` wait for their commit.
-    pub fn shard_dir(&self, shard: ShardId) -> PathBuf {
-        self.inner.root.join(shard.to_string())
+    /// Where staged packs of `repo` in `shard` wait for their commit. Per
+    /// repo, because two repos may receive byte-identical packs at once
+    /// (forks, mirrors) and each commit moves its own copy.
+    pub fn staged_dir(&self, shard: ShardId, repo: RepoId) -> PathBuf {
+        self.inner
+            .root
+            .join(shard.to_string())
+            .join(repo.to_string())
     }
 
     /// Paths of a staged pack and its index.
-    pub fn staged_paths(&self, shard: ShardId, pack_id: &ObjectId) -> (PathBuf, PathBuf) {
-        pack_file_paths(&self.shard_dir(shard), pack_id)
+    pub fn staged_paths(
+        &self,
+        shard: ShardId,
+        repo: RepoId,
+        pack_id: &ObjectId,
+    ) -> (PathBuf, PathBuf) {
+        pack_file_paths(&self.staged_dir(shard, repo), pack_id)
     }
 
     /// Paths of a committed pack and its index (the `RepoStore` layout).
@@ -219,9 +229,9 @@ mod tests {
         let area = StagingArea::at(Path::new("/data"));
         let id = parse_pack_id("0123456789abcdef0123456789abcdef01234567").expect("valid id");
         assert_eq!(
-            area.staged_paths(7, &id).0,
+            area.staged_paths(7, 3, &id).0,
             Path::new(
-                "/data/staging/transfer/7/pack-0123456789abcdef0123456789abcdef01234567.pack"
+                "/data/staging/transfer/7/3/pack-0123456789abcdef0123456789abcdef01234567.pack"
             )
         );
         assert_eq!(

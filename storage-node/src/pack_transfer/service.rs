@@ -71,7 +71,7 @@ where
 /// the leader that staged it again.
 fn confirm_staged(area: &StagingArea, header: &TransferHeader) -> Result<bool, ReceiveError> {
     let _held = area.hold();
-    let (pack, index) = area.staged_paths(header.shard, &header.pack_id);
+    let (pack, index) = area.staged_paths(header.shard, header.repo, &header.pack_id);
     for (path, size) in [(&pack, header.pack_size), (&index, header.index_size)] {
         match path.metadata() {
             Ok(m) if m.is_file() && m.len() == size => {}
@@ -100,7 +100,7 @@ fn open_held(
     let _held = area.hold();
     let locations = [
         area.committed_paths(request.repo_id, pack_id),
-        area.staged_paths(request.shard_id, pack_id),
+        area.staged_paths(request.shard_id, request.repo_id, pack_id),
     ];
     for (pack, index) in locations {
         if let (Some(p), Some(i)) = (open_if_present(pack)?, open_if_present(index)?) {
@@ -179,7 +179,7 @@ impl PackTransfer for PackTransferService {
         let area = self.area.clone();
         blocking(move || {
             let _held = area.hold();
-            verified.install(&area.shard_dir(header.shard))
+            verified.install(&area.staged_dir(header.shard, header.repo))
         })
         .await
         .map_err(|e| e.to_status())?;
