@@ -1,13 +1,14 @@
-//! `cairn admin`: repository administration over a storage node's gRPC
-//! `Admin` service.
+//! `cairn admin`: repository administration over the storage nodes' gRPC
+//! `Admin` service, following the shard leader like the router does.
 
 use std::path::PathBuf;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use cairn_proto::admin::admin_client::AdminClient;
 use cairn_proto::admin::{
     CreateRepositoryRequest, DeleteRepositoryRequest, ListRepositoriesRequest,
 };
+use cairn_router::leader::{Attempt, Cluster, RetryPolicy};
 use clap::{Args, Subcommand};
 
 use crate::split_full_name;
@@ -55,20 +56,23 @@ pub async fn run(args: AdminArgs) -> Result<()> {
     if let RepoCommand::Create { full_name, .. } | RepoCommand::Delete { full_name } = command {
         split_full_name(full_name)?;
     }
-    let url = match args.node {
-        Some(u) => u,
+    let nodes = match args.node {
+        Some(u) => vec![u],
         None => {
             let cluster = crate::dev::read_cluster_file(&args.data_dir)?;
-            let node = cluster
+            anyhow::ensure!(
+                !cluster.nodes.is_empty(),
+                "dev-cluster.json lists no storage node"
+            );
+            cluster
                 .nodes
-                .first()
-                .context("dev-cluster.json lists no storage node")?;
-            format!("http://{}", node.grpc_addr)
+                .iter()
+                .map(|n| format!("http://{}", n.grpc_addr))
+                .collect()
         }
     };
-    let mut client = AdminClient::connect(url.clone())
-        .await
-        .with_context(|| format!("connecting to storage node {url}"))?;
+    let cluster = Cluster::new(nodes, RetryPolicy::default());
+    let fail = |s: tonic::Status| anyhow::anyhow!("{}", s.message());
     let AdminCommand::Repo { command } = args.command;
     match command {
         RepoCommand::Create {
@@ -77,35 +81,61 @@ pub async fn run(args: AdminArgs) -> Result<()> {
             description,
         } => {
             let (workspace, slug) = split_full_name(&full_name)?;
-            let repo = client
-                .create_repository(CreateRepositoryRequest {
-                    workspace,
-                    slug,
-                    is_private: !public,
-                    description,
+            let request = CreateRepositoryRequest {
+                workspace,
+                slug,
+                is_private: !public,
+                description,
+            };
+            let repo = cluster
+                .call(|ch| {
+                    let request = request.clone();
+                    async move {
+                        AdminClient::new(ch)
+                            .create_repository(request)
+                            .await
+                            .map(|r| r.into_inner())
+                            .map_err(Attempt::mutation)
+                    }
                 })
                 .await
-                .map_err(|s| anyhow::anyhow!("{}", s.message()))?
-                .into_inner();
+                .map_err(fail)?;
             println!("created {}/{} (id {})", repo.workspace, repo.slug, repo.id);
         }
         RepoCommand::Delete { full_name } => {
             let (workspace, slug) = split_full_name(&full_name)?;
-            client
-                .delete_repository(DeleteRepositoryRequest { workspace, slug })
+            let request = DeleteRepositoryRequest { workspace, slug };
+            cluster
+                .call(|ch| {
+                    let request = request.clone();
+                    async move {
+                        AdminClient::new(ch)
+                            .delete_repository(request)
+                            .await
+                            .map_err(Attempt::mutation)
+                    }
+                })
                 .await
-                .map_err(|s| anyhow::anyhow!("{}", s.message()))?;
+                .map_err(fail)?;
             println!("deleted {full_name}");
         }
         RepoCommand::List { workspace } => {
-            let repos = client
-                .list_repositories(ListRepositoriesRequest {
-                    workspace: workspace.unwrap_or_default(),
+            let request = ListRepositoriesRequest {
+                workspace: workspace.unwrap_or_default(),
+            };
+            let repos = cluster
+                .call(|ch| {
+                    let request = request.clone();
+                    async move {
+                        AdminClient::new(ch)
+                            .list_repositories(request)
+                            .await
+                            .map(|r| r.into_inner().repositories)
+                            .map_err(Attempt::from)
+                    }
                 })
                 .await
-                .map_err(|s| anyhow::anyhow!("{}", s.message()))?
-                .into_inner()
-                .repositories;
+                .map_err(fail)?;
             for r in repos {
                 println!("{}/{}\t{}\t{}", r.workspace, r.slug, r.id, r.head);
             }

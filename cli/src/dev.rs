@@ -22,6 +22,10 @@ pub struct DevArgs {
     /// on every node.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=7))]
     pub nodes: u64,
+    /// Let the nodes' `Admin.SetFaults` RPC cut raft traffic (for
+    /// partition tests; needs --nodes > 1).
+    #[arg(long)]
+    pub fault_injection: bool,
 }
 
 /// What `cairn dev` writes to `<data-dir>/dev-cluster.json` once it serves.
@@ -111,7 +115,14 @@ pub async fn run(args: DevArgs) -> Result<()> {
     let _ = std::fs::remove_file(data_dir.join(CLUSTER_FILE));
     let token = dev_token(&data_dir)?;
     if args.nodes > 1 {
-        return crate::dev_cluster::run(&data_dir, args.http, args.nodes, &token).await;
+        return crate::dev_cluster::run(
+            &data_dir,
+            args.http,
+            args.nodes,
+            &token,
+            args.fault_injection,
+        )
+        .await;
     }
 
     let mut node_cfg = cairn_storage_node::Config::new(data_dir.join("node-1"));

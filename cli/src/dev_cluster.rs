@@ -31,7 +31,13 @@ fn remembered_addr(config: &Path, key: &str) -> Option<SocketAddr> {
     value.get(key)?.as_str()?.parse().ok()
 }
 
-fn node_config(data_dir: &Path, id: u64, addr: SocketAddr, peers: &[(u64, SocketAddr)]) -> String {
+fn node_config(
+    data_dir: &Path,
+    id: u64,
+    addr: SocketAddr,
+    peers: &[(u64, SocketAddr)],
+    fault_injection: bool,
+) -> String {
     let mut peer_lines = String::new();
     for (pid, paddr) in peers {
         peer_lines.push_str(&format!("{pid} = \"{paddr}\"\n"));
@@ -40,7 +46,8 @@ fn node_config(data_dir: &Path, id: u64, addr: SocketAddr, peers: &[(u64, Socket
     format!(
         "# Written by `cairn dev`; edit with care, the cluster keeps these addresses.\n\
          data-dir = \"{data}\"\n\
-         grpc-addr = \"{addr}\"\n\n\
+         grpc-addr = \"{addr}\"\n\
+         {faults}\n\
          [shards]\n\
          node-id = {id}\n\
          replication-factor = {rf}\n\n\
@@ -50,6 +57,11 @@ fn node_config(data_dir: &Path, id: u64, addr: SocketAddr, peers: &[(u64, Socket
          id = {DEV_SHARD}\n\
          replicas = [{replicas}]\n",
         data = data_dir.display(),
+        faults = if fault_injection {
+            "fault-injection = true\n"
+        } else {
+            ""
+        },
         rf = peers.len(),
         replicas = replicas.join(", "),
     )
@@ -120,7 +132,13 @@ impl Drop for Processes {
 }
 
 /// Starts the processes, writes `dev-cluster.json`, waits for Ctrl-C.
-pub async fn run(data_dir: &Path, http: SocketAddr, nodes: u64, token: &str) -> Result<()> {
+pub async fn run(
+    data_dir: &Path,
+    http: SocketAddr,
+    nodes: u64,
+    token: &str,
+    fault_injection: bool,
+) -> Result<()> {
     let exe = std::env::current_exe().context("locating the cairn binary")?;
     let logs = data_dir.join("logs");
     fs::create_dir_all(&logs)?;
@@ -147,7 +165,10 @@ pub async fn run(data_dir: &Path, http: SocketAddr, nodes: u64, token: &str) -> 
     for &(id, addr) in &addrs {
         let node_dir = data_dir.join(format!("node-{id}"));
         let cfg: PathBuf = data_dir.join(format!("node-{id}.toml"));
-        write_private(&cfg, node_config(&node_dir, id, addr, &addrs).as_bytes())?;
+        write_private(
+            &cfg,
+            node_config(&node_dir, id, addr, &addrs, fault_injection).as_bytes(),
+        )?;
         let log = logs.join(format!("node-{id}.log"));
         let child = spawn(&exe, &["node", "--config", &cfg.to_string_lossy()], &log)?;
         dev_nodes.push(DevNode {

@@ -232,6 +232,34 @@ pub struct Attempt {
     pub replayable: bool,
 }
 
+impl Attempt {
+    /// A failed call that changes state. It may be sent again only when the
+    /// node certainly did not act on it: it refused as a non-leader, or no
+    /// connection was ever made. A connection lost mid-call leaves the
+    /// outcome unknown (a create may have happened), so the caller answers.
+    pub fn mutation(status: tonic::Status) -> Self {
+        let replayable = matches!(Failure::classify(&status), Failure::NotLeader { .. })
+            || is_connect_failure(&status);
+        Attempt { status, replayable }
+    }
+}
+
+/// Whether `status` reports a connection that was never established.
+/// tonic maps its `ConnectError` to `Unavailable` with the cause's text and
+/// drops the error itself, so the text is all there is to go on.
+pub fn is_connect_failure(status: &tonic::Status) -> bool {
+    let m = status.message().to_ascii_lowercase();
+    status.code() == tonic::Code::Unavailable
+        && [
+            "tcp connect error",
+            "connection refused",
+            "dns error",
+            "connect timed out",
+        ]
+        .iter()
+        .any(|p| m.contains(p))
+}
+
 impl From<tonic::Status> for Attempt {
     fn from(status: tonic::Status) -> Self {
         Attempt {
@@ -487,5 +515,31 @@ mod tests {
         assert_eq!(c.get(), "http://b:1");
         c.confirm("http://c:1");
         assert_eq!(c.get(), "http://c:1");
+    }
+
+    #[tokio::test]
+    async fn a_refused_connection_is_a_connect_failure_and_replayable() {
+        // A port that was free a moment ago: nothing listens there.
+        let addr = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("free port");
+        let pool = NodePool::default();
+        let channel = pool.channel(&format!("http://{addr}")).expect("channel");
+        let status = cairn_proto::admin::admin_client::AdminClient::new(channel)
+            .list_repositories(cairn_proto::admin::ListRepositoriesRequest::default())
+            .await
+            .expect_err("nothing listens");
+        assert!(is_connect_failure(&status), "{status:?}");
+        assert!(Attempt::mutation(status).replayable);
+
+        let lost = tonic::Status::unavailable("error reading a body from connection");
+        assert!(!is_connect_failure(&lost));
+        assert!(!Attempt::mutation(lost).replayable);
+        let refused = super::tests::not_leader_status();
+        assert!(Attempt::mutation(refused).replayable);
+    }
+
+    fn not_leader_status() -> tonic::Status {
+        tonic::Status::failed_precondition(NOT_LEADER)
     }
 }

@@ -12,6 +12,7 @@ use cairn_proto::admin::{
 use serde::Deserialize;
 use serde_json::{json, Value};
 
+use crate::leader::Attempt;
 use crate::server::AppState;
 
 /// `{"type":"error","error":{"message":…}}` with `status`.
@@ -128,7 +129,12 @@ pub async fn create(
     };
     let call = st.cluster.call(|ch| {
         let req = req.clone();
-        async move { Ok(AdminClient::new(ch).create_repository(req).await?) }
+        async move {
+            AdminClient::new(ch)
+                .create_repository(req)
+                .await
+                .map_err(Attempt::mutation)
+        }
     });
     match call.await {
         Ok(r) => {
@@ -170,7 +176,12 @@ pub async fn delete(
     let req = DeleteRepositoryRequest { workspace, slug };
     let call = st.cluster.call(|ch| {
         let req = req.clone();
-        async move { Ok(AdminClient::new(ch).delete_repository(req).await?) }
+        async move {
+            AdminClient::new(ch)
+                .delete_repository(req)
+                .await
+                .map_err(Attempt::mutation)
+        }
     });
     match call.await {
         Ok(_) => StatusCode::NO_CONTENT.into_response(),

@@ -1,22 +1,63 @@
-//! The `Admin` gRPC service: create, delete, get and list repositories.
+//! The `Admin` gRPC service: create, delete, get and list repositories;
+//! the status of this node's shard replicas, leader transfer, and (when the
+//! config allows it) fault injection for partition tests.
+
+use std::sync::Arc;
 
 use cairn_proto::admin::admin_server::Admin;
 use cairn_proto::admin::{
     CreateRepositoryRequest, DeleteRepositoryRequest, DeleteRepositoryResponse,
     GetRepositoryRequest, ListRepositoriesRequest, ListRepositoriesResponse, Repository,
+    SetFaultsRequest, SetFaultsResponse, ShardReplicaStatus, ShardStatusRequest,
+    ShardStatusResponse, TransferLeaderRequest, TransferLeaderResponse,
 };
+use cairn_raft::TransportFilter;
 use tonic::{Request, Response, Status};
 
-use crate::backend::{status_of, RepoBackend};
+use crate::backend::{not_leader, status_of, RepoBackend};
 use crate::repo_store::RepoRecord;
+use crate::shard_host::{ProposeError, ShardHost};
 
 pub struct AdminService {
     backend: RepoBackend,
+    shards: Option<Arc<ShardHost>>,
+    /// Present only when the node's config enables fault injection.
+    faults: Option<TransportFilter>,
 }
 
 impl AdminService {
     pub fn new(backend: RepoBackend) -> Self {
-        AdminService { backend }
+        AdminService {
+            backend,
+            shards: None,
+            faults: None,
+        }
+    }
+
+    /// Adds the shard RPCs (a node without shards answers them with
+    /// FAILED_PRECONDITION) and, with `faults`, `SetFaults`.
+    pub fn with_shards(
+        mut self,
+        shards: Option<Arc<ShardHost>>,
+        faults: Option<TransportFilter>,
+    ) -> Self {
+        self.shards = shards;
+        self.faults = faults;
+        self
+    }
+
+    fn host(&self) -> Result<&Arc<ShardHost>, Status> {
+        self.shards
+            .as_ref()
+            .ok_or_else(|| Status::failed_precondition("this node hosts no replicated shards"))
+    }
+}
+
+fn propose_status(e: ProposeError) -> Status {
+    match e {
+        ProposeError::NotLeader { leader_hint } => not_leader(leader_hint),
+        ProposeError::UnknownShard(s) => Status::not_found(format!("shard {s} is not hosted here")),
+        other => Status::unavailable(other.to_string()),
     }
 }
 
@@ -90,5 +131,78 @@ impl Admin for AdminService {
         Ok(Response::new(ListRepositoriesResponse {
             repositories: recs.into_iter().map(to_proto).collect(),
         }))
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn shard_status(
+        &self,
+        request: Request<ShardStatusRequest>,
+    ) -> Result<Response<ShardStatusResponse>, Status> {
+        let host = Arc::clone(self.host()?);
+        let mut ids = request.into_inner().shard_ids;
+        if ids.is_empty() {
+            ids = host.shards();
+        }
+        // Scanning a shard's rows is blocking RocksDB work.
+        let replicas = tokio::task::spawn_blocking(move || {
+            ids.into_iter()
+                .map(|id| host.replica_status(id))
+                .collect::<Result<Vec<_>, _>>()
+        })
+        .await
+        .map_err(|e| Status::internal(format!("status task failed: {e}")))?
+        .map_err(propose_status)?;
+        Ok(Response::new(ShardStatusResponse {
+            replicas: replicas
+                .into_iter()
+                .map(|r| ShardReplicaStatus {
+                    shard_id: r.shard,
+                    node_id: r.node,
+                    leader_id: r.leader.unwrap_or(0),
+                    term: r.term,
+                    applied_index: r.applied_index,
+                    last_log_index: r.last_log_index,
+                    voters: r.voters,
+                    state_checksum: r.state_checksum,
+                    repositories: r.repositories,
+                })
+                .collect(),
+        }))
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn transfer_leader(
+        &self,
+        request: Request<TransferLeaderRequest>,
+    ) -> Result<Response<TransferLeaderResponse>, Status> {
+        let r = request.into_inner();
+        self.host()?
+            .transfer_leader(r.shard_id, r.to_node_id)
+            .await
+            .map_err(propose_status)?;
+        tracing::info!(
+            shard = r.shard_id,
+            to = r.to_node_id,
+            "leadership transfer requested"
+        );
+        Ok(Response::new(TransferLeaderResponse {}))
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn set_faults(
+        &self,
+        request: Request<SetFaultsRequest>,
+    ) -> Result<Response<SetFaultsResponse>, Status> {
+        let filter = self.faults.as_ref().ok_or_else(|| {
+            Status::permission_denied("fault injection is disabled in this node's config")
+        })?;
+        let peers = request.into_inner().blocked_peers;
+        filter.heal();
+        filter.block_nodes(peers.iter().copied());
+        tracing::warn!(
+            ?peers,
+            "fault injection: outgoing raft traffic to these peers dropped"
+        );
+        Ok(Response::new(SetFaultsResponse {}))
     }
 }

@@ -22,6 +22,10 @@ pub struct Config {
     /// node serves from its single-node store only.
     #[serde(default)]
     pub shards: Option<ShardHostConfig>,
+    /// Lets the `Admin.SetFaults` RPC cut this node's raft traffic, for
+    /// partition tests. Never set it in production.
+    #[serde(default)]
+    pub fault_injection: bool,
 }
 
 fn default_grpc_addr() -> SocketAddr {
@@ -49,6 +53,7 @@ impl Config {
             grpc_addr: default_grpc_addr(),
             max_pack_bytes: default_max_pack_bytes(),
             shards: None,
+            fault_injection: false,
         }
     }
 

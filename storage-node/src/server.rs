@@ -87,13 +87,14 @@ impl StorageNode {
         .map_err(StartError::Staging)?;
         // Same staging area (and so the same lock) as PackTransfer and the
         // cleanup worker: placing a pack must not race their removals.
+        let filter = cairn_raft::TransportFilter::new();
         let shard_host = match config.shards.clone() {
             Some(shards) => Some(Arc::new(
                 ShardHost::start_with_area(
                     shards,
                     &config.data_dir,
                     staging.clone(),
-                    cairn_raft::TransportFilter::new(),
+                    filter.clone(),
                 )
                 .await?,
             )),
@@ -108,7 +109,10 @@ impl StorageNode {
         };
         let git = GitServer::new(GitService::new(backend.clone(), limits))
             .max_decoding_message_size(16 << 20);
-        let admin = AdminServer::new(AdminService::new(backend.clone()));
+        let faults = config.fault_injection.then_some(filter);
+        let admin = AdminServer::new(
+            AdminService::new(backend.clone()).with_shards(shard_host.clone(), faults),
+        );
         StagingCleanupWorker::new(staging, CleanupOptions::default()).spawn();
         let raft = shard_host.as_ref().map(|h| h.raft_service().into_server());
         let task = tokio::spawn(

@@ -476,3 +476,109 @@ impl ShardHost {
         Some((id, addr))
     }
 }
+
+/// One replica of a shard as this node sees it (the `ShardStatus` answer).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReplicaStatus {
+    pub shard: u64,
+    pub node: NodeId,
+    pub leader: Option<NodeId>,
+    pub term: u64,
+    pub applied_index: u64,
+    pub last_log_index: u64,
+    pub voters: Vec<NodeId>,
+    /// SHA-256 over every replicated row of the shard, read at
+    /// `applied_index`; hex.
+    pub state_checksum: String,
+    pub repositories: u64,
+}
+
+/// Attempts at reading rows and applied index without an apply in between
+/// before the status reports the last (possibly torn) read as unavailable.
+const CHECKSUM_ATTEMPTS: usize = 20;
+
+impl ShardHost {
+    /// This node's replica of `shard`: role, indexes and a checksum of its
+    /// state that replicas at the same applied index must agree on.
+    pub fn replica_status(&self, shard: u64) -> Result<ReplicaStatus, ProposeError> {
+        use openraft::async_runtime::WatchReceiver as _;
+        use sha2::Digest as _;
+        let raft = self.raft(shard)?;
+        let view = self.db.state_view(GroupId(shard));
+        let applied = || -> Result<u64, ProposeError> {
+            Ok(view
+                .applied()
+                .map_err(|e| ProposeError::Raft(e.to_string()))?
+                .map_or(0, |l| l.index()))
+        };
+        // Apply only moves the applied index forward, in the same batch as
+        // its rows: equal indexes before and after the scan mean the rows
+        // are exactly the state at that index.
+        let mut consistent = None;
+        for _ in 0..CHECKSUM_ATTEMPTS {
+            let before = applied()?;
+            let rows = view
+                .scan_prefix(b"")
+                .map_err(|e| ProposeError::Raft(e.to_string()))?;
+            if applied()? == before {
+                consistent = Some((before, rows));
+                break;
+            }
+        }
+        let (applied_index, rows) = consistent.ok_or_else(|| {
+            ProposeError::Raft("the shard kept applying; no consistent read".into())
+        })?;
+        let mut hash = sha2::Sha256::new();
+        for (k, v) in &rows {
+            // Length-prefixed so row boundaries cannot shift between rows.
+            hash.update((k.len() as u64).to_be_bytes());
+            hash.update(k);
+            hash.update((v.len() as u64).to_be_bytes());
+            hash.update(v);
+        }
+        let digest = hash.finalize();
+        let state_checksum = digest.iter().map(|b| format!("{b:02x}")).collect();
+        let metrics = raft.metrics().borrow_watched().clone();
+        Ok(ReplicaStatus {
+            shard,
+            node: self.node_id,
+            leader: metrics.current_leader,
+            term: metrics.current_term,
+            applied_index,
+            last_log_index: metrics.last_log_index.unwrap_or(0),
+            voters: metrics.membership_config.membership().voter_ids().collect(),
+            state_checksum,
+            repositories: rows
+                .iter()
+                .filter(|(k, _)| k.starts_with(crate::shard_state::keys::repos_of("").as_slice()))
+                .count() as u64,
+        })
+    }
+
+    /// Asks `shard`'s leader (this node) to hand leadership to `to`.
+    pub async fn transfer_leader(&self, shard: u64, to: NodeId) -> Result<(), ProposeError> {
+        let raft = self.raft(shard)?;
+        let metrics = raft.metrics().borrow_watched().clone();
+        if metrics.current_leader != Some(self.node_id) {
+            return Err(ProposeError::NotLeader {
+                leader_hint: metrics
+                    .current_leader
+                    .and_then(|id| Some((id, self.peers.get(&id)?.clone()))),
+            });
+        }
+        if !metrics
+            .membership_config
+            .membership()
+            .voter_ids()
+            .any(|v| v == to)
+        {
+            return Err(ProposeError::Raft(format!(
+                "node {to} is not a voter of shard {shard}"
+            )));
+        }
+        raft.trigger()
+            .transfer_leader(to)
+            .await
+            .map_err(|e| ProposeError::Raft(e.to_string()))
+    }
+}
