@@ -1,5 +1,7 @@
-//! `cairn dev`: the embedded local cluster — a storage node and the router
-//! on localhost, data in one folder, kept across restarts.
+//! `cairn dev`: the embedded local cluster — three storage-node processes
+//! replicating one shard and a router process on localhost (or, with
+//! `--nodes 1`, one unreplicated node and the router in this process),
+//! data in one folder, kept across restarts.
 
 use std::io::{Read, Write};
 use std::net::SocketAddr;
@@ -17,10 +19,10 @@ pub struct DevArgs {
     /// Router HTTP address (port 0 picks a free one).
     #[arg(long, default_value = "127.0.0.1:8080")]
     pub http: SocketAddr,
-    /// Storage nodes. 1 runs node and router in this process; more runs
-    /// each node and the router as its own process, one shard replicated
-    /// on every node.
-    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=7))]
+    /// Storage nodes. Each node and the router runs as its own process,
+    /// one shard replicated on every node; 1 runs a single unreplicated
+    /// node and the router in this process.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..=7))]
     pub nodes: u64,
     /// Let the nodes' `Admin.SetFaults` RPC cut raft traffic (for
     /// partition tests; needs --nodes > 1).
