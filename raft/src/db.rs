@@ -1,11 +1,13 @@
 //! The node's raft database: one RocksDB shared by all groups.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use rocksdb::{ColumnFamily, ColumnFamilyDescriptor, Options, DB};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
+use tokio::sync::watch;
 
 use crate::error::{OpenError, StoreError};
 use crate::keys::{GroupId, CF_LOG, CF_META, CF_STATE, COLUMN_FAMILIES};
@@ -19,6 +21,9 @@ use crate::state_machine::{ApplyLogic, GroupStateMachine, StateView};
 pub struct RaftDb {
     db: Arc<DB>,
     snapshot_dir: PathBuf,
+    /// Per group: whether what the application keeps outside the rows is
+    /// complete for them (see `ApplyLogic::reconcile`). Absent is complete.
+    complete: Arc<Mutex<HashMap<GroupId, watch::Sender<bool>>>>,
 }
 
 impl std::fmt::Debug for RaftDb {
@@ -69,6 +74,7 @@ impl RaftDb {
         Ok(Self {
             db,
             snapshot_dir: snapshot_dir.to_path_buf(),
+            complete: Arc::default(),
         })
     }
 
@@ -97,6 +103,17 @@ impl RaftDb {
     /// A read-only view of `group`'s replicated application state.
     pub fn state_view(&self, group: GroupId) -> StateView {
         StateView::new(self.clone(), group)
+    }
+
+    /// The completeness flag of `group`'s state, shared by its state
+    /// machine (which sets it) and its views (which wait for it).
+    pub(crate) fn completeness(&self, group: GroupId) -> watch::Sender<bool> {
+        self.complete
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(group)
+            .or_insert_with(|| watch::Sender::new(true))
+            .clone()
     }
 
     /// Directory holding `group`'s snapshot files.

@@ -81,6 +81,16 @@ pub enum StoreError {
         #[source]
         source: Box<dyn std::error::Error + Send + Sync>,
     },
+    /// The application could not bring what it keeps outside the rows
+    /// (files they name) in line with them after an install or at open.
+    /// Serving the rows without it would break their promises, so the
+    /// group stops.
+    #[error("reconciling the state of group {group} failed")]
+    Reconcile {
+        group: GroupId,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
     /// Reading, writing or verifying a snapshot file failed.
     #[error("snapshot of group {group}")]
     Snapshot {

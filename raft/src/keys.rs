@@ -108,6 +108,9 @@ pub enum StateKey {
     Membership = 2,
     /// Metadata and file name of the group's current snapshot.
     CurrentSnapshot = 3,
+    /// A snapshot install whose rows are being written in several batches;
+    /// present only until its last batch commits.
+    Installing = 4,
 }
 
 /// Key of a state machine row of `group`.

@@ -33,6 +33,6 @@ pub use log_store::GroupLogStore;
 pub use network::{GroupNetworkFactory, GroupRegistry, PeerPool, RaftService, TransportFilter};
 pub use snapshot::SnapshotFile;
 pub use state_machine::{
-    ApplyLogic, GroupSnapshotBuilder, GroupState, GroupStateMachine, StateView,
+    ApplyLogic, GroupSnapshotBuilder, GroupState, GroupStateMachine, StateView, StopSignal,
 };
 pub use types::{Command, CommandResponse, NodeId, PeerAddr, TypeConfig};

@@ -134,11 +134,17 @@ pub async fn info_refs(
         service: service as i32,
         git_protocol: protocol.clone(),
     };
-    let call = st.cluster.call(|ch| {
+    let advertise = |ch| {
         let req = req.clone();
         async move { Ok(git_client(ch).advertise_refs(req).await?.into_inner()) }
-    });
-    let inner = match call.await {
+    };
+    // The receive-pack advertisement precedes a push: ask the leader, so
+    // the push that follows finds it cached.
+    let call = match service {
+        GitService::ReceivePack => st.cluster.call(advertise).await,
+        _ => st.cluster.call_read(advertise).await,
+    };
+    let inner = match call {
         Ok(r) => r,
         Err(s) => return status_response(s),
     };
@@ -249,7 +255,7 @@ pub async fn upload_pack(
         git_protocol: git_protocol(&headers),
         data: Bytes::new(),
     };
-    let call = st.cluster.call(|ch| {
+    let call = st.cluster.call_read(|ch| {
         let messages = std::iter::once(first.clone())
             .chain(body.iter().map(|data| UploadPackRequest {
                 data: data.clone(),

@@ -1,10 +1,11 @@
 //! Finding and following the shard leader.
 //!
 //! Storage nodes are Raft-replicated: a node that is not the leader answers
-//! `FailedPrecondition` with the leader's `host:port` in the `x-cairn-leader`
-//! metadata when it knows it. Until placement comes from a directory, the
-//! whole cluster is one shard group, so one cached leader serves every
-//! repository.
+//! writes with `FailedPrecondition` and the leader's `host:port` in the
+//! `x-cairn-leader` metadata when it knows it. Reads may go to any replica
+//! (it checks with the leader's read index), so they rotate over the nodes.
+//! Until placement comes from a directory, one cached leader serves every
+//! repository: with several shards a miss costs one hinted hop.
 //!
 //! [`decide`] is the pure policy (which node next, after how long, or give
 //! up); [`Cluster::call`] runs it against real channels.
@@ -276,6 +277,8 @@ pub struct Cluster {
     pool: NodePool,
     leader: LeaderCache,
     policy: RetryPolicy,
+    /// Where the next read starts: reads rotate over the replicas.
+    next_read: std::sync::atomic::AtomicUsize,
 }
 
 impl Cluster {
@@ -287,6 +290,7 @@ impl Cluster {
             pool: NodePool::default(),
             leader: LeaderCache::new(first),
             policy,
+            next_read: std::sync::atomic::AtomicUsize::new(0),
         })
     }
 
@@ -298,12 +302,41 @@ impl Cluster {
     /// while the failure allows it and the attempt says it is replayable.
     /// Callers return `Ok` as soon as response bytes may flow: nothing
     /// after that is retried.
-    pub async fn call<T, F, Fut>(&self, mut call: F) -> Result<T, tonic::Status>
+    pub async fn call<T, F, Fut>(&self, call: F) -> Result<T, tonic::Status>
     where
         F: FnMut(Channel) -> Fut,
         Fut: Future<Output = Result<T, Attempt>>,
     {
-        let mut node = self.leader.get();
+        self.run(self.leader.get(), true, call).await
+    }
+
+    /// Runs a read that any replica can serve linearizably (storage nodes
+    /// check with the leader's read index): starts at the next node in
+    /// rotation, spreading clones over the replicas, and fails over like
+    /// [`Cluster::call`] without moving the leader cache.
+    pub async fn call_read<T, F, Fut>(&self, call: F) -> Result<T, tonic::Status>
+    where
+        F: FnMut(Channel) -> Fut,
+        Fut: Future<Output = Result<T, Attempt>>,
+    {
+        let i = self
+            .next_read
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let start = self.nodes[i % self.nodes.len().max(1)].clone();
+        self.run(start, false, call).await
+    }
+
+    async fn run<T, F, Fut>(
+        &self,
+        start: String,
+        tracks_leader: bool,
+        mut call: F,
+    ) -> Result<T, tonic::Status>
+    where
+        F: FnMut(Channel) -> Fut,
+        Fut: Future<Output = Result<T, Attempt>>,
+    {
+        let mut node = start;
         let mut attempts = 0u32;
         loop {
             let result = match self.pool.channel(&node) {
@@ -314,7 +347,9 @@ impl Cluster {
             };
             let failed = match result {
                 Ok(v) => {
-                    self.leader.confirm(&node);
+                    if tracks_leader {
+                        self.leader.confirm(&node);
+                    }
                     return Ok(v);
                 }
                 Err(a) => a,
@@ -350,7 +385,9 @@ impl Cluster {
                         ?backoff,
                         "retrying on another storage node"
                     );
-                    self.leader.replace(&node, &next);
+                    if tracks_leader {
+                        self.leader.replace(&node, &next);
+                    }
                     if !backoff.is_zero() {
                         tokio::time::sleep(backoff).await;
                     }

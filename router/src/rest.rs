@@ -159,7 +159,7 @@ pub async fn get(
     headers: HeaderMap,
 ) -> Response {
     let req = GetRepositoryRequest { workspace, slug };
-    let call = st.cluster.call(|ch| {
+    let call = st.cluster.call_read(|ch| {
         let req = req.clone();
         async move { Ok(AdminClient::new(ch).get_repository(req).await?) }
     });
@@ -195,7 +195,7 @@ pub async fn list(
     headers: HeaderMap,
 ) -> Response {
     let req = ListRepositoriesRequest { workspace };
-    let call = st.cluster.call(|ch| {
+    let call = st.cluster.call_read(|ch| {
         let req = req.clone();
         async move { Ok(AdminClient::new(ch).list_repositories(req).await?) }
     });

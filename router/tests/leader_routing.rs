@@ -150,6 +150,10 @@ async fn http(router: SocketAddr, head: &str, body: &[u8]) -> String {
 
 const INFO_REFS: &str = "GET /ws/repo.git/info/refs?service=git-upload-pack";
 
+/// Writes (and the receive-pack advertisement before them) go to the
+/// leader; reads rotate over the replicas instead.
+const PUSH_INFO_REFS: &str = "GET /ws/repo.git/info/refs?service=git-receive-pack";
+
 #[tokio::test]
 async fn follows_hint_and_caches_leader() {
     let (leader, leader_calls) = start_peer(None).await;
@@ -157,7 +161,7 @@ async fn follows_hint_and_caches_leader() {
     // Only the follower is configured: the hinted leader is dialled on demand.
     let router = start_router(vec![format!("http://{follower}")]).await;
 
-    let resp = http(router, INFO_REFS, b"").await;
+    let resp = http(router, PUSH_INFO_REFS, b"").await;
     assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
     assert!(
         resp.contains(std::str::from_utf8(REFS).expect("utf8")),
@@ -166,7 +170,7 @@ async fn follows_hint_and_caches_leader() {
     assert_eq!(follower_calls.load(Ordering::SeqCst), 1);
     assert_eq!(leader_calls.load(Ordering::SeqCst), 1);
 
-    let resp = http(router, INFO_REFS, b"").await;
+    let resp = http(router, PUSH_INFO_REFS, b"").await;
     assert!(
         resp.contains(std::str::from_utf8(REFS).expect("utf8")),
         "{resp}"
@@ -261,4 +265,29 @@ async fn large_push_refused_at_call_time_is_replayed() {
     assert!(resp.matches('x').count() >= pack.len(), "truncated replay");
     assert_eq!(follower_calls.load(Ordering::SeqCst), 1);
     assert_eq!(leader_calls.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn reads_rotate_over_the_replicas_and_writes_stay_on_the_leader() {
+    let (a, a_calls) = start_peer(None).await;
+    let (b, b_calls) = start_peer(None).await;
+    let router = start_router(vec![format!("http://{a}"), format!("http://{b}")]).await;
+    for _ in 0..4 {
+        let resp = http(router, INFO_REFS, b"").await;
+        assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+    }
+    assert_eq!(a_calls.load(Ordering::SeqCst), 2, "clones spread evenly");
+    assert_eq!(b_calls.load(Ordering::SeqCst), 2, "clones spread evenly");
+    for _ in 0..2 {
+        let resp = http(router, PUSH_INFO_REFS, b"").await;
+        assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+    }
+    assert_eq!(
+        (
+            a_calls.load(Ordering::SeqCst),
+            b_calls.load(Ordering::SeqCst)
+        ),
+        (4, 2),
+        "writes go to the cached leader (the first node until told otherwise)"
+    );
 }

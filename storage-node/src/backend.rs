@@ -24,6 +24,7 @@ pub const NG_NOT_LEADER: &str = "not the shard leader, nothing changed";
 pub const NG_UNKNOWN: &str = "outcome unknown, please fetch and retry";
 pub const NG_REPLICAS: &str = "replicas unavailable, nothing changed";
 pub const NG_INTERNAL: &str = "internal storage error, nothing changed";
+pub const NG_LEADER_LOST: &str = "shard leader changed mid-push, nothing changed; push again";
 
 #[derive(Debug, thiserror::Error)]
 pub enum BackendError {
@@ -102,7 +103,17 @@ impl RepoBackend {
     // The replicated futures are boxed: openraft's are deep enough to
     // overflow the compiler's layout recursion limit inside the services.
 
-    /// Refs and packs of a repository (on the leader only, when replicated).
+    /// Refuses (with the leader's address) on a replica that cannot accept
+    /// writes to `workspace`; a no-op on a single node.
+    pub fn require_writer(&self, workspace: &str) -> Result<(), BackendError> {
+        match self {
+            RepoBackend::Single(_) => Ok(()),
+            RepoBackend::Replicated { shards, .. } => Ok(shards.require_writer(workspace)?),
+        }
+    }
+
+    /// Refs and packs of a repository, as of a linearizable read (on any
+    /// replica, when replicated).
     pub async fn snapshot(
         &self,
         workspace: &str,
@@ -226,6 +237,7 @@ fn classify_push_error(e: ReplicatedError) -> ApplyFailure {
         // Refused before proposing: nothing was appended anywhere.
         ReplicatedError::NotLeader { .. } => NG_NOT_LEADER,
         ReplicatedError::Transfer { .. } => NG_REPLICAS,
+        ReplicatedError::NotApplied { .. } => NG_LEADER_LOST,
         ReplicatedError::Store(_)
         | ReplicatedError::Io { .. }
         | ReplicatedError::UnknownShard(_)
@@ -274,6 +286,7 @@ pub fn status_of(e: BackendError) -> Status {
             ReplicatedError::Indeterminate { .. } => {
                 Status::unavailable(format!("outcome unknown, check and retry: {e}"))
             }
+            ReplicatedError::NotApplied { .. } => Status::aborted(e.to_string()),
             ReplicatedError::Transfer { .. } | ReplicatedError::Raft(_) => {
                 tracing::warn!(error = %e, "shard unavailable");
                 Status::unavailable(e.to_string())

@@ -172,6 +172,13 @@ impl Git for GitService {
             .message()
             .await?
             .ok_or_else(|| Status::invalid_argument("empty receive-pack request"))?;
+        // Before reading the pack: a follower must refuse while the router
+        // can still send the request to the leader.
+        if let Some(repo) = &first.repo {
+            self.backend
+                .require_writer(&repo.workspace)
+                .map_err(status_of)?;
+        }
         let snap = self.snapshot(first.repo).await?;
         tracing::Span::current().record("repo", snap.record.id);
         let input = forward_inbound(inbound, first.data, |m: ReceivePackRequest| m.data);

@@ -33,6 +33,10 @@ use crate::shard_state::{
     keys, refs_from_rows, LoggedUpdate, PackRef, Refusal, ShardRequest, ShardResponse,
 };
 
+/// How long a push whose entry's fate is unknown waits for a linearizable
+/// read (a new leader) to settle it.
+const SETTLE_TIMEOUT: Duration = Duration::from_secs(8);
+
 /// How long a push waits for a quorum of replicas to stage its pack.
 const STAGE_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -50,6 +54,10 @@ pub enum ReplicatedError {
         push_id: Option<String>,
         leader_hint: Option<(NodeId, String)>,
     },
+    /// The push's entry was lost with its leader: a linearizable read after
+    /// the change shows it was never applied, and it never will be.
+    #[error("leadership changed before push {push_id} committed; nothing was applied")]
+    NotApplied { push_id: String },
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error("staging pack {pack} on a quorum of shard {shard}: {acked} of {needed} replicas hold it; {errors}")]
@@ -193,8 +201,12 @@ impl ReplicatedStore {
         Some((id, self.peers.get(&id)?.clone()))
     }
 
-    /// Fails fast with the known leader when this node does not lead
-    /// `shard`, before any expensive work.
+    /// Fails fast with the known leader when this node does not lead the
+    /// shard of `workspace`: writes go there, before any expensive work.
+    pub fn require_writer(&self, workspace: &str) -> Result<(), ReplicatedError> {
+        self.require_leader(self.shard_of(workspace))
+    }
+
     fn require_leader(&self, shard: u64) -> Result<(), ReplicatedError> {
         match self.host.leader(shard) {
             Some(l) if l == self.node_id() => Ok(()),
@@ -204,9 +216,10 @@ impl ReplicatedStore {
         }
     }
 
-    /// A linearizable view of `shard`'s rows; only the leader serves it.
+    /// A linearizable view of `shard`'s rows, on the leader or on a
+    /// follower that has applied the leader's read index.
     async fn read_view(&self, shard: u64) -> Result<StateView, ReplicatedError> {
-        self.host.read_index(shard).await?;
+        self.host.linearizable_read(shard).await?;
         Ok(self.host.state_view(shard)?)
     }
 
@@ -408,30 +421,41 @@ impl ReplicatedStore {
         }
     }
 
-    /// After an unknown outcome: the push's result row answers it if this
-    /// node leads again and the entry was applied. Otherwise the outcome
-    /// stays unknown; re-proposing could apply the push twice under a new id.
+    /// After an unknown outcome, a linearizable read (here, through
+    /// whichever node leads now) decides it: the push's result row is there
+    /// if the entry was applied. If it is absent, the entry was not in the
+    /// log the current leader committed from, so it can never commit: the
+    /// push definitely did nothing. Only when no read succeeds in time does
+    /// the outcome stay unknown; re-proposing could apply the push twice.
     async fn settle(
         &self,
         shard: u64,
         push_id: String,
         leader_hint: Option<(NodeId, String)>,
     ) -> Result<Vec<Result<(), String>>, ReplicatedError> {
-        let indeterminate = |leader_hint| ReplicatedError::Indeterminate {
-            push_id: Some(push_id.clone()),
-            leader_hint,
-        };
-        let view = match self.read_view(shard).await {
-            Ok(view) => view,
-            Err(ReplicatedError::NotLeader { leader_hint: h }) => {
-                return Err(indeterminate(h.or(leader_hint)))
+        let deadline = tokio::time::Instant::now() + SETTLE_TIMEOUT;
+        let view = loop {
+            match self.read_view(shard).await {
+                Ok(view) => break view,
+                Err(e) if tokio::time::Instant::now() >= deadline => {
+                    tracing::warn!(push_id, error = %e, "cannot settle the push's outcome");
+                    let leader_hint = match e {
+                        ReplicatedError::NotLeader { leader_hint: h } => h.or(leader_hint),
+                        _ => self.hint_for(self.host.leader(shard)).or(leader_hint),
+                    };
+                    return Err(ReplicatedError::Indeterminate {
+                        push_id: Some(push_id),
+                        leader_hint,
+                    });
+                }
+                // An election is likely under way: wait for its winner.
+                Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
             }
-            Err(_) => return Err(indeterminate(leader_hint)),
         };
         let key = keys::push(&push_id);
         match view.get(&key)? {
             Some(v) => serde_json::from_slice(&v).map_err(|e| corrupt(&key, e)),
-            None => Err(indeterminate(self.hint_for(self.host.leader(shard)))),
+            None => Err(ReplicatedError::NotApplied { push_id }),
         }
     }
 

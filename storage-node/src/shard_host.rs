@@ -12,7 +12,9 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use cairn_raft::network::{GroupNetworkFactory, GroupRegistry, PeerPool, RaftService};
+use cairn_raft::network::{
+    GroupNetworkFactory, GroupRegistry, PeerPool, RaftService, ReadIndexReply, READ_INDEX_TIMEOUT,
+};
 use cairn_raft::{
     Command, GroupId, GroupStateMachine, NodeId, PeerAddr, RaftDb, StateView, TransportFilter,
     TypeConfig,
@@ -60,24 +62,43 @@ pub struct ShardHostConfig {
     pub election_timeout_min_ms: u64,
     #[serde(default = "default_election_timeout_max_ms")]
     pub election_timeout_max_ms: u64,
+    /// A replica builds a snapshot once this many entries were committed
+    /// since its last one (openraft's `SnapshotPolicy::LogsSinceLast`).
+    #[serde(default = "default_snapshot_logs_since_last")]
+    pub snapshot_logs_since_last: u64,
+    /// Entries already in a snapshot kept in the log, so a follower a
+    /// little behind catches up from the log instead of a snapshot.
+    #[serde(default = "default_max_in_snapshot_log_to_keep")]
+    pub max_in_snapshot_log_to_keep: u64,
 }
 
 fn default_replication_factor() -> usize {
     3
 }
 
-// Cross-zone round trips are a few ms; these leave room for a slow fsync
-// without spurious elections.
+// Cross-zone round trips are a few ms; five missed heartbeats before an
+// election leave room for a slow fsync, and keep a leader loss under the
+// 3 s write-resumption goal with the router's retries.
 fn default_heartbeat_ms() -> u64 {
-    200
+    150
 }
 
 fn default_election_timeout_min_ms() -> u64 {
+    750
+}
+
+// openraft's own defaults: small entries make 5000 a few MB of log, and
+// a thousand kept entries cover a follower's short absence.
+fn default_snapshot_logs_since_last() -> u64 {
+    5000
+}
+
+fn default_max_in_snapshot_log_to_keep() -> u64 {
     1000
 }
 
 fn default_election_timeout_max_ms() -> u64 {
-    2000
+    1500
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -161,6 +182,13 @@ impl ShardHostConfig {
             heartbeat_interval: self.heartbeat_ms,
             election_timeout_min: self.election_timeout_min_ms,
             election_timeout_max: self.election_timeout_max_ms,
+            snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(self.snapshot_logs_since_last),
+            max_in_snapshot_log_to_keep: self.max_in_snapshot_log_to_keep,
+            // Bounds one whole snapshot stream (openraft's default, 200 ms,
+            // fits only tiny shards); the receiver's install also places
+            // the packs the rows name, and a leader that gives up earlier
+            // just sends it again.
+            install_snapshot_timeout: 30_000,
             ..Default::default()
         };
         config
@@ -208,6 +236,15 @@ pub enum ProposeError {
 
 type ShardRaft = openraft::Raft<TypeConfig, GroupStateMachine<ShardLogic<LocalPackPlacer>>>;
 
+/// How long a proposal may wait for its commit before its outcome is
+/// reported unknown: several election timeouts, far beyond a healthy commit.
+const PROPOSE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long a follower may take to apply up to a leader's read index
+/// before it gives the read up (to another replica): a healthy follower is
+/// a heartbeat behind; one this far behind should not serve.
+const FOLLOWER_APPLY_TIMEOUT: Duration = Duration::from_secs(3);
+
 /// This node's shard replicas, each a running raft group.
 pub struct ShardHost {
     node_id: NodeId,
@@ -215,7 +252,11 @@ pub struct ShardHost {
     db: RaftDb,
     registry: GroupRegistry,
     pool: PeerPool,
+    /// Also consulted by follower reads, which ask the leader directly.
+    filter: TransportFilter,
     rafts: BTreeMap<u64, ShardRaft>,
+    /// Packs this node fetched from peers, over all shards.
+    packs_fetched: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl std::fmt::Debug for ShardHost {
@@ -271,7 +312,9 @@ impl ShardHost {
                 db,
                 registry,
                 pool,
+                filter: filter.clone(),
                 rafts: BTreeMap::new(),
+                packs_fetched: Arc::default(),
             };
             for shard in config
                 .shards
@@ -313,7 +356,10 @@ impl ShardHost {
             .collect();
         let sm = self.db.state_machine(
             group,
-            ShardLogic::new(LocalPackPlacer::with_peers(area.clone(), others)),
+            ShardLogic::new(
+                LocalPackPlacer::with_peers(area.clone(), others)
+                    .with_fetch_counter(self.packs_fetched.clone()),
+            ),
         )?;
         let raft = openraft::Raft::new(
             self.node_id,
@@ -390,7 +436,17 @@ impl ShardHost {
     ) -> Result<ShardResponse, ProposeError> {
         let raft = self.raft(shard)?;
         let cmd = Command::encode(&req).map_err(|e| ProposeError::Raft(e.to_string()))?;
-        match raft.client_write(cmd).await {
+        // A leader cut off from its quorum keeps waiting for a commit that
+        // may never come (or may come through a new leader): past the
+        // deadline the outcome is unknown, and the caller settles it.
+        let Ok(written) = tokio::time::timeout(PROPOSE_TIMEOUT, raft.client_write(cmd)).await
+        else {
+            tracing::warn!(shard, "proposal not committed in time; outcome unknown");
+            return Err(ProposeError::Indeterminate {
+                leader_hint: self.known_leader(shard),
+            });
+        };
+        match written {
             Ok(resp) => resp
                 .data
                 .decode::<ShardResponse>()
@@ -416,7 +472,19 @@ impl ShardHost {
     #[tracing::instrument(level = "debug", skip(self), fields(node = self.node_id))]
     pub async fn read_index(&self, shard: u64) -> Result<u64, ProposeError> {
         let raft = self.raft(shard)?;
-        match raft.ensure_linearizable(ReadPolicy::ReadIndex).await {
+        // A leader that cannot reach a quorum would wait here forever; a
+        // timely refusal lets the router try the other replicas.
+        let Ok(confirmed) = tokio::time::timeout(
+            READ_INDEX_TIMEOUT,
+            raft.ensure_linearizable(ReadPolicy::ReadIndex),
+        )
+        .await
+        else {
+            return Err(ProposeError::Raft(format!(
+                "shard {shard}: leadership not confirmed by a quorum within {READ_INDEX_TIMEOUT:?}"
+            )));
+        };
+        match confirmed {
             Ok(read) => Ok(read.index()),
             Err(e) => match e.forward_to_leader() {
                 Some(f) => Err(ProposeError::NotLeader {
@@ -439,7 +507,10 @@ impl ShardHost {
             .applied_index_at_least(Some(index), "read index applied")
             .await
             .map(|_| ())
-            .map_err(|e| ProposeError::Raft(e.to_string()))
+            .map_err(|e| ProposeError::Raft(e.to_string()))?;
+        // Applied rows may still lack the pack files they name (a snapshot
+        // being completed, or the check at start); a read needs both.
+        self.wait_state_complete(shard, timeout).await
     }
 
     /// This replica's view of `shard`'s state; linearizable only after
@@ -465,6 +536,14 @@ impl ShardHost {
                 tracing::warn!(shard, error = %e, "shard group did not stop cleanly");
             }
         }
+    }
+
+    /// The leader this replica knows of, with its address.
+    fn known_leader(&self, shard: u64) -> Option<(NodeId, String)> {
+        let id = self.leader(shard)?;
+        (id != self.node_id)
+            .then(|| Some((id, self.peers.get(&id)?.clone())))
+            .flatten()
     }
 
     fn hint(&self, f: &ForwardToLeader<TypeConfig>) -> Option<(NodeId, String)> {
@@ -555,6 +634,55 @@ impl ShardHost {
         })
     }
 
+    /// A linearizable read barrier on any replica: the leader confirms its
+    /// leadership with a quorum; a follower gets that read index from the
+    /// leader and waits until it has applied it. Afterwards this replica's
+    /// [`ShardHost::state_view`] reflects every write acknowledged before
+    /// the call, and the packs those writes name are in place (apply
+    /// places them first).
+    pub async fn linearizable_read(&self, shard: u64) -> Result<u64, ProposeError> {
+        self.raft(shard)?;
+        let leader = match self.leader(shard) {
+            Some(id) if id == self.node_id => return self.read_index(shard).await,
+            Some(id) => id,
+            None => return Err(ProposeError::NotLeader { leader_hint: None }),
+        };
+        let hint = self.peers.get(&leader).map(|a| (leader, a.clone()));
+        let Some((_, addr)) = hint.clone() else {
+            return Err(ProposeError::NotLeader { leader_hint: None });
+        };
+        if !self.filter.allows(self.node_id, leader) {
+            return Err(ProposeError::Raft(format!(
+                "cut off from the leader (node {leader})"
+            )));
+        }
+        let reply = self
+            .pool
+            .read_index(
+                GroupId(shard),
+                leader,
+                &PeerAddr { addr },
+                READ_INDEX_TIMEOUT + Duration::from_secs(1),
+            )
+            .await
+            .map_err(|s| {
+                ProposeError::Raft(format!("read index from node {leader}: {}", s.message()))
+            })?;
+        match reply {
+            ReadIndexReply::Index(index) => {
+                self.wait_applied(shard, index, FOLLOWER_APPLY_TIMEOUT)
+                    .await?;
+                Ok(index)
+            }
+            ReadIndexReply::NotLeader { leader } => Err(ProposeError::NotLeader {
+                leader_hint: leader
+                    .filter(|&id| id != self.node_id)
+                    .and_then(|id| Some((id, self.peers.get(&id)?.clone()))),
+            }),
+            ReadIndexReply::Unavailable(m) => Err(ProposeError::Raft(m)),
+        }
+    }
+
     /// Asks `shard`'s leader (this node) to hand leadership to `to`.
     pub async fn transfer_leader(&self, shard: u64, to: NodeId) -> Result<(), ProposeError> {
         let raft = self.raft(shard)?;
@@ -580,5 +708,104 @@ impl ShardHost {
             .transfer_leader(to)
             .await
             .map_err(|e| ProposeError::Raft(e.to_string()))
+    }
+}
+
+/// Catch-up: pack fetching and log compaction.
+impl ShardHost {
+    /// Packs this node fetched from peers since it started, over all of its
+    /// shards: while applying a push it missed, and while completing the
+    /// state of an installed snapshot or of a restart.
+    pub fn packs_fetched(&self) -> u64 {
+        self.packs_fetched
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Builds a snapshot of `shard` on this replica now and waits until it
+    /// covers everything applied when called; returns its last index. The
+    /// log it covers is then purged as `max-in-snapshot-log-to-keep` allows.
+    pub async fn build_snapshot(&self, shard: u64, timeout: Duration) -> Result<u64, ProposeError> {
+        let raft = self.raft(shard)?;
+        let applied = raft.metrics().borrow_watched().last_applied;
+        let Some(applied) = applied else {
+            return Err(ProposeError::Raft(format!(
+                "shard {shard}: nothing applied to snapshot"
+            )));
+        };
+        raft.trigger()
+            .snapshot()
+            .await
+            .map_err(|e| ProposeError::Raft(e.to_string()))?;
+        let metrics = raft
+            .wait(Some(timeout))
+            .metrics(
+                |m| {
+                    m.snapshot
+                        .as_ref()
+                        .is_some_and(|s| s.index >= applied.index)
+                },
+                "snapshot built",
+            )
+            .await
+            .map_err(|e| ProposeError::Raft(e.to_string()))?;
+        Ok(metrics.snapshot.map(|s| s.index).unwrap_or(applied.index))
+    }
+
+    /// Lets a wiped replica `node` of `shard` rejoin: on the leader, the
+    /// next time `node` answers with a log behind what it acknowledged
+    /// before, replication starts over for it (a snapshot and the packs it
+    /// names) instead of being refused as a broken follower. An operator
+    /// step, between stopping the node and restarting it empty: a replica
+    /// losing acknowledged entries unannounced may lose committed writes,
+    /// which is why this is not automatic.
+    pub async fn allow_rejoin_after_wipe(
+        &self,
+        shard: u64,
+        node: NodeId,
+    ) -> Result<(), ProposeError> {
+        let raft = self.raft(shard)?;
+        match raft.trigger().allow_next_revert(&node, true).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(openraft::error::AllowNextRevertError::ForwardToLeader(f))) => {
+                Err(ProposeError::NotLeader {
+                    leader_hint: self.hint(&f),
+                })
+            }
+            Ok(Err(e)) => Err(ProposeError::Raft(e.to_string())),
+            Err(e) => Err(ProposeError::Raft(e.to_string())),
+        }
+    }
+
+    /// Waits up to `timeout` until every pack `shard`'s rows name is on this
+    /// node: false only while a snapshot install or the check at start is
+    /// still fetching packs from peers. Starting does not wait for it
+    /// (peers may be down, and the group must still vote and take entries),
+    /// so reads do: `wait_applied` checks it, and on a leader applying its
+    /// first entry waits for the same check.
+    pub async fn wait_state_complete(
+        &self,
+        shard: u64,
+        timeout: Duration,
+    ) -> Result<(), ProposeError> {
+        self.raft(shard)?;
+        if self
+            .db
+            .state_view(GroupId(shard))
+            .wait_complete(timeout)
+            .await
+        {
+            Ok(())
+        } else {
+            Err(ProposeError::Raft(format!(
+                "shard {shard}: this replica is still fetching packs its state names"
+            )))
+        }
+    }
+
+    /// The last log index this replica of `shard` purged, if any.
+    pub fn purged_index(&self, shard: u64) -> Option<u64> {
+        let raft = self.rafts.get(&shard)?;
+        let purged = raft.metrics().borrow_watched().purged;
+        purged.map(|p| p.index)
     }
 }

@@ -13,14 +13,17 @@
 //! Where packs live is not this module's business: before an accepted push
 //! commits, [`PackPlacer::ensure`] must make the pack durable in the
 //! replica's pack directory (moving a staged copy or fetching it from a
-//! peer).
+//! peer). Rows that arrive without their entries — an installed snapshot —
+//! get the same promise from `reconcile`: every pack the pack lists name is
+//! made present ([`PackPlacer::ensure_all`]) before the install returns, and
+//! again whenever the shard is opened.
 
 use std::path::PathBuf;
 
 use cairn_packfile::receive::{self, Command};
 use cairn_packfile::refs::{RefRecord, RepoRefs};
 use cairn_packfile::ObjectId;
-use cairn_raft::{ApplyLogic, GroupId, GroupState};
+use cairn_raft::{ApplyLogic, GroupId, GroupState, StateView, StopSignal};
 use serde::{Deserialize, Serialize};
 
 use crate::repo_store::{validate_name, RepoRecord};
@@ -60,12 +63,22 @@ pub mod keys {
         with_id(b"f/", id, name.as_bytes())
     }
 
+    /// Prefix of every repository's pack list.
+    pub const PACKS: &[u8] = b"p/";
+
     pub fn packs_of(id: u64) -> Vec<u8> {
-        with_id(b"p/", id, b"")
+        with_id(PACKS, id, b"")
     }
 
     pub fn pack(id: u64, pack_hex: &str) -> Vec<u8> {
-        with_id(b"p/", id, pack_hex.as_bytes())
+        with_id(PACKS, id, pack_hex.as_bytes())
+    }
+
+    /// The repository id and pack id of a key made by [`pack`].
+    pub fn parse_pack(key: &[u8]) -> Option<(u64, &str)> {
+        let rest = key.strip_prefix(PACKS)?;
+        let (id, pack) = rest.split_first_chunk::<8>()?;
+        Some((u64::from_be_bytes(*id), std::str::from_utf8(pack).ok()?))
     }
 
     pub fn push(push_id: &str) -> Vec<u8> {
@@ -178,12 +191,32 @@ pub trait PackPlacer: Send + Sync + 'static {
         repo_id: u64,
         pack: &PackRef,
     ) -> Result<PathBuf, std::io::Error>;
+
+    /// Makes every `(repo id, pack)` of `packs` present like
+    /// [`PackPlacer::ensure`], leaving packs already in place untouched.
+    /// Once `stop` is raised it may return early, with anything.
+    fn ensure_all(
+        &self,
+        shard: GroupId,
+        packs: &[(u64, PackRef)],
+        stop: &StopSignal,
+    ) -> Result<(), std::io::Error> {
+        for (repo_id, pack) in packs {
+            if stop.is_stopped() {
+                break;
+            }
+            self.ensure(shard, *repo_id, pack)?;
+        }
+        Ok(())
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApplyError {
     #[error("reading shard state: {0}")]
     Db(#[from] rocksdb::Error),
+    #[error("reading shard state: {0}")]
+    State(#[from] cairn_raft::StoreError),
     #[error("corrupt row {key:?}: {message}")]
     Corrupt { key: String, message: String },
     #[error("placing pack {pack} of repository {repo_id}: {source}")]
@@ -192,7 +225,13 @@ pub enum ApplyError {
         pack: String,
         source: std::io::Error,
     },
+    #[error("making the packs of shard {shard} present: {source}")]
+    Packs { shard: u64, source: std::io::Error },
 }
+
+/// Pack rows handed to the placer at once: bounds memory however many packs
+/// a shard holds, and lets fetches of one page run concurrently.
+const RECONCILE_PAGE: usize = 256;
 
 /// The `ApplyLogic` of every shard group.
 pub struct ShardLogic<P> {
@@ -430,5 +469,54 @@ impl<P: PackPlacer> ApplyLogic for ShardLogic<P> {
                 prior,
             } => self.push(state, repo_id, &push_id, pack, &updates, atomic, &prior),
         }
+    }
+
+    fn reconciles(&self) -> bool {
+        true
+    }
+
+    /// Every pack any repository's pack list names must be on disk before
+    /// refs that need it are served.
+    fn reconcile(&self, view: &StateView, stop: &StopSignal) -> Result<(), ApplyError> {
+        let shard = view.group();
+        let mut after: Option<Vec<u8>> = None;
+        let mut checked = 0usize;
+        loop {
+            if stop.is_stopped() {
+                return Ok(());
+            }
+            let rows = view.scan_prefix_page(keys::PACKS, after.as_deref(), RECONCILE_PAGE)?;
+            let Some((last, _)) = rows.last() else {
+                break;
+            };
+            after = Some(last.clone());
+            let mut packs = Vec::with_capacity(rows.len());
+            for (key, value) in &rows {
+                let (repo_id, pack_hex) =
+                    keys::parse_pack(key).ok_or_else(|| corrupt(key, "not a pack key"))?;
+                let pack: PackRef = serde_json::from_slice(value).map_err(|e| corrupt(key, e))?;
+                if pack.id != pack_hex {
+                    return Err(corrupt(key, "pack row names another pack"));
+                }
+                packs.push((repo_id, pack));
+            }
+            checked += packs.len();
+            match self.placer.ensure_all(shard, &packs, stop) {
+                Ok(()) => {}
+                Err(_) if stop.is_stopped() => return Ok(()),
+                Err(source) => {
+                    return Err(ApplyError::Packs {
+                        shard: shard.0,
+                        source,
+                    })
+                }
+            }
+        }
+        tracing::info!(
+            shard = shard.0,
+            packs = checked,
+            "every referenced pack is present"
+        );
+        Ok(())
     }
 }

@@ -1,6 +1,7 @@
 //! A storage node started with `shards` serves git and admin traffic
-//! through its shard replicas: the leader answers, followers refuse with
-//! `FAILED_PRECONDITION` naming the leader before streaming anything.
+//! through its shard replicas: the leader takes writes, and followers
+//! refuse them with `FAILED_PRECONDITION` naming the leader before
+//! streaming anything; reads are served linearizably by any replica.
 
 mod common;
 use common::{git, wait_until};
@@ -12,7 +13,7 @@ use std::process::{Command as Process, Stdio};
 use std::time::Duration;
 
 use cairn_proto::admin::admin_client::AdminClient;
-use cairn_proto::admin::ListRepositoriesRequest;
+use cairn_proto::admin::{CreateRepositoryRequest, ListRepositoriesRequest};
 use cairn_proto::git::git_client::GitClient;
 use cairn_proto::git::{AdvertiseRefsRequest, GitService, ReceivePackRequest, RepoPath};
 use cairn_storage_node::backend::LEADER_METADATA;
@@ -70,7 +71,7 @@ async fn collect(mut stream: tonic::Streaming<cairn_proto::git::Chunk>) -> Strin
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn git_traffic_goes_to_the_shard_leader() {
+async fn writes_go_to_the_shard_leader_and_any_replica_reads() {
     let ids = [1u64, 2, 3];
     // Free ports for every node, known before any starts (peers need them).
     let mut peers = BTreeMap::new();
@@ -95,6 +96,8 @@ async fn git_traffic_goes_to_the_shard_leader() {
             heartbeat_ms: 50,
             election_timeout_min_ms: 200,
             election_timeout_max_ms: 400,
+            snapshot_logs_since_last: 5000,
+            max_in_snapshot_log_to_keep: 1000,
         });
         let node = StorageNode::start(config).await.expect("node starts");
         assert!(node.backend.replicated().is_some());
@@ -166,11 +169,36 @@ async fn git_traffic_goes_to_the_shard_leader() {
         "refs: {refs:?}"
     );
 
-    // A follower refuses, naming the leader, for reads, pushes and admin.
+    // A follower serves reads, as of the leader's read index: the push
+    // acknowledged above is visible there at once.
     let follower_url = format!("http://{}", peers[&follower]);
     let mut git_follower = GitClient::connect(follower_url.clone())
         .await
         .expect("connect");
+    let refs = collect(
+        git_follower
+            .advertise_refs(advertise.clone())
+            .await
+            .expect("a follower advertises")
+            .into_inner(),
+    )
+    .await;
+    assert!(
+        refs.contains(&format!("{tip} refs/heads/main")),
+        "follower refs: {refs:?}"
+    );
+    let mut admin = AdminClient::connect(follower_url).await.expect("connect");
+    let listed = admin
+        .list_repositories(ListRepositoriesRequest {
+            workspace: "w".into(),
+        })
+        .await
+        .expect("a follower lists repositories")
+        .into_inner()
+        .repositories;
+    assert_eq!(listed.len(), 1, "{listed:?}");
+
+    // It refuses writes, naming the leader, before reading any pack data.
     let check = |status: tonic::Status| {
         assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
         assert_eq!(status.message(), "not the shard leader");
@@ -182,12 +210,6 @@ async fn git_traffic_goes_to_the_shard_leader() {
             .expect("ascii");
         assert_eq!(hint, leader_addr);
     };
-    check(
-        git_follower
-            .advertise_refs(advertise)
-            .await
-            .expect_err("a follower advertised refs"),
-    );
     let push = ReceivePackRequest {
         repo: repo(),
         git_protocol: String::new(),
@@ -199,13 +221,14 @@ async fn git_traffic_goes_to_the_shard_leader() {
             .await
             .expect_err("a follower accepted a push"),
     );
-    let mut admin = AdminClient::connect(follower_url).await.expect("connect");
     check(
         admin
-            .list_repositories(ListRepositoriesRequest {
+            .create_repository(CreateRepositoryRequest {
                 workspace: "w".into(),
+                slug: "other".into(),
+                ..Default::default()
             })
             .await
-            .expect_err("a follower listed repositories"),
+            .expect_err("a follower created a repository"),
     );
 }

@@ -1,6 +1,6 @@
 //! Replicated store: three in-process nodes serving `Raft` and
 //! `PackTransfer`; pushes stage their pack on a quorum, commit through the
-//! shard and land on every replica; reads are leader-only.
+//! shard and land on every replica; reads are linearizable on any replica.
 
 mod common;
 use common::{git, wait_until};
@@ -64,6 +64,14 @@ async fn start_cluster(ids: &[u64]) -> BTreeMap<u64, Node> {
 
 /// [`start_cluster`], also returning every node's address.
 async fn start_cluster_with_peers(ids: &[u64]) -> (BTreeMap<u64, Node>, BTreeMap<u64, String>) {
+    start_cluster_filtered(ids, TransportFilter::new()).await
+}
+
+/// [`start_cluster_with_peers`] with every node consulting `filter`.
+async fn start_cluster_filtered(
+    ids: &[u64],
+    filter: TransportFilter,
+) -> (BTreeMap<u64, Node>, BTreeMap<u64, String>) {
     let mut listeners = BTreeMap::new();
     for &id in ids {
         let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
@@ -73,7 +81,6 @@ async fn start_cluster_with_peers(ids: &[u64]) -> (BTreeMap<u64, Node>, BTreeMap
         .iter()
         .map(|(id, l)| (*id, l.local_addr().expect("addr").to_string()))
         .collect();
-    let filter = TransportFilter::new();
     let mut nodes = BTreeMap::new();
     for (id, listener) in listeners {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -95,6 +102,8 @@ fn shard_config(id: u64, peers: &BTreeMap<u64, String>, ids: &[u64]) -> ShardHos
         heartbeat_ms: 50,
         election_timeout_min_ms: 200,
         election_timeout_max_ms: 400,
+        snapshot_logs_since_last: 5000,
+        max_in_snapshot_log_to_keep: 1000,
     }
 }
 
@@ -249,14 +258,16 @@ async fn assert_replicated(
         let path = dir.join(format!("pack-{pack}.{ext}"));
         assert!(path.is_file(), "{} missing", path.display());
     }
-    let (staged, _) = node
-        .area
-        .staged_paths(SHARD, record.id, &ObjectId::from_hex(pack.as_bytes()).expect("id"));
+    let (staged, _) = node.area.staged_paths(
+        SHARD,
+        record.id,
+        &ObjectId::from_hex(pack.as_bytes()).expect("id"),
+    );
     assert!(!staged.exists(), "staged copy left behind");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn pushes_replicate_to_a_quorum_and_reads_are_leader_only() {
+async fn pushes_replicate_to_a_quorum_and_every_replica_reads_them() {
     let ids = [1, 2, 3];
     let mut nodes = start_cluster(&ids).await;
     let lead = leader(&nodes, &ids).await;
@@ -316,13 +327,15 @@ async fn pushes_replicate_to_a_quorum_and_reads_are_leader_only() {
         .expect("push");
     assert!(results[0].is_err(), "stale push accepted: {results:?}");
 
-    // Reads on a follower point at the leader.
-    match nodes[&followers[0]].store.snapshot("w", "r").await {
-        Err(ReplicatedError::NotLeader {
-            leader_hint: Some((id, _)),
-        }) => assert_eq!(id, lead),
-        other => panic!("follower served a snapshot: {:?}", other.map(|s| s.record)),
-    }
+    // A follower serves the same state: it waits for the leader's read
+    // index, so the acknowledged push is there.
+    let snap_f = nodes[&followers[0]]
+        .store
+        .snapshot("w", "r")
+        .await
+        .expect("follower snapshot");
+    assert_eq!(snap_f.refs.get("refs/heads/main"), Some(c1));
+    assert_eq!(snap_f.packs.bundles().len(), 1);
 
     // One follower down: the pack reaches the leader and the other
     // follower, which is a quorum.
@@ -420,7 +433,8 @@ async fn a_restarted_follower_fetches_the_pack_it_missed() {
     // the push, fetches the pack from a peer.
     let Node { dir, .. } = nodes.remove(&down).expect("node");
     let pack_id = ObjectId::from_hex(pack.as_bytes()).expect("id");
-    let (staged_path, _) = StagingArea::at(dir.path()).staged_paths(SHARD, snap.record.id, &pack_id);
+    let (staged_path, _) =
+        StagingArea::at(dir.path()).staged_paths(SHARD, snap.record.id, &pack_id);
     assert!(!staged_path.exists(), "the stopped follower got the pack");
     let listener = TcpListener::bind(peers[&down].as_str())
         .await
@@ -447,6 +461,65 @@ async fn a_restarted_follower_fetches_the_pack_it_missed() {
         follower_view.scan_prefix(&prefix).expect("scan"),
     );
 
+    for node in nodes.values_mut() {
+        node.stop().await;
+    }
+}
+
+/// One commit pushed to `w/r` through the leader's store.
+async fn push_commit(node: &Node, client: &Client, file: &str) -> ObjectId {
+    let store = &node.store;
+    let snap = store.snapshot("w", "r").await.expect("snapshot");
+    let old = snap.refs.get("refs/heads/main");
+    let tip = client.commit(file, "content\n");
+    let cmds = [update("refs/heads/main", old, tip)];
+    let staged = ingest(node, &cmds, &snap.packs, &client.pack(&tip.to_string()));
+    let results = store
+        .push(&snap.record, &cmds, false, &[None], Some(staged))
+        .await
+        .expect("push");
+    assert_eq!(results, vec![Ok(())]);
+    tip
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_cut_off_from_the_leader_never_serves_a_stale_read() {
+    let ids = [1, 2, 3];
+    let filter = TransportFilter::new();
+    let (mut nodes, _) = start_cluster_filtered(&ids, filter.clone()).await;
+    let lead = leader(&nodes, &ids).await;
+    let cut = *ids.iter().find(|&&n| n != lead).expect("a follower");
+    nodes[&lead]
+        .store
+        .create_repo("w", "r", true, "")
+        .await
+        .expect("create");
+    let client = Client::new();
+    let c1 = push_commit(&nodes[&lead], &client, "a.txt").await;
+    let seen = nodes[&cut].store.snapshot("w", "r").await.expect("read");
+    assert_eq!(seen.refs.get("refs/heads/main"), Some(c1));
+
+    // Cut off, the follower still holds c1 as main; the leader and the
+    // other follower (a quorum) move main on.
+    filter.isolate(cut);
+    let c2 = push_commit(&nodes[&lead], &client, "b.txt").await;
+    match nodes[&cut].store.snapshot("w", "r").await {
+        Err(_) => {}
+        Ok(snap) => panic!(
+            "a cut-off follower served main = {:?} after {c2} was acknowledged",
+            snap.refs.get("refs/heads/main")
+        ),
+    }
+
+    // Healed, it catches up and serves the new state.
+    filter.heal();
+    wait_until("the healed follower to serve c2", WAIT, || async {
+        match nodes[&cut].store.snapshot("w", "r").await {
+            Ok(s) if s.refs.get("refs/heads/main") == Some(c2) => Some(()),
+            _ => None,
+        }
+    })
+    .await;
     for node in nodes.values_mut() {
         node.stop().await;
     }

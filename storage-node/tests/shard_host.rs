@@ -66,6 +66,8 @@ async fn start_cluster(ids: &[u64]) -> BTreeMap<u64, Node> {
             heartbeat_ms: 50,
             election_timeout_min_ms: 200,
             election_timeout_max_ms: 400,
+            snapshot_logs_since_last: 5000,
+            max_in_snapshot_log_to_keep: 1000,
         };
         let host = ShardHost::start(config, dir.path(), filter.clone())
             .await
@@ -304,6 +306,8 @@ async fn restart_keeps_the_group_and_its_state() {
         heartbeat_ms: 50,
         election_timeout_min_ms: 200,
         election_timeout_max_ms: 400,
+        snapshot_logs_since_last: 5000,
+        max_in_snapshot_log_to_keep: 1000,
     };
     for round in 0..2 {
         // In one process, openraft's tasks of the previous instance may drop
@@ -368,6 +372,8 @@ async fn storage_node_serves_raft_only_when_configured() {
         heartbeat_ms: 50,
         election_timeout_min_ms: 200,
         election_timeout_max_ms: 400,
+        snapshot_logs_since_last: 5000,
+        max_in_snapshot_log_to_keep: 1000,
     });
     let node = cairn_storage_node::StorageNode::start(sharded)
         .await

@@ -26,6 +26,7 @@ use tonic::transport::{Channel, Endpoint};
 use tracing::instrument;
 
 use super::filter::TransportFilter;
+use super::server::ReadIndexReply;
 use crate::keys::GroupId;
 use crate::snapshot::SnapshotFile;
 use crate::types::{NodeId, PeerAddr, Snapshot, TypeConfig, Vote};
@@ -134,6 +135,33 @@ impl PeerPool {
     /// Whether no channel is cached.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// Asks `target`, believed to lead `group`, for a read index (see
+    /// [`ReadIndexReply`]); `timeout` bounds the whole call.
+    pub async fn read_index(
+        &self,
+        group: GroupId,
+        target: NodeId,
+        addr: &PeerAddr,
+        timeout: Duration,
+    ) -> Result<ReadIndexReply, tonic::Status> {
+        let channel = self
+            .channel(target, addr)
+            .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+        let mut client = RaftClient::new(channel);
+        let call = client.read_index(GroupMessage {
+            group: group.0,
+            payload: Bytes::new(),
+        });
+        let reply = tokio::time::timeout(timeout, call)
+            .await
+            .map_err(|_| {
+                tonic::Status::unavailable(format!("read index from node {target} timed out"))
+            })??
+            .into_inner();
+        postcard::from_bytes(&reply.payload)
+            .map_err(|e| tonic::Status::internal(format!("cannot decode read index reply: {e}")))
     }
 }
 

@@ -23,4 +23,4 @@ mod server;
 
 pub use client::{GroupNetwork, GroupNetworkFactory, InvalidPeerAddr, NetworkOptions, PeerPool};
 pub use filter::TransportFilter;
-pub use server::{GroupRegistry, RaftService};
+pub use server::{GroupRegistry, RaftService, ReadIndexReply, READ_INDEX_TIMEOUT};

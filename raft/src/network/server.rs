@@ -50,6 +50,7 @@ trait GroupEndpoint: Send + Sync {
         &self,
         req: TransferLeaderRequest<TypeConfig>,
     ) -> BoxFuture<'_, Result<TransferLeaderResponse<TypeConfig>, String>>;
+    fn read_index(&self) -> BoxFuture<'_, ReadIndexReply>;
 }
 
 // Errors become strings here because the only error a raft instance
@@ -119,6 +120,46 @@ where
         }
         .boxed()
     }
+
+    fn read_index(&self) -> BoxFuture<'_, ReadIndexReply> {
+        async move {
+            let confirmed = tokio::time::timeout(
+                READ_INDEX_TIMEOUT,
+                self.ensure_linearizable(openraft::ReadPolicy::ReadIndex),
+            )
+            .await;
+            match confirmed {
+                Ok(Ok(read)) => ReadIndexReply::Index(read.index()),
+                Ok(Err(e)) => match e.forward_to_leader() {
+                    Some(f) => ReadIndexReply::NotLeader {
+                        leader: f.leader_id,
+                    },
+                    None => ReadIndexReply::Unavailable(e.to_string()),
+                },
+                Err(_) => ReadIndexReply::Unavailable(format!(
+                    "leadership not confirmed by a quorum within {READ_INDEX_TIMEOUT:?}"
+                )),
+            }
+        }
+        .boxed()
+    }
+}
+
+/// How long a leader may take to confirm its leadership with a quorum for
+/// a read index before it answers `Unavailable`: a leader cut off from its
+/// quorum would otherwise keep the reader waiting until it steps down.
+pub const READ_INDEX_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3);
+
+/// A leader's answer to `ReadIndex`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub enum ReadIndexReply {
+    /// Confirmed leader; a replica that has applied this index may serve a
+    /// linearizable read.
+    Index(u64),
+    /// Not the leader; the one it knows of, if any.
+    NotLeader { leader: Option<NodeId> },
+    /// Leader, but could not confirm it in time (no quorum, shutting down).
+    Unavailable(String),
 }
 
 /// The raft instances a node hosts, by group. Groups come and go at run
@@ -373,6 +414,16 @@ impl RaftRpc for RaftService {
             .await
             .map_err(|e| stopped(group, e))?;
         reply(&resp)
+    }
+
+    #[instrument(level = "debug", skip_all, fields(node = self.node, group = request.get_ref().group))]
+    async fn read_index(
+        &self,
+        request: Request<GroupMessage>,
+    ) -> Result<Response<GroupReply>, Status> {
+        let group = GroupId(request.into_inner().group);
+        let raft = self.registry.get(group)?;
+        reply(&raft.read_index().await)
     }
 
     #[instrument(level = "debug", skip_all, fields(node = self.node, group = request.get_ref().group))]
