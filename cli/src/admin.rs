@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use anyhow::Result;
 use cairn_proto::admin::admin_client::AdminClient;
 use cairn_proto::admin::{
-    CreateRepositoryRequest, DeleteRepositoryRequest, ListRepositoriesRequest,
+    CreateRepositoryRequest, DeleteRepositoryRequest, ListRepositoriesRequest, ShardStatusRequest,
 };
 use cairn_router::leader::{Attempt, Cluster, RetryPolicy};
 use clap::{Args, Subcommand};
@@ -32,6 +32,17 @@ enum AdminCommand {
         #[command(subcommand)]
         command: RepoCommand,
     },
+    /// Shard replica commands.
+    Shard {
+        #[command(subcommand)]
+        command: ShardCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum ShardCommand {
+    /// Every replica on every node: role, term, indexes, state checksum.
+    Status,
 }
 
 #[derive(Subcommand)]
@@ -52,8 +63,10 @@ enum RepoCommand {
 
 pub async fn run(args: AdminArgs) -> Result<()> {
     // Bad arguments are reported before looking for a cluster.
-    let AdminCommand::Repo { command } = &args.command;
-    if let RepoCommand::Create { full_name, .. } | RepoCommand::Delete { full_name } = command {
+    if let AdminCommand::Repo {
+        command: RepoCommand::Create { full_name, .. } | RepoCommand::Delete { full_name },
+    } = &args.command
+    {
         split_full_name(full_name)?;
     }
     let nodes = match args.node {
@@ -71,9 +84,63 @@ pub async fn run(args: AdminArgs) -> Result<()> {
                 .collect()
         }
     };
+    match args.command {
+        AdminCommand::Repo { command } => repo(nodes, command).await,
+        AdminCommand::Shard {
+            command: ShardCommand::Status,
+        } => shard_status(&nodes).await,
+    }
+}
+
+/// Asks every node for its replicas and prints one row per replica.
+async fn shard_status(nodes: &[String]) -> Result<()> {
+    println!(
+        "{:<6} {:<5} {:<9} {:>5} {:>8} {:>8} {:>8} {:>8} {:>6}  STATE",
+        "SHARD", "NODE", "ROLE", "TERM", "APPLIED", "LAST-LOG", "SNAPSHOT", "PURGED", "REPOS"
+    );
+    for url in nodes {
+        let answer = match AdminClient::connect(url.clone()).await {
+            Ok(mut c) => c
+                .shard_status(ShardStatusRequest::default())
+                .await
+                .map(|r| r.into_inner().replicas)
+                .map_err(|s| s.message().to_owned()),
+            Err(e) => Err(e.to_string()),
+        };
+        let replicas = match answer {
+            Ok(r) => r,
+            Err(e) => {
+                println!("{url}: unreachable ({e})");
+                continue;
+            }
+        };
+        for r in replicas {
+            let role = match r.leader_id {
+                0 => "no leader",
+                l if l == r.node_id => "leader",
+                _ => "follower",
+            };
+            println!(
+                "{:<6} {:<5} {:<9} {:>5} {:>8} {:>8} {:>8} {:>8} {:>6}  {}",
+                r.shard_id,
+                r.node_id,
+                role,
+                r.term,
+                r.applied_index,
+                r.last_log_index,
+                r.snapshot_index,
+                r.purged_index,
+                r.repositories,
+                r.state_checksum.get(..16).unwrap_or(&r.state_checksum),
+            );
+        }
+    }
+    Ok(())
+}
+
+async fn repo(nodes: Vec<String>, command: RepoCommand) -> Result<()> {
     let cluster = Cluster::new(nodes, RetryPolicy::default());
     let fail = |s: tonic::Status| anyhow::anyhow!("{}", s.message());
-    let AdminCommand::Repo { command } = args.command;
     match command {
         RepoCommand::Create {
             full_name,

@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use cairn_proto::admin::admin_server::Admin;
 use cairn_proto::admin::{
+    AllowRejoinRequest, AllowRejoinResponse, CompactShardRequest, CompactShardResponse,
     CreateRepositoryRequest, DeleteRepositoryRequest, DeleteRepositoryResponse,
     GetRepositoryRequest, ListRepositoriesRequest, ListRepositoriesResponse, Repository,
     SetFaultsRequest, SetFaultsResponse, ShardReplicaStatus, ShardStatusRequest,
@@ -52,6 +53,9 @@ impl AdminService {
             .ok_or_else(|| Status::failed_precondition("this node hosts no replicated shards"))
     }
 }
+
+/// Bounds building a snapshot and purging the log behind it.
+const COMPACT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
 
 fn propose_status(e: ProposeError) -> Status {
     match e {
@@ -139,6 +143,7 @@ impl Admin for AdminService {
         request: Request<ShardStatusRequest>,
     ) -> Result<Response<ShardStatusResponse>, Status> {
         let host = Arc::clone(self.host()?);
+        let fetched = host.packs_fetched();
         let mut ids = request.into_inner().shard_ids;
         if ids.is_empty() {
             ids = host.shards();
@@ -165,6 +170,9 @@ impl Admin for AdminService {
                     voters: r.voters,
                     state_checksum: r.state_checksum,
                     repositories: r.repositories,
+                    snapshot_index: r.snapshot_index.unwrap_or(0),
+                    purged_index: r.purged_index.unwrap_or(0),
+                    packs_fetched: fetched,
                 })
                 .collect(),
         }))
@@ -186,6 +194,39 @@ impl Admin for AdminService {
             "leadership transfer requested"
         );
         Ok(Response::new(TransferLeaderResponse {}))
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn compact_shard(
+        &self,
+        request: Request<CompactShardRequest>,
+    ) -> Result<Response<CompactShardResponse>, Status> {
+        let shard = request.into_inner().shard_id;
+        let snapshot_index = self
+            .host()?
+            .compact(shard, COMPACT_TIMEOUT)
+            .await
+            .map_err(propose_status)?;
+        tracing::info!(shard, snapshot_index, "shard log compacted");
+        Ok(Response::new(CompactShardResponse { snapshot_index }))
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn allow_rejoin(
+        &self,
+        request: Request<AllowRejoinRequest>,
+    ) -> Result<Response<AllowRejoinResponse>, Status> {
+        let r = request.into_inner();
+        self.host()?
+            .allow_rejoin_after_wipe(r.shard_id, r.node_id)
+            .await
+            .map_err(propose_status)?;
+        tracing::warn!(
+            shard = r.shard_id,
+            node = r.node_id,
+            "replica allowed to rejoin with a wiped log"
+        );
+        Ok(Response::new(AllowRejoinResponse {}))
     }
 
     #[tracing::instrument(skip_all)]

@@ -570,6 +570,8 @@ pub struct ReplicaStatus {
     /// `applied_index`; hex.
     pub state_checksum: String,
     pub repositories: u64,
+    pub snapshot_index: Option<u64>,
+    pub purged_index: Option<u64>,
 }
 
 /// Attempts at reading rows and applied index without an apply in between
@@ -593,12 +595,26 @@ impl ShardHost {
         // Apply only moves the applied index forward, in the same batch as
         // its rows: equal indexes before and after the scan mean the rows
         // are exactly the state at that index.
+        // While a snapshot install or the start-up check is still fetching
+        // packs, the rows are ahead of what this replica can serve: it is
+        // catching up, not at that index.
+        let catching_up = || {
+            ProposeError::Raft(format!(
+                "shard {shard}: replica is catching up (fetching packs)"
+            ))
+        };
         let mut consistent = None;
         for _ in 0..CHECKSUM_ATTEMPTS {
+            if !view.is_complete() {
+                return Err(catching_up());
+            }
             let before = applied()?;
             let rows = view
                 .scan_prefix(b"")
                 .map_err(|e| ProposeError::Raft(e.to_string()))?;
+            if !view.is_complete() {
+                return Err(catching_up());
+            }
             if applied()? == before {
                 consistent = Some((before, rows));
                 break;
@@ -631,6 +647,8 @@ impl ShardHost {
                 .iter()
                 .filter(|(k, _)| k.starts_with(crate::shard_state::keys::repos_of("").as_slice()))
                 .count() as u64,
+            snapshot_index: metrics.snapshot.map(|s| s.index),
+            purged_index: metrics.purged.map(|p| p.index),
         })
     }
 
@@ -749,6 +767,26 @@ impl ShardHost {
             .await
             .map_err(|e| ProposeError::Raft(e.to_string()))?;
         Ok(metrics.snapshot.map(|s| s.index).unwrap_or(applied.index))
+    }
+
+    /// Snapshots this replica of `shard` now and purges its log up to the
+    /// snapshot; returns the snapshot's last index. A replica behind that
+    /// index catches up by snapshot from then on.
+    pub async fn compact(&self, shard: u64, timeout: Duration) -> Result<u64, ProposeError> {
+        let index = self.build_snapshot(shard, timeout).await?;
+        let raft = self.raft(shard)?;
+        raft.trigger()
+            .purge_log(index)
+            .await
+            .map_err(|e| ProposeError::Raft(e.to_string()))?;
+        raft.wait(Some(timeout))
+            .metrics(
+                |m| m.purged.as_ref().is_some_and(|p| p.index >= index),
+                "log purged",
+            )
+            .await
+            .map_err(|e| ProposeError::Raft(e.to_string()))?;
+        Ok(index)
     }
 
     /// Lets a wiped replica `node` of `shard` rejoin: on the leader, the
