@@ -146,6 +146,16 @@ impl GroupState<'_> {
         scan_app_prefix(self.db, self.cf, self.group, prefix)
     }
 
+    /// The first `limit` rows whose key starts with `prefix`, as of before
+    /// this entry: bounded work per entry for housekeeping in key order.
+    pub fn scan_prefix_limit(
+        &self,
+        prefix: &[u8],
+        limit: usize,
+    ) -> Result<Vec<Row>, rocksdb::Error> {
+        scan_app_prefix_page(self.db, self.cf, self.group, prefix, None, limit)
+    }
+
     /// Stages a write.
     pub fn put(&mut self, key: &[u8], value: &[u8]) {
         self.batch.put_cf(self.cf, app_key(self.group, key), value);

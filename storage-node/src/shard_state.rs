@@ -87,6 +87,14 @@ pub mod keys {
         k
     }
 
+    /// Push results in the order their entries were applied (log index
+    /// first), so the oldest can be pruned without a full scan.
+    pub const PUSHES_BY_AGE: &[u8] = b"t/";
+
+    pub fn push_by_age(index: u64, push_id: &str) -> Vec<u8> {
+        with_id(PUSHES_BY_AGE, index, push_id.as_bytes())
+    }
+
     fn with_id(tag: &[u8], id: u64, rest: &[u8]) -> Vec<u8> {
         let mut k = Vec::with_capacity(tag.len() + 8 + rest.len());
         k.extend_from_slice(tag);
@@ -435,8 +443,45 @@ impl<P: PackPlacer> ShardLogic<P> {
             }
         }
         state.put(&push_key, &json(&results));
+        let index = state.log_id().index();
+        state.put(&keys::push_by_age(index, push_id), b"");
+        prune_push_results(state, index)?;
         Ok(ShardResponse::Pushed(results))
     }
+}
+
+/// How many log entries a push result outlives its push. It answers a push
+/// whose leader was lost mid-commit; that is settled within seconds, so a
+/// window this long is generous even on a busy shard.
+pub const PUSH_RESULT_RETENTION: u64 = 100_000;
+
+/// Most results removed per applied push: bounded work per entry, still
+/// faster than pushes add them.
+const PRUNE_BATCH: usize = 4;
+
+/// Deletes the oldest push results whose entries are more than
+/// [`PUSH_RESULT_RETENTION`] entries before `index`. Deterministic (it
+/// depends only on the state and the log index), so every replica prunes
+/// the same rows.
+fn prune_push_results(state: &mut GroupState<'_>, index: u64) -> Result<(), ApplyError> {
+    let Some(horizon) = index.checked_sub(PUSH_RESULT_RETENTION) else {
+        return Ok(());
+    };
+    let prefix = keys::PUSHES_BY_AGE;
+    for (key, _) in state.scan_prefix_limit(prefix, PRUNE_BATCH)? {
+        let Some(rest) = key.get(prefix.len()..) else {
+            continue;
+        };
+        let Some((at, push_id)) = rest.split_first_chunk::<8>() else {
+            continue;
+        };
+        if u64::from_be_bytes(*at) >= horizon {
+            break;
+        }
+        state.delete(&keys::push(&String::from_utf8_lossy(push_id)));
+        state.delete(&key);
+    }
+    Ok(())
 }
 
 impl<P: PackPlacer> ApplyLogic for ShardLogic<P> {

@@ -337,3 +337,48 @@ async fn an_accepted_push_whose_pack_is_absent_stops_apply() {
     assert!(f.refs(id).is_empty());
     assert!(f.view().get(&keys::push("p")).expect("read").is_none());
 }
+
+#[tokio::test]
+async fn push_results_are_pruned_once_far_behind_the_log() {
+    use cairn_storage_node::shard_state::PUSH_RESULT_RETENTION;
+    let mut f = Fixture::new();
+    f.apply(&create("r")).await.expect("create");
+    let id = f.repo("w", "r").expect("repo").id;
+    // Refused updates (stale old ids) still record their result.
+    let stale = |push_id: &str| {
+        push(
+            id,
+            push_id,
+            None,
+            vec![update("refs/heads/x", oid(1), oid(2))],
+        )
+    };
+    f.apply(&stale("old-1")).await.expect("push");
+    f.apply(&stale("old-2")).await.expect("push");
+    let old_index = f.next - 1;
+    assert_eq!(f.push_result("old-2").len(), 1);
+
+    // Within the window nothing goes.
+    f.next = old_index + PUSH_RESULT_RETENTION - 1;
+    f.apply(&stale("mid")).await.expect("push");
+    assert!(f.view().get(&keys::push("old-1")).expect("read").is_some());
+
+    // Far enough on, each push drops results older than the window, oldest
+    // first, and never a recent one.
+    f.next = old_index + PUSH_RESULT_RETENTION + 1;
+    f.apply(&stale("new")).await.expect("push");
+    for gone in ["old-1", "old-2"] {
+        assert!(
+            f.view().get(&keys::push(gone)).expect("read").is_none(),
+            "{gone} kept"
+        );
+    }
+    assert_eq!(f.push_result("mid").len(), 1);
+    assert_eq!(f.push_result("new").len(), 1);
+    let ages = f
+        .view()
+        .scan_prefix(keys::PUSHES_BY_AGE)
+        .expect("scan")
+        .len();
+    assert_eq!(ages, 2, "age index follows the results");
+}
