@@ -22,7 +22,7 @@ use tokio::io::{AsyncBufRead, BufReader};
 use tokio_util::io::{ReaderStream, StreamReader};
 use tonic::transport::Channel;
 
-use crate::leader::Attempt;
+use crate::leader::{refused_before_acting, Attempt};
 use crate::server::AppState;
 
 fn git_client(channel: Channel) -> GitClient<Channel> {
@@ -330,10 +330,15 @@ pub async fn receive_pack(
                 }));
             match git_client(ch).receive_pack(stream).await {
                 Ok(r) => Ok(r.into_inner()),
-                Err(status) => Err(Attempt {
-                    status,
-                    replayable: rest.fence(),
-                }),
+                // Replayed only if the node certainly did not apply it: a
+                // connection lost after the push reached the node may
+                // come after its commit, and a replay would then fail its
+                // compare-and-swap and report an applied push as refused.
+                Err(status) => {
+                    let untouched = rest.fence();
+                    let replayable = untouched && refused_before_acting(&status);
+                    Err(Attempt { status, replayable })
+                }
             }
         }
     });

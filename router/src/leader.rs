@@ -62,6 +62,9 @@ impl Failure {
                 Failure::Other
             }
             tonic::Code::Unavailable => Failure::Unreachable,
+            // A connection that broke mid-call (the node died) surfaces as
+            // an `Unknown` transport error: a node problem, not an answer.
+            tonic::Code::Unknown if is_transport_error(status) => Failure::Unreachable,
             _ => Failure::Other,
         }
     }
@@ -240,10 +243,31 @@ impl Attempt {
     /// connection was ever made. A connection lost mid-call leaves the
     /// outcome unknown (a create may have happened), so the caller answers.
     pub fn mutation(status: tonic::Status) -> Self {
-        let replayable = matches!(Failure::classify(&status), Failure::NotLeader { .. })
-            || is_connect_failure(&status);
+        let replayable = refused_before_acting(&status);
         Attempt { status, replayable }
     }
+}
+
+/// Whether the node certainly did not act on the request: it refused as a
+/// non-leader, or the connection was never made. Anything else (a
+/// connection lost mid-call, a node killed after its commit) may have
+/// applied it.
+pub fn refused_before_acting(status: &tonic::Status) -> bool {
+    matches!(Failure::classify(status), Failure::NotLeader { .. }) || is_connect_failure(status)
+}
+
+/// Whether `status` is tonic's report of a broken connection rather than
+/// an answer from the node.
+fn is_transport_error(status: &tonic::Status) -> bool {
+    let m = status.message().to_ascii_lowercase();
+    [
+        "transport error",
+        "connection reset",
+        "broken pipe",
+        "connection closed",
+    ]
+    .iter()
+    .any(|p| m.contains(p))
 }
 
 /// Whether `status` reports a connection that was never established.
@@ -519,6 +543,16 @@ mod tests {
             total >= Duration::from_secs(3) && total <= Duration::from_secs(5),
             "{total:?}"
         );
+    }
+
+    #[test]
+    fn a_connection_broken_mid_call_fails_over_reads_but_never_replays_writes() {
+        let broken = tonic::Status::unknown("transport error");
+        assert_eq!(Failure::classify(&broken), Failure::Unreachable);
+        assert!(!refused_before_acting(&broken), "may have been applied");
+        assert!(Attempt::from(tonic::Status::unknown("transport error")).replayable);
+        let answered = tonic::Status::unknown("the node said something odd");
+        assert_eq!(Failure::classify(&answered), Failure::Other);
     }
 
     #[test]
