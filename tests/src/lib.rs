@@ -17,6 +17,11 @@
 //!   terminal prompt, pinned identities and dates that advance by one minute
 //!   per command, so that object ids are reproducible.
 //! * `CAIRN_KEEP_DATA=1` keeps the cluster data and logs for inspection.
+//! * Replicated clusters (`cairn dev --nodes N`) are inspected and faulted
+//!   through each storage node's gRPC Admin service ([`Cluster::leader`],
+//!   [`Cluster::wait_converged`], [`Cluster::set_faults`]); every process
+//!   the harness starts besides `cairn dev` (restarted nodes, extra routers)
+//!   is reaped on drop and known to the watchdog.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -68,6 +73,22 @@ pub fn wait_until<T>(
         thread::sleep(delay);
         delay = (delay * 2).min(Duration::from_millis(200));
     }
+}
+
+/// The current UTC time of day (`HH:MM:SS.mmm`), to line test output up
+/// with the servers' logs.
+pub fn utc_time_of_day() -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    let ms = now.as_millis() % 86_400_000;
+    format!(
+        "{:02}:{:02}:{:02}.{:03}",
+        ms / 3_600_000,
+        ms / 60_000 % 60,
+        ms / 1000 % 60,
+        ms % 1000
+    )
 }
 
 /// A name unique within this machine run: `prefix-<pid>-<n>`.
@@ -257,6 +278,18 @@ impl<'a> HttpRequest<'a> {
     /// Sends it to `base_url` (`http://host:port`) over a fresh connection
     /// (`Connection: close`).
     pub fn send(&self, base_url: &str) -> Result<HttpResponse> {
+        self.send_split(base_url, usize::MAX, || {})
+    }
+
+    /// Like [`HttpRequest::send`], but sends only the first `split` bytes of
+    /// the body, runs `between`, then sends the rest: for faults injected
+    /// while the server is already handling the request.
+    pub fn send_split(
+        &self,
+        base_url: &str,
+        split: usize,
+        between: impl FnOnce(),
+    ) -> Result<HttpResponse> {
         let authority = base_url
             .strip_prefix("http://")
             .ok_or_else(|| anyhow!("only http:// is supported: {base_url}"))?
@@ -283,12 +316,18 @@ impl<'a> HttpRequest<'a> {
         head.push_str("\r\n");
         // A server may answer (and close) before reading a bad body: keep the
         // write error only to report it if no response can be read.
-        let write_result = stream.write_all(head.as_bytes()).and_then(|()| {
-            if let Some(b) = self.body {
-                stream.write_all(b)?;
-            }
-            stream.flush()
-        });
+        let body = self.body.unwrap_or_default();
+        let (first, rest) = body.split_at(split.min(body.len()));
+        let mut write_result = stream
+            .write_all(head.as_bytes())
+            .and_then(|()| stream.write_all(first))
+            .and_then(|()| stream.flush());
+        // Called whatever happened, so that a caller waiting on it is not
+        // left hanging.
+        between();
+        if write_result.is_ok() {
+            write_result = stream.write_all(rest).and_then(|()| stream.flush());
+        }
         let mut buf = Vec::new();
         let mut chunk = [0u8; 64 * 1024];
         let deadline = Instant::now() + self.timeout;
@@ -476,22 +515,57 @@ pub struct Cluster {
     node_count: u64,
     /// Nodes started again by the test after a kill; stopped on drop.
     restarted: Vec<Child>,
+    /// Whether `cairn dev` runs with `--fault-injection`.
+    fault_injection: bool,
+    /// Routers started by [`Cluster::start_router`]; stopped on drop.
+    routers: Vec<Child>,
+}
+
+/// How [`Cluster::start_with`] starts `cairn dev`.
+#[derive(Debug, Clone)]
+pub struct ClusterOptions {
+    /// Storage-node processes (`--nodes`); 1 runs node and router in one
+    /// process.
+    pub nodes: u64,
+    /// Start with `--fault-injection`, so that the nodes accept
+    /// `Admin.SetFaults` (see [`Cluster::set_faults`]).
+    pub fault_injection: bool,
+}
+
+impl Default for ClusterOptions {
+    fn default() -> Self {
+        Self {
+            nodes: 3,
+            fault_injection: false,
+        }
+    }
 }
 
 impl Cluster {
     /// Starts a fresh cluster in a new temp dir and waits until it is ready.
     pub fn start() -> Result<Self> {
-        // CAIRN_E2E_NODES=3 runs the whole suite against a replicated cluster.
+        // The suite runs against what `cairn dev` starts by default: three
+        // replicated storage-node processes. CAIRN_E2E_NODES=1 runs it
+        // against the single in-process node instead.
         let nodes = std::env::var("CAIRN_E2E_NODES")
             .ok()
             .and_then(|v| v.parse().ok())
-            .unwrap_or(1);
+            .unwrap_or(3);
         Self::start_with_nodes(nodes)
     }
 
     /// Like [`Cluster::start`] with `cairn dev --nodes N`: N storage-node
     /// processes holding one Raft-replicated shard, and a router process.
     pub fn start_with_nodes(node_count: u64) -> Result<Self> {
+        Self::start_with(ClusterOptions {
+            nodes: node_count,
+            ..ClusterOptions::default()
+        })
+    }
+
+    /// Starts a fresh cluster as `opts` says and waits until it is ready.
+    pub fn start_with(opts: ClusterOptions) -> Result<Self> {
+        let node_count = opts.nodes;
         let root = tempfile::Builder::new().prefix("cairn-e2e-").tempdir()?;
         let root_path = root.path().to_path_buf();
         let data_dir = root_path.join("data");
@@ -513,6 +587,8 @@ impl Cluster {
             starts: 0,
             node_count,
             restarted: Vec::new(),
+            fault_injection: opts.fault_injection,
+            routers: Vec::new(),
         };
         if std::env::var_os("CAIRN_KEEP_DATA").is_some() {
             if let Some(r) = c.root.take() {
@@ -585,6 +661,7 @@ impl Cluster {
             .arg("127.0.0.1:0")
             .arg("--nodes")
             .arg(self.node_count.to_string())
+            .args(self.fault_injection.then_some("--fault-injection"))
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log);
@@ -651,6 +728,10 @@ impl Cluster {
         let mut pids = vec![child.id()];
         pids.extend(self.info.nodes.iter().filter_map(|n| n.pid));
         pids.extend(self.info.router_pid);
+        // Restarted nodes and extra routers are children of this process,
+        // not of `cairn dev`: only the watchdog stops them if it dies.
+        pids.extend(self.restarted.iter().map(Child::id));
+        pids.extend(self.routers.iter().map(Child::id));
         pids.sort_unstable();
         pids.dedup();
         let pids: Vec<String> = pids.iter().map(u32::to_string).collect();
@@ -742,11 +823,13 @@ if [ -n "$2" ]; then rm -rf "$2"; fi
 
     /// `http://user:token@host:port/{full_name}.git`
     pub fn repo_url(&self, full_name: &str) -> String {
-        let rest = self
-            .info
-            .http_url
-            .strip_prefix("http://")
-            .unwrap_or(&self.info.http_url);
+        self.repo_url_at(&self.info.http_url, full_name)
+    }
+
+    /// Like [`Cluster::repo_url`] through another router at `http_url`
+    /// (e.g. [`ExtraRouter::http_url`]).
+    pub fn repo_url_at(&self, http_url: &str, full_name: &str) -> String {
+        let rest = http_url.strip_prefix("http://").unwrap_or(http_url);
         format!(
             "http://{}:{}@{rest}/{full_name}.git",
             percent_encode(&self.info.username),
@@ -864,13 +947,823 @@ impl Cluster {
             n.pid = Some(pid);
         }
         self.restarted.push(child);
+        self.arm_watchdog(self.root.is_none());
         Ok(())
     }
+
+    /// Ids of the storage nodes, ascending.
+    pub fn node_ids(&self) -> Vec<u64> {
+        let mut ids: Vec<u64> = self.info.nodes.iter().map(|n| n.id).collect();
+        ids.sort_unstable();
+        ids
+    }
+
+    /// gRPC address (`host:port`) of storage node `id`.
+    pub fn node_grpc_addr(&self, id: u64) -> Result<&str> {
+        self.info
+            .nodes
+            .iter()
+            .find(|n| n.id == id)
+            .map(|n| n.grpc_addr.as_str())
+            .ok_or_else(|| anyhow!("no storage node {id} in dev-cluster.json"))
+    }
+
+    /// Path of storage node `id`'s log (appended to across restarts).
+    pub fn node_log_path(&self, id: u64) -> PathBuf {
+        self.data_dir.join("logs").join(format!("node-{id}.log"))
+    }
+
+    /// The last `max` bytes of storage node `id`'s log.
+    pub fn node_log_tail(&self, id: u64, max: usize) -> String {
+        tail_of_file(&self.node_log_path(id), max)
+    }
+
+    /// Starts another `cairn router` process that talks to the storage
+    /// nodes `nodes` only (the router still follows leader hints those
+    /// nodes give). Stopped by [`Cluster::stop_router`] or on drop.
+    pub fn start_router(&mut self, nodes: &[u64]) -> Result<ExtraRouter> {
+        ensure!(
+            !nodes.is_empty(),
+            "a router needs at least one storage node"
+        );
+        let urls = nodes
+            .iter()
+            .map(|&id| Ok(format!("\"http://{}\"", self.node_grpc_addr(id)?)))
+            .collect::<Result<Vec<_>>>()?;
+        // Bound and released at once: a small race with other programs
+        // taking the port, acceptable in tests, and the error would show.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        let n = self.routers.len() + 1;
+        let config = self.root_path.join(format!("router-extra-{n}.toml"));
+        fs::write(
+            &config,
+            format!(
+                "http-addr = \"127.0.0.1:{port}\"\n\
+                 storage-node = {first}\n\
+                 storage-nodes = [{all}]\n\
+                 token = \"{token}\"\n",
+                first = urls[0],
+                all = urls.join(", "),
+                token = self.info.token,
+            ),
+        )?;
+        let log_path = self
+            .data_dir
+            .join("logs")
+            .join(format!("router-extra-{n}.log"));
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)?;
+        let mut cmd = Command::new(cairn_bin()?);
+        cmd.arg("router")
+            .arg("--config")
+            .arg(&config)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log);
+        if std::env::var_os("RUST_LOG").is_none() {
+            cmd.env("RUST_LOG", "info");
+        }
+        let child = cmd.spawn().context("start router")?;
+        let router = ExtraRouter {
+            pid: child.id(),
+            http_url: format!("http://127.0.0.1:{port}"),
+            nodes: nodes.to_vec(),
+            log_path: log_path.clone(),
+        };
+        self.routers.push(child);
+        self.arm_watchdog(self.root.is_none());
+        let ready = wait_until("the extra router to serve", START_TIMEOUT, || {
+            if let Some(c) = self.routers.iter_mut().find(|c| c.id() == router.pid) {
+                if let Some(status) = c.try_wait()? {
+                    bail!(
+                        "router exited early with {status}; log:\n{}",
+                        tail_of_file(&log_path, 8000)
+                    );
+                }
+            }
+            match HttpRequest::new("GET", "/healthz")
+                .timeout(Duration::from_secs(5))
+                .send(&router.http_url)
+            {
+                Ok(r) if r.status == 200 => Ok(Some(())),
+                _ => Ok(None),
+            }
+        });
+        if let Err(e) = ready {
+            let _ = self.stop_router(&router);
+            return Err(e);
+        }
+        Ok(router)
+    }
+
+    /// Stops (SIGKILL) and reaps a router started by
+    /// [`Cluster::start_router`].
+    pub fn stop_router(&mut self, router: &ExtraRouter) -> Result<()> {
+        let pos = self
+            .routers
+            .iter()
+            .position(|c| c.id() == router.pid)
+            .ok_or_else(|| anyhow!("router {} is not running", router.pid))?;
+        let mut c = self.routers.remove(pos);
+        let killed = c.kill();
+        c.wait()?;
+        self.arm_watchdog(self.root.is_none());
+        killed.context("kill router")
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Shard administration (gRPC `cairn.admin.v1.Admin` on each storage node)
+// ---------------------------------------------------------------------------
+
+pub use cairn_proto::admin::ShardReplicaStatus;
+
+/// The shard every repository of a `cairn dev --nodes N` cluster lives on.
+pub const DEV_SHARD: u64 = 1;
+
+/// Connect timeout of an admin call: a killed node refuses at once, a
+/// partitioned one does not (SetFaults only cuts raft traffic, though).
+const ADMIN_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Time limit of one admin call.
+const ADMIN_CALL_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The runtime the blocking admin helpers run their calls on; shared so
+/// that test threads can call them concurrently.
+fn admin_runtime() -> &'static tokio::runtime::Runtime {
+    static RT: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
+    RT.get_or_init(|| {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("cairn-tests-admin")
+            .enable_all()
+            .build()
+            .expect("building the tokio runtime for admin calls")
+    })
+}
+
+/// The gRPC code of an error returned by an admin helper, if the node
+/// answered with one.
+pub fn grpc_code(e: &anyhow::Error) -> Option<tonic::Code> {
+    e.chain()
+        .find_map(|c| c.downcast_ref::<tonic::Status>())
+        .map(tonic::Status::code)
+}
+
+/// A one-line summary of replica states, for messages and progress output.
+pub fn describe_replicas(replicas: &[ShardReplicaStatus]) -> String {
+    replicas
+        .iter()
+        .map(|r| {
+            format!(
+                "node {}: leader {} term {} applied {} last_log {} repos {} sum {}",
+                r.node_id,
+                r.leader_id,
+                r.term,
+                r.applied_index,
+                r.last_log_index,
+                r.repositories,
+                r.state_checksum.get(..12).unwrap_or(&r.state_checksum)
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+impl Cluster {
+    /// Runs `call` against storage node `node`'s Admin service over a fresh
+    /// connection (so a restarted node is reached at once) and blocks for
+    /// the answer. A gRPC error stays reachable through [`grpc_code`].
+    pub fn admin_rpc<T, F, Fut>(&self, node: u64, call: F) -> Result<T>
+    where
+        F: FnOnce(cairn_proto::admin::admin_client::AdminClient<tonic::transport::Channel>) -> Fut,
+        Fut: std::future::Future<Output = std::result::Result<tonic::Response<T>, tonic::Status>>,
+    {
+        let url = format!("http://{}", self.node_grpc_addr(node)?);
+        admin_runtime().block_on(async move {
+            let channel = tonic::transport::Endpoint::from_shared(url.clone())?
+                .connect_timeout(ADMIN_CONNECT_TIMEOUT)
+                .timeout(ADMIN_CALL_TIMEOUT)
+                .connect()
+                .await
+                .with_context(|| format!("connect to node {node} at {url}"))?;
+            let client = cairn_proto::admin::admin_client::AdminClient::new(channel);
+            let resp = tokio::time::timeout(ADMIN_CALL_TIMEOUT, call(client))
+                .await
+                .with_context(|| format!("admin call to node {node} timed out"))?
+                .map_err(|s| anyhow::Error::new(s).context(format!("admin call to node {node}")))?;
+            Ok(resp.into_inner())
+        })
+    }
+
+    /// `ShardStatus` of every replica node `node` hosts.
+    pub fn shard_status(&self, node: u64) -> Result<Vec<ShardReplicaStatus>> {
+        let resp = self.admin_rpc(node, |mut c| async move {
+            c.shard_status(cairn_proto::admin::ShardStatusRequest { shard_ids: vec![] })
+                .await
+        })?;
+        Ok(resp.replicas)
+    }
+
+    /// Node `node`'s replica of the dev shard.
+    pub fn replica_status(&self, node: u64) -> Result<ShardReplicaStatus> {
+        self.shard_status(node)?
+            .into_iter()
+            .find(|r| r.shard_id == DEV_SHARD)
+            .ok_or_else(|| anyhow!("node {node} reports no replica of shard {DEV_SHARD}"))
+    }
+
+    /// Every node's replica of the dev shard, or why it could not be read
+    /// (e.g. the node is down), in node id order.
+    pub fn shard_status_all(&self) -> Vec<(u64, Result<ShardReplicaStatus>)> {
+        self.node_ids()
+            .into_iter()
+            .map(|id| (id, self.replica_status(id)))
+            .collect()
+    }
+
+    /// The established leader of the dev shard: a node that reports itself
+    /// leader, at the highest term any such node reports, and that a
+    /// majority of the voters (itself included) name as leader at that
+    /// term. `None` during an election, or when an isolated node merely
+    /// still believes it leads.
+    pub fn leader(&self) -> Option<u64> {
+        let replicas: Vec<ShardReplicaStatus> = self
+            .shard_status_all()
+            .into_iter()
+            .filter_map(|(_, r)| r.ok())
+            .collect();
+        let claimant = replicas
+            .iter()
+            .filter(|r| r.leader_id == r.node_id)
+            .max_by_key(|r| r.term)?;
+        let supporters = replicas
+            .iter()
+            .filter(|r| r.leader_id == claimant.node_id && r.term == claimant.term)
+            .count();
+        let voters = claimant.voters.len().max(1);
+        (supporters > voters / 2).then_some(claimant.node_id)
+    }
+
+    /// Waits for [`Cluster::leader`] to name one.
+    pub fn wait_leader(&self, timeout: Duration) -> Result<u64> {
+        wait_until("an established shard leader", timeout, || Ok(self.leader()))
+            .with_context(|| format!("replicas: {}", self.describe_all()))
+    }
+
+    /// Waits until node `node` (just restarted) serves its replica again,
+    /// knows a leader, and has applied at least what the leader had applied
+    /// when the wait began.
+    pub fn wait_rejoined(&self, node: u64, timeout: Duration) -> Result<ShardReplicaStatus> {
+        let target = self
+            .leader()
+            .filter(|&l| l != node)
+            .and_then(|l| self.replica_status(l).ok())
+            .map_or(0, |s| s.applied_index);
+        wait_until(&format!("node {node} to rejoin"), timeout, || {
+            Ok(self
+                .replica_status(node)
+                .ok()
+                .filter(|s| s.leader_id != 0 && s.applied_index >= target))
+        })
+        .with_context(|| {
+            format!(
+                "target applied index {target}; replicas: {}",
+                self.describe_all()
+            )
+        })
+    }
+
+    /// Waits until every replica of the dev shard answers, all have applied
+    /// the same index and hold nothing in their logs past it; then requires
+    /// them to report the same state checksum (a replica that applied the
+    /// same entries must hold the same rows). Returns the replicas.
+    ///
+    /// Only meaningful once no write is in flight. Fails at once when the
+    /// checksums differ at an equal applied index: that is divergence, not
+    /// lag.
+    pub fn wait_converged(&self, timeout: Duration) -> Result<Vec<ShardReplicaStatus>> {
+        let mut last = String::new();
+        let res = wait_until("the replicas to converge", timeout, || {
+            let mut replicas = Vec::new();
+            for (id, r) in self.shard_status_all() {
+                match r {
+                    Ok(r) => replicas.push(r),
+                    Err(e) => {
+                        last = format!("node {id}: {e:#}");
+                        return Ok(None);
+                    }
+                }
+            }
+            last = describe_replicas(&replicas);
+            let applied = replicas[0].applied_index;
+            let settled = replicas
+                .iter()
+                .all(|r| r.applied_index == applied && r.last_log_index == applied);
+            if !replicas.iter().all(|r| r.applied_index == applied) {
+                return Ok(None);
+            }
+            let sum = &replicas[0].state_checksum;
+            ensure!(
+                replicas.iter().all(|r| &r.state_checksum == sum),
+                "replicas diverged: same applied index {applied}, different state \
+                 checksums: {last}"
+            );
+            Ok(settled.then_some(replicas))
+        });
+        res.with_context(|| format!("last seen: {last}"))
+    }
+
+    /// `TransferLeader` of the dev shard to `to`, asked of the current
+    /// leader `leader`.
+    pub fn transfer_leader(&self, leader: u64, to: u64) -> Result<()> {
+        self.admin_rpc(leader, |mut c| async move {
+            c.transfer_leader(cairn_proto::admin::TransferLeaderRequest {
+                shard_id: DEV_SHARD,
+                to_node_id: to,
+            })
+            .await
+        })?;
+        Ok(())
+    }
+
+    /// `SetFaults` on `node`: drop its outgoing raft traffic to `blocked`
+    /// (replacing any earlier set; empty heals). Needs a cluster started
+    /// with [`ClusterOptions::fault_injection`].
+    pub fn set_faults(&self, node: u64, blocked: &[u64]) -> Result<()> {
+        let blocked_peers = blocked.to_vec();
+        self.admin_rpc(node, |mut c| async move {
+            c.set_faults(cairn_proto::admin::SetFaultsRequest { blocked_peers })
+                .await
+        })?;
+        Ok(())
+    }
+
+    /// Cuts `group` off from the other nodes, both ways.
+    pub fn partition(&self, group: &[u64]) -> Result<()> {
+        let all = self.node_ids();
+        let (inside, outside): (Vec<u64>, Vec<u64>) = all.iter().partition(|n| group.contains(n));
+        for &n in &inside {
+            self.set_faults(n, &outside)?;
+        }
+        for &n in &outside {
+            self.set_faults(n, &inside)?;
+        }
+        Ok(())
+    }
+
+    /// Clears the faults of every node.
+    pub fn heal(&self) -> Result<()> {
+        for n in self.node_ids() {
+            self.set_faults(n, &[])?;
+        }
+        Ok(())
+    }
+
+    /// The replicas as far as they answer, for messages.
+    pub fn describe_all(&self) -> String {
+        self.shard_status_all()
+            .into_iter()
+            .map(|(id, r)| match r {
+                Ok(r) => describe_replicas(&[r]),
+                Err(e) => format!("node {id}: {e:#}"),
+            })
+            .collect::<Vec<_>>()
+            .join("; ")
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Push outcomes
+// ---------------------------------------------------------------------------
+
+/// What a push's client can know about its fate.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PushOutcome {
+    /// git exited 0: the server acknowledged every ref.
+    Accepted,
+    /// The server (or git, before sending) definitely refused; the text is
+    /// the reason. Nothing of the push may be visible afterwards.
+    Rejected(String),
+    /// Anything else: transport errors, HTTP 5xx, "outcome unknown",
+    /// timeouts. The push may or may not have applied.
+    Unknown(String),
+}
+
+impl PushOutcome {
+    /// Classifies a single-ref `git push` from its exit code and output.
+    /// Errs towards `Unknown`: only a report that names the ref as refused
+    /// for a reason other than an unknown outcome counts as a rejection.
+    pub fn of(o: &GitOutput) -> Self {
+        if o.success() {
+            return PushOutcome::Accepted;
+        }
+        let text = format!("{}\n{}", o.stdout, o.stderr);
+        for line in text.lines() {
+            let reason = |marker: &str| {
+                let rest = &line[line.find(marker)? + marker.len()..];
+                let start = rest.find('(')?;
+                let end = rest.rfind(')')?;
+                (start < end).then(|| rest[start + 1..end].to_owned())
+            };
+            if let Some(r) = reason("[remote rejected]") {
+                return if r.to_lowercase().contains("unknown") {
+                    PushOutcome::Unknown(r)
+                } else {
+                    PushOutcome::Rejected(r)
+                };
+            }
+            if let Some(r) = reason("[rejected]") {
+                return PushOutcome::Rejected(r);
+            }
+        }
+        let summary = o
+            .stderr
+            .lines()
+            .rfind(|l| !l.trim().is_empty())
+            .unwrap_or("no output")
+            .to_owned();
+        PushOutcome::Unknown(format!("exit {:?}: {summary}", o.code))
+    }
+
+    /// Runs `cmd` (a `git push` of one ref) and classifies it; a harness
+    /// timeout counts as unknown.
+    pub fn run(cmd: GitCmd) -> Result<(Self, Option<GitOutput>)> {
+        match cmd.output() {
+            Ok(o) => Ok((Self::of(&o), Some(o))),
+            Err(e) if format!("{e:#}").contains("timed out") => {
+                Ok((PushOutcome::Unknown(format!("{e:#}")), None))
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    pub fn is_accepted(&self) -> bool {
+        matches!(self, PushOutcome::Accepted)
+    }
+}
+
+/// `-c` options making git give up on a stalled HTTP transfer instead of
+/// waiting for the harness timeout: under 1 byte/s for 20 s.
+pub const GIT_HTTP_STALL_LIMITS: [&str; 4] =
+    ["-c", "http.lowSpeedLimit=1", "-c", "http.lowSpeedTime=20"];
+
+/// One push attempt of a [`BranchPusher`].
+#[derive(Debug, Clone)]
+pub struct PushAttempt {
+    /// The commit pushed (new for every attempt).
+    pub commit: String,
+    pub outcome: PushOutcome,
+    /// Wall time of the `git push`.
+    pub took: Duration,
+    /// When it ended, from the pusher's creation.
+    pub ended_at: Duration,
+    /// For an unknown outcome: whether a later read of the branch showed
+    /// the push had applied.
+    pub seen_applied: bool,
+}
+
+/// What [`BranchPusher::verify`] found.
+#[derive(Debug, Clone, Default)]
+pub struct PushTally {
+    pub accepted: usize,
+    pub rejected: usize,
+    pub unknown: usize,
+    /// Unknown-outcome pushes found applied: by a read of the branch right
+    /// after them, or in the final history.
+    pub unknown_applied: usize,
+}
+
+impl PushTally {
+    pub fn add(&mut self, o: &PushTally) {
+        self.accepted += o.accepted;
+        self.rejected += o.rejected;
+        self.unknown += o.unknown;
+        self.unknown_applied += o.unknown_applied;
+    }
+}
+
+impl std::fmt::Display for PushTally {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "accepted {}, rejected {}, unknown {} (found applied: {})",
+            self.accepted, self.rejected, self.unknown, self.unknown_applied
+        )
+    }
+}
+
+/// A git client that force-pushes a series of commits to one branch that
+/// only it writes, each new commit a child of the last one known to be on
+/// the server. A push that is not accepted is followed, as the server
+/// advises, by a read of the branch: if it shows one of the pushes of
+/// unknown outcome, that one applied and becomes the base.
+///
+/// So, whatever failures happen: the acknowledged and seen-applied commits
+/// form a chain the final branch must contain, a refused commit is an
+/// ancestor of nothing later and must be absent, every read of the branch
+/// shows the last known commit or an unknown-outcome push made after it,
+/// and so does the final tip.
+pub struct BranchPusher {
+    pub work: Repo,
+    pub url: String,
+    pub branch: String,
+    /// Limit of one `git push` (a timeout counts as unknown).
+    pub push_timeout: Duration,
+    /// Every `n`-th attempt (0: never) also adds a file of `bytes`
+    /// incompressible bytes, so that some pushes carry packs large enough
+    /// for faults to land while they are transferred: `(n, bytes)`.
+    pub large_every: (usize, usize),
+    /// Read the branch after a push that was not accepted (default): off
+    /// where reads are known to hang, to save the time.
+    pub read_after_failure: bool,
+    root: String,
+    file: String,
+    /// The last commit known to be the branch's value on the server.
+    last_known: Option<String>,
+    attempts: Vec<PushAttempt>,
+    /// Reads of the branch that contradict the attempts' outcomes.
+    anomalies: Vec<String>,
+    started: Instant,
+}
+
+impl BranchPusher {
+    /// A fresh work repository (in `git`'s home) pushing to `branch` at
+    /// `url`.
+    pub fn new(git: &Git, url: &str, branch: &str) -> Result<Self> {
+        let work = git.init(git.scratch(&format!("pusher-{branch}")))?;
+        let file = format!("{branch}.txt");
+        let root = work.commit_file(&file, &format!("root of {branch}\n"), "root")?;
+        Ok(Self {
+            work,
+            url: url.to_owned(),
+            branch: branch.to_owned(),
+            push_timeout: Duration::from_secs(60),
+            large_every: (0, 0),
+            read_after_failure: true,
+            root,
+            file,
+            last_known: None,
+            attempts: Vec::new(),
+            anomalies: Vec::new(),
+            started: Instant::now(),
+        })
+    }
+
+    /// Commits on top of the last known commit and pushes it; after a
+    /// failure, reads the branch to settle earlier unknown outcomes.
+    pub fn push_next(&mut self) -> Result<&PushAttempt> {
+        let base = self.last_known.as_deref().unwrap_or(&self.root).to_owned();
+        let n = self.attempts.len();
+        self.work.run(["reset", "-q", "--hard", &base])?;
+        let mut content = fs::read_to_string(self.work.path.join(&self.file))?;
+        let _ = writeln!(content, "{} attempt {n}", self.branch);
+        let (every, bytes) = self.large_every;
+        if every > 0 && n % every == every - 1 {
+            let mut rng = Rng::new(
+                self.branch
+                    .bytes()
+                    .fold(n as u64, |h, b| h.wrapping_mul(31) ^ u64::from(b)),
+            );
+            let data: Vec<u8> = (0..bytes.div_ceil(8))
+                .flat_map(|_| rng.next_u64().to_le_bytes())
+                .collect();
+            self.work.write_file(&format!("large-{n}.bin"), data)?;
+        }
+        let commit = self.work.commit_file(
+            &self.file,
+            &content,
+            &format!("{} attempt {n}", self.branch),
+        )?;
+        let t = Instant::now();
+        let (outcome, _) = PushOutcome::run(
+            self.work
+                .cmd()
+                .args(GIT_HTTP_STALL_LIMITS)
+                .args(["push", "-q", &self.url])
+                .arg(format!("+HEAD:refs/heads/{}", self.branch))
+                .timeout(self.push_timeout),
+        )?;
+        let accepted = outcome.is_accepted();
+        if accepted {
+            self.last_known = Some(commit.clone());
+        }
+        self.attempts.push(PushAttempt {
+            commit,
+            outcome,
+            took: t.elapsed(),
+            ended_at: self.started.elapsed(),
+            seen_applied: false,
+        });
+        if !accepted && self.read_after_failure {
+            self.settle()?;
+        }
+        Ok(self.attempts.last().expect("just pushed"))
+    }
+
+    /// Reads the branch (a failed read changes nothing) and checks it
+    /// against what the attempts allow.
+    fn settle(&mut self) -> Result<()> {
+        let out = match self
+            .work
+            .cmd()
+            .args(GIT_HTTP_STALL_LIMITS)
+            .args(["ls-remote", &self.url])
+            .arg(format!("refs/heads/{}", self.branch))
+            .timeout(self.push_timeout)
+            .output()
+        {
+            Ok(o) if o.success() => o,
+            _ => return Ok(()),
+        };
+        let seen = out.stdout.split_whitespace().next().map(str::to_owned);
+        if seen == self.last_known {
+            return Ok(());
+        }
+        let since_known = self.since_last_known();
+        match seen
+            .as_ref()
+            .and_then(|s| since_known.iter().find(|&&i| &self.attempts[i].commit == s))
+        {
+            Some(&i) => {
+                self.attempts[i].seen_applied = true;
+                self.last_known = seen;
+            }
+            None => {
+                let describe = |oid: Option<&String>| match oid
+                    .and_then(|o| self.attempts.iter().position(|a| &a.commit == o))
+                {
+                    Some(i) => format!(
+                        "attempt {i} ({:?}, ended at {:?})",
+                        self.attempts[i].outcome, self.attempts[i].ended_at
+                    ),
+                    None => "no attempt of this pusher".to_owned(),
+                };
+                self.anomalies.push(format!(
+                    "after attempt {} (read at {} UTC, {:?}), the branch reads {seen:?}, {}: \
+                     neither the last known commit {:?}, {}, nor a push of unknown outcome \
+                     made since",
+                    self.attempts.len() - 1,
+                    utc_time_of_day(),
+                    self.started.elapsed(),
+                    describe(seen.as_ref()),
+                    self.last_known,
+                    describe(self.last_known.as_ref()),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Indexes of the unknown-outcome attempts since the last known commit
+    /// was pushed (or seen).
+    fn since_last_known(&self) -> Vec<usize> {
+        let start = self
+            .last_known
+            .as_ref()
+            .and_then(|k| self.attempts.iter().rposition(|a| &a.commit == k))
+            .map_or(0, |i| i + 1);
+        (start..self.attempts.len())
+            .filter(|&i| matches!(self.attempts[i].outcome, PushOutcome::Unknown(_)))
+            .collect()
+    }
+
+    pub fn attempts(&self) -> &[PushAttempt] {
+        &self.attempts
+    }
+
+    /// The last commit known to be on the server: acknowledged, or seen
+    /// there after an unknown outcome.
+    pub fn last_known(&self) -> Option<&str> {
+        self.last_known.as_deref()
+    }
+
+    /// Counts of outcomes so far.
+    pub fn tally(&self) -> PushTally {
+        let mut t = PushTally::default();
+        for a in &self.attempts {
+            match a.outcome {
+                PushOutcome::Accepted => t.accepted += 1,
+                PushOutcome::Rejected(_) => t.rejected += 1,
+                PushOutcome::Unknown(_) => {
+                    t.unknown += 1;
+                    t.unknown_applied += usize::from(a.seen_applied);
+                }
+            }
+        }
+        t
+    }
+
+    /// Checks the attempts against `clone`, a fresh clone of the repository
+    /// taken once no push is in flight (its `refs/remotes/origin/*` are the
+    /// server's branches), and the reads made along the way.
+    pub fn verify(&self, clone: &Repo) -> Result<PushTally> {
+        ensure!(
+            self.anomalies.is_empty(),
+            "branch {}: {}",
+            self.branch,
+            self.anomalies.join("; ")
+        );
+        let tip = clone
+            .cmd()
+            .args(["rev-parse", "--verify", "-q"])
+            .arg(format!("refs/remotes/origin/{}", self.branch))
+            .output()?;
+        let tip = tip.success().then(|| tip.out().to_owned());
+        let rev_list = |args: &[&str]| -> Result<std::collections::HashSet<String>> {
+            Ok(clone
+                .run(std::iter::once("rev-list").chain(args.iter().copied()))?
+                .lines()
+                .map(str::to_owned)
+                .collect())
+        };
+        let on_branch = match &tip {
+            Some(t) => rev_list(&[t.as_str()])?,
+            None => Default::default(),
+        };
+        let anywhere = rev_list(&["--all"])?;
+        let mut tally = self.tally();
+        for a in &self.attempts {
+            match &a.outcome {
+                PushOutcome::Accepted => ensure!(
+                    on_branch.contains(&a.commit),
+                    "acknowledged commit {} is not on {} (tip {tip:?})",
+                    a.commit,
+                    self.branch
+                ),
+                PushOutcome::Rejected(why) => ensure!(
+                    !anywhere.contains(&a.commit),
+                    "refused commit {} ({why}) is on the server (branch {}, tip {tip:?})",
+                    a.commit,
+                    self.branch
+                ),
+                PushOutcome::Unknown(_) if a.seen_applied => ensure!(
+                    on_branch.contains(&a.commit),
+                    "commit {} was seen on {} but is not there any more (tip {tip:?})",
+                    a.commit,
+                    self.branch
+                ),
+                PushOutcome::Unknown(_) => {
+                    tally.unknown_applied += usize::from(anywhere.contains(&a.commit));
+                }
+            }
+        }
+        let since_known: Vec<&str> = self
+            .since_last_known()
+            .into_iter()
+            .map(|i| self.attempts[i].commit.as_str())
+            .collect();
+        let tip_ok =
+            tip == self.last_known || tip.as_deref().is_some_and(|t| since_known.contains(&t));
+        ensure!(
+            tip_ok,
+            "branch {} ends at {tip:?}, which is neither the last known commit {:?} nor an \
+             unknown-outcome push made after it ({since_known:?})",
+            self.branch,
+            self.last_known
+        );
+        Ok(tally)
+    }
+}
+
+/// Sets a flag when dropped: stops worker threads however the test exits.
+pub struct StopOnDrop(pub Arc<std::sync::atomic::AtomicBool>);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+}
+
+/// `p`-th percentile (0–100, nearest rank) of `samples`.
+pub fn percentile(samples: &[Duration], p: u32) -> Duration {
+    let mut v = samples.to_vec();
+    v.sort_unstable();
+    if v.is_empty() {
+        return Duration::ZERO;
+    }
+    let rank = (v.len() * p as usize).div_ceil(100).clamp(1, v.len());
+    v[rank - 1]
+}
+
+/// A router process started by [`Cluster::start_router`].
+#[derive(Debug, Clone)]
+pub struct ExtraRouter {
+    pub pid: u32,
+    /// `http://127.0.0.1:port`
+    pub http_url: String,
+    /// The storage nodes it was configured with.
+    pub nodes: Vec<u64>,
+    pub log_path: PathBuf,
 }
 
 impl Drop for Cluster {
     fn drop(&mut self) {
-        for c in &mut self.restarted {
+        for c in self.restarted.iter_mut().chain(&mut self.routers) {
             let _ = c.kill();
             let _ = c.wait();
         }
