@@ -99,9 +99,11 @@ fn shard_config(id: u64, peers: &BTreeMap<u64, String>, ids: &[u64]) -> ShardHos
             replicas: ids.to_vec(),
         }],
         replication_factor: ids.len(),
-        heartbeat_ms: 50,
-        election_timeout_min_ms: 200,
-        election_timeout_max_ms: 400,
+        // Loose enough that a loaded debug build does not see spurious
+        // elections while several three-node clusters run in parallel.
+        heartbeat_ms: 100,
+        election_timeout_min_ms: 500,
+        election_timeout_max_ms: 1000,
         snapshot_logs_since_last: 5000,
         max_in_snapshot_log_to_keep: 1000,
     }
