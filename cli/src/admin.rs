@@ -155,7 +155,7 @@ async fn repo(nodes: Vec<String>, command: RepoCommand) -> Result<()> {
                 description,
             };
             let repo = cluster
-                .call(|ch| {
+                .call(&request.workspace, |ch| {
                     let request = request.clone();
                     async move {
                         AdminClient::new(ch)
@@ -173,7 +173,7 @@ async fn repo(nodes: Vec<String>, command: RepoCommand) -> Result<()> {
             let (workspace, slug) = split_full_name(&full_name)?;
             let request = DeleteRepositoryRequest { workspace, slug };
             cluster
-                .call(|ch| {
+                .call(&request.workspace, |ch| {
                     let request = request.clone();
                     async move {
                         AdminClient::new(ch)
@@ -191,7 +191,7 @@ async fn repo(nodes: Vec<String>, command: RepoCommand) -> Result<()> {
                 workspace: workspace.unwrap_or_default(),
             };
             let repos = cluster
-                .call(|ch| {
+                .call_read(|ch| {
                     let request = request.clone();
                     async move {
                         AdminClient::new(ch)

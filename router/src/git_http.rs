@@ -129,6 +129,7 @@ pub async fn info_refs(
         }
     };
     let protocol = git_protocol(&headers);
+    let key = workspace.clone();
     let req = AdvertiseRefsRequest {
         repo: Some(repo_path(workspace, repo)),
         service: service as i32,
@@ -141,7 +142,7 @@ pub async fn info_refs(
     // The receive-pack advertisement precedes a push: ask the leader, so
     // the push that follows finds it cached.
     let call = match service {
-        GitService::ReceivePack => st.cluster.call(advertise).await,
+        GitService::ReceivePack => st.cluster.call(&key, advertise).await,
         _ => st.cluster.call_read(advertise).await,
     };
     let inner = match call {
@@ -313,7 +314,12 @@ pub async fn receive_pack(
         git_protocol: git_protocol(&headers),
         data: Bytes::new(),
     };
-    let call = st.cluster.call(|ch| {
+    let key = first
+        .repo
+        .as_ref()
+        .map(|r| r.workspace.clone())
+        .unwrap_or_default();
+    let call = st.cluster.call(&key, |ch| {
         let messages = std::iter::once(first.clone())
             .chain(prefix.iter().map(|data| ReceivePackRequest {
                 data: data.clone(),

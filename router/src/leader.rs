@@ -4,8 +4,9 @@
 //! writes with `FailedPrecondition` and the leader's `host:port` in the
 //! `x-cairn-leader` metadata when it knows it. Reads may go to any replica
 //! (it checks with the leader's read index), so they rotate over the nodes.
-//! Until placement comes from a directory, one cached leader serves every
-//! repository: with several shards a miss costs one hinted hop.
+//! Writes go to the leader cached for the workspace (a workspace lives on
+//! one shard); until the router has the shard map, a new workspace starts
+//! from the last leader seen and follows the hint from there.
 //!
 //! [`decide`] is the pure policy (which node next, after how long, or give
 //! up); [`Cluster::call`] runs it against real channels.
@@ -193,41 +194,69 @@ impl NodePool {
     }
 }
 
-/// The node believed to be the leader.
+/// The node believed to lead the shard of each placement key (the
+/// workspace: a workspace lives on one shard). Until the router knows the
+/// shard map, a key it has not seen starts from the leader last confirmed
+/// for any key, and its own entry follows that shard's leader from then on.
 pub struct LeaderCache {
-    current: Mutex<String>,
+    inner: Mutex<Leaders>,
 }
+
+struct Leaders {
+    last: String,
+    by_key: HashMap<String, String>,
+}
+
+/// Keys remembered before the map starts over: bounded memory against
+/// requests naming endless workspaces; forgetting only costs a hop.
+const MAX_CACHED_KEYS: usize = 100_000;
 
 impl LeaderCache {
     pub fn new(initial: String) -> Self {
         LeaderCache {
-            current: Mutex::new(initial),
+            inner: Mutex::new(Leaders {
+                last: initial,
+                by_key: HashMap::new(),
+            }),
         }
     }
 
-    pub fn get(&self) -> String {
-        self.current
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone()
+    fn lock(&self) -> std::sync::MutexGuard<'_, Leaders> {
+        self.inner.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Moves from `failed` to `next` unless another request already moved
-    /// the cache: concurrent failures must not race it round-robin.
-    pub fn replace(&self, failed: &str, next: &str) {
-        let mut cur = self.current.lock().unwrap_or_else(PoisonError::into_inner);
-        if *cur == failed {
-            *cur = next.to_owned();
+    pub fn get(&self, key: &str) -> String {
+        let l = self.lock();
+        l.by_key.get(key).unwrap_or(&l.last).clone()
+    }
+
+    /// Moves `key` from `failed` to `next` unless another request already
+    /// moved it: concurrent failures must not race it round-robin.
+    pub fn replace(&self, key: &str, failed: &str, next: &str) {
+        let mut l = self.lock();
+        let cur = l.by_key.get(key).unwrap_or(&l.last).clone();
+        if cur == failed {
+            Self::set(&mut l, key, next);
         }
     }
 
-    /// `node` answered: it is the leader (or serving) now.
-    pub fn confirm(&self, node: &str) {
-        let mut cur = self.current.lock().unwrap_or_else(PoisonError::into_inner);
-        if *cur != node {
-            tracing::info!(leader = node, "storage leader changed");
-            *cur = node.to_owned();
+    /// `node` answered a leader-only request for `key`: it leads that shard.
+    pub fn confirm(&self, key: &str, node: &str) {
+        let mut l = self.lock();
+        if l.by_key.get(key).map(String::as_str) != Some(node) {
+            tracing::info!(leader = node, key, "storage leader changed");
         }
+        Self::set(&mut l, key, node);
+        if l.last != node {
+            l.last = node.to_owned();
+        }
+    }
+
+    fn set(l: &mut Leaders, key: &str, node: &str) {
+        if l.by_key.len() >= MAX_CACHED_KEYS && !l.by_key.contains_key(key) {
+            l.by_key.clear();
+        }
+        l.by_key.insert(key.to_owned(), node.to_owned());
     }
 }
 
@@ -318,20 +347,21 @@ impl Cluster {
         })
     }
 
-    pub fn leader(&self) -> String {
-        self.leader.get()
+    /// The node believed to lead the shard of `key` (a workspace).
+    pub fn leader(&self, key: &str) -> String {
+        self.leader.get(key)
     }
 
     /// Runs `call` against the leader, following hints and failing over
     /// while the failure allows it and the attempt says it is replayable.
     /// Callers return `Ok` as soon as response bytes may flow: nothing
     /// after that is retried.
-    pub async fn call<T, F, Fut>(&self, call: F) -> Result<T, tonic::Status>
+    pub async fn call<T, F, Fut>(&self, key: &str, call: F) -> Result<T, tonic::Status>
     where
         F: FnMut(Channel) -> Fut,
         Fut: Future<Output = Result<T, Attempt>>,
     {
-        self.run(self.leader.get(), true, call).await
+        self.run(key, self.leader.get(key), true, call).await
     }
 
     /// Runs a read that any replica can serve linearizably (storage nodes
@@ -347,11 +377,12 @@ impl Cluster {
             .next_read
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let start = self.nodes[i % self.nodes.len().max(1)].clone();
-        self.run(start, false, call).await
+        self.run("", start, false, call).await
     }
 
     async fn run<T, F, Fut>(
         &self,
+        key: &str,
         start: String,
         tracks_leader: bool,
         mut call: F,
@@ -372,7 +403,7 @@ impl Cluster {
             let failed = match result {
                 Ok(v) => {
                     if tracks_leader {
-                        self.leader.confirm(&node);
+                        self.leader.confirm(key, &node);
                     }
                     return Ok(v);
                 }
@@ -410,7 +441,7 @@ impl Cluster {
                         "retrying on another storage node"
                     );
                     if tracks_leader {
-                        self.leader.replace(&node, &next);
+                        self.leader.replace(key, &node, &next);
                     }
                     if !backoff.is_zero() {
                         tokio::time::sleep(backoff).await;
@@ -590,12 +621,26 @@ mod tests {
     #[test]
     fn cache_moves_only_from_the_failed_node() {
         let c = LeaderCache::new("http://a:1".into());
-        c.replace("http://b:1", "http://c:1");
-        assert_eq!(c.get(), "http://a:1");
-        c.replace("http://a:1", "http://b:1");
-        assert_eq!(c.get(), "http://b:1");
-        c.confirm("http://c:1");
-        assert_eq!(c.get(), "http://c:1");
+        c.replace("w", "http://b:1", "http://c:1");
+        assert_eq!(c.get("w"), "http://a:1");
+        c.replace("w", "http://a:1", "http://b:1");
+        assert_eq!(c.get("w"), "http://b:1");
+        c.confirm("w", "http://c:1");
+        assert_eq!(c.get("w"), "http://c:1");
+    }
+
+    #[test]
+    fn each_workspace_follows_its_own_shard_leader() {
+        let c = LeaderCache::new("http://a:1".into());
+        c.confirm("team-x", "http://b:1");
+        c.confirm("team-y", "http://c:1");
+        assert_eq!(c.get("team-x"), "http://b:1", "not moved by team-y");
+        assert_eq!(c.get("team-y"), "http://c:1");
+        // An unseen workspace starts from the last leader confirmed.
+        assert_eq!(c.get("team-z"), "http://c:1");
+        c.replace("team-x", "http://b:1", "http://a:1");
+        assert_eq!(c.get("team-x"), "http://a:1");
+        assert_eq!(c.get("team-y"), "http://c:1");
     }
 
     #[tokio::test]

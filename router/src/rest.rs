@@ -127,7 +127,7 @@ pub async fn create(
         is_private: parsed.is_private.unwrap_or(true),
         description: parsed.description.unwrap_or_default(),
     };
-    let call = st.cluster.call(|ch| {
+    let call = st.cluster.call(&req.workspace, |ch| {
         let req = req.clone();
         async move {
             AdminClient::new(ch)
@@ -174,7 +174,7 @@ pub async fn delete(
     Path((workspace, slug)): Path<(String, String)>,
 ) -> Response {
     let req = DeleteRepositoryRequest { workspace, slug };
-    let call = st.cluster.call(|ch| {
+    let call = st.cluster.call(&req.workspace, |ch| {
         let req = req.clone();
         async move {
             AdminClient::new(ch)
