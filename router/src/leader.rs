@@ -288,31 +288,37 @@ pub fn refused_before_acting(status: &tonic::Status) -> bool {
 /// Whether `status` is tonic's report of a broken connection rather than
 /// an answer from the node.
 fn is_transport_error(status: &tonic::Status) -> bool {
-    let m = status.message().to_ascii_lowercase();
-    [
-        "transport error",
-        "connection reset",
-        "broken pipe",
-        "connection closed",
-    ]
-    .iter()
-    .any(|p| m.contains(p))
+    mentions_any(
+        status,
+        &[
+            "transport error",
+            "connection reset",
+            "broken pipe",
+            "connection closed",
+        ],
+    )
 }
 
 /// Whether `status` reports a connection that was never established.
 /// tonic maps its `ConnectError` to `Unavailable` with the cause's text and
 /// drops the error itself, so the text is all there is to go on.
 pub fn is_connect_failure(status: &tonic::Status) -> bool {
-    let m = status.message().to_ascii_lowercase();
     status.code() == tonic::Code::Unavailable
-        && [
-            "tcp connect error",
-            "connection refused",
-            "dns error",
-            "connect timed out",
-        ]
-        .iter()
-        .any(|p| m.contains(p))
+        && mentions_any(
+            status,
+            &[
+                "tcp connect error",
+                "connection refused",
+                "dns error",
+                "connect timed out",
+            ],
+        )
+}
+
+/// Whether the status message contains any of `phrases` (lowercase).
+fn mentions_any(status: &tonic::Status, phrases: &[&str]) -> bool {
+    let m = status.message().to_ascii_lowercase();
+    phrases.iter().any(|p| m.contains(p))
 }
 
 impl From<tonic::Status> for Attempt {

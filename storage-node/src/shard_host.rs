@@ -546,10 +546,14 @@ impl ShardHost {
 
     /// The leader this replica knows of, with its address.
     fn known_leader(&self, shard: u64) -> Option<(NodeId, String)> {
-        let id = self.leader(shard)?;
-        (id != self.node_id)
-            .then(|| Some((id, self.peers.get(&id)?.clone())))
-            .flatten()
+        self.peer_hint(self.leader(shard))
+    }
+
+    /// `leader` with its address, as a hint to send callers elsewhere:
+    /// none for this node itself or an unknown peer.
+    fn peer_hint(&self, leader: Option<NodeId>) -> Option<(NodeId, String)> {
+        let id = leader.filter(|&id| id != self.node_id)?;
+        Some((id, self.peers.get(&id)?.clone()))
     }
 
     fn hint(&self, f: &ForwardToLeader<TypeConfig>) -> Option<(NodeId, String)> {
@@ -640,6 +644,7 @@ impl ShardHost {
         let digest = hash.finalize();
         let state_checksum = digest.iter().map(|b| format!("{b:02x}")).collect();
         let metrics = raft.metrics().borrow_watched().clone();
+        let repo_rows = crate::shard_state::keys::repos_of("");
         Ok(ReplicaStatus {
             shard,
             node: self.node_id,
@@ -651,7 +656,7 @@ impl ShardHost {
             state_checksum,
             repositories: rows
                 .iter()
-                .filter(|(k, _)| k.starts_with(crate::shard_state::keys::repos_of("").as_slice()))
+                .filter(|(k, _)| k.starts_with(&repo_rows))
                 .count() as u64,
             snapshot_index: metrics.snapshot.map(|s| s.index),
             purged_index: metrics.purged.map(|p| p.index),
@@ -671,8 +676,7 @@ impl ShardHost {
             Some(id) => id,
             None => return Err(ProposeError::NotLeader { leader_hint: None }),
         };
-        let hint = self.peers.get(&leader).map(|a| (leader, a.clone()));
-        let Some((_, addr)) = hint.clone() else {
+        let Some(addr) = self.peers.get(&leader).cloned() else {
             return Err(ProposeError::NotLeader { leader_hint: None });
         };
         if !self.filter.allows(self.node_id, leader) {
@@ -699,9 +703,7 @@ impl ShardHost {
                 Ok(index)
             }
             ReadIndexReply::NotLeader { leader } => Err(ProposeError::NotLeader {
-                leader_hint: leader
-                    .filter(|&id| id != self.node_id)
-                    .and_then(|id| Some((id, self.peers.get(&id)?.clone()))),
+                leader_hint: self.peer_hint(leader),
             }),
             ReadIndexReply::Unavailable(m) => Err(ProposeError::Raft(m)),
         }
@@ -713,9 +715,7 @@ impl ShardHost {
         let metrics = raft.metrics().borrow_watched().clone();
         if metrics.current_leader != Some(self.node_id) {
             return Err(ProposeError::NotLeader {
-                leader_hint: metrics
-                    .current_leader
-                    .and_then(|id| Some((id, self.peers.get(&id)?.clone()))),
+                leader_hint: self.peer_hint(metrics.current_leader),
             });
         }
         if !metrics

@@ -3,58 +3,27 @@
 //! shard and land on every replica; reads are linearizable on any replica.
 
 mod common;
-use common::{git, wait_until};
+use common::{git, wait_until, Node};
 
 use std::collections::BTreeMap;
 use std::io::{BufReader, Write};
 use std::path::PathBuf;
 use std::process::{Command as Process, Stdio};
-use std::sync::Arc;
 use std::time::Duration;
 
 use cairn_packfile::receive::{self, Command, Limits, PushRequest, ReceiveCaps, StagedPack};
 use cairn_packfile::store::PackSet;
 use cairn_packfile::ObjectId;
-use cairn_proto::pack::pack_transfer_server::PackTransferServer;
 use cairn_raft::TransportFilter;
-use cairn_storage_node::pack_transfer::{PackTransferService, StagingArea, TransferLimits};
-use cairn_storage_node::replicated_store::{ReplicatedError, ReplicatedStore};
+use cairn_storage_node::pack_transfer::StagingArea;
+use cairn_storage_node::replicated_store::ReplicatedError;
 use cairn_storage_node::repo_store::RepoRecord;
-use cairn_storage_node::shard_host::{ShardHost, ShardHostConfig, ShardSpec};
+use cairn_storage_node::shard_host::{ShardHostConfig, ShardSpec};
 use cairn_storage_node::shard_state::keys;
 use tokio::net::TcpListener;
-use tokio::sync::oneshot;
-use tokio::task::JoinHandle;
 
 const SHARD: u64 = 1;
 const WAIT: Duration = Duration::from_secs(10);
-
-struct Node {
-    host: Arc<ShardHost>,
-    store: ReplicatedStore,
-    area: StagingArea,
-    stop: Option<oneshot::Sender<()>>,
-    server: Option<JoinHandle<()>>,
-    dir: tempfile::TempDir,
-}
-
-impl Node {
-    async fn stop(&mut self) {
-        if self.server.is_none() {
-            return;
-        }
-        self.host.shutdown().await;
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        if let Some(server) = self.server.take() {
-            tokio::time::timeout(WAIT, server)
-                .await
-                .expect("server stops")
-                .expect("server task");
-        }
-    }
-}
 
 /// Like `StorageNode::start` with shards, minus git/admin, plus a way to
 /// stop: `Raft` and `PackTransfer` over one listener and one staging area.
@@ -85,7 +54,7 @@ async fn start_cluster_filtered(
     for (id, listener) in listeners {
         let dir = tempfile::tempdir().expect("tempdir");
         let config = shard_config(id, &peers, ids);
-        nodes.insert(id, start_node(config, listener, dir, filter.clone()).await);
+        nodes.insert(id, Node::start(config, listener, dir, filter.clone()).await);
     }
     (nodes, peers)
 }
@@ -106,47 +75,6 @@ fn shard_config(id: u64, peers: &BTreeMap<u64, String>, ids: &[u64]) -> ShardHos
         election_timeout_max_ms: 1000,
         snapshot_logs_since_last: 5000,
         max_in_snapshot_log_to_keep: 1000,
-    }
-}
-
-/// One node serving `Raft` and `PackTransfer` on `listener` from `dir`.
-async fn start_node(
-    config: ShardHostConfig,
-    listener: TcpListener,
-    dir: tempfile::TempDir,
-    filter: TransportFilter,
-) -> Node {
-    let area = StagingArea::at(dir.path());
-    let transfer = PackTransferService::with_area(area.clone(), TransferLimits::default())
-        .expect("transfer service");
-    let host = Arc::new(
-        ShardHost::start_with_area(config.clone(), dir.path(), area.clone(), filter)
-            .await
-            .expect("shard host starts"),
-    );
-    let store = ReplicatedStore::new(host.clone(), &config, area.clone()).expect("store");
-    let raft = host.raft_service().into_server();
-    let (stop_tx, stop_rx) = oneshot::channel();
-    let server = tokio::spawn(async move {
-        tonic::transport::Server::builder()
-            .add_service(raft)
-            .add_service(PackTransferServer::new(transfer))
-            .serve_with_incoming_shutdown(
-                tokio_stream::wrappers::TcpListenerStream::new(listener),
-                async {
-                    let _ = stop_rx.await;
-                },
-            )
-            .await
-            .expect("node server");
-    });
-    Node {
-        host,
-        store,
-        area,
-        stop: Some(stop_tx),
-        server: Some(server),
-        dir,
     }
 }
 
@@ -441,7 +369,7 @@ async fn a_restarted_follower_fetches_the_pack_it_missed() {
     let listener = TcpListener::bind(peers[&down].as_str())
         .await
         .expect("rebind the follower's address");
-    let restarted = start_node(
+    let restarted = Node::start(
         shard_config(down, &peers, &ids),
         listener,
         dir,

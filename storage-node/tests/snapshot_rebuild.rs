@@ -5,28 +5,23 @@
 //! it starts, without waiting for its peers to start.
 
 mod common;
-use common::{git, wait_until};
+use common::{git, wait_until, Node};
 
 use std::collections::BTreeMap;
 use std::io::{BufReader, Write};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command as Process, Stdio};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use cairn_packfile::receive::{self, Command, Limits, PushRequest, ReceiveCaps, StagedPack};
 use cairn_packfile::store::PackSet;
 use cairn_packfile::ObjectId;
-use cairn_proto::pack::pack_transfer_server::PackTransferServer;
 use cairn_raft::{RaftDb, StateView, TransportFilter};
-use cairn_storage_node::pack_transfer::{PackTransferService, StagingArea, TransferLimits};
-use cairn_storage_node::replicated_store::ReplicatedStore;
-use cairn_storage_node::shard_host::{ShardHost, ShardHostConfig, ShardSpec};
+use cairn_storage_node::pack_transfer::StagingArea;
+use cairn_storage_node::shard_host::{ShardHostConfig, ShardSpec};
 use cairn_storage_node::shard_state::{keys, PackRef};
 use tokio::net::TcpListener;
-use tokio::sync::oneshot;
-use tokio::task::JoinHandle;
 
 const SHARD: u64 = 1;
 const IDS: [u64; 3] = [1, 2, 3];
@@ -39,32 +34,6 @@ enum Compaction {
     OnDemand,
     /// Snapshots every few entries by policy and purges what they cover.
     EveryFewEntries,
-}
-
-struct Node {
-    host: Arc<ShardHost>,
-    store: ReplicatedStore,
-    stop: Option<oneshot::Sender<()>>,
-    server: Option<JoinHandle<()>>,
-    dir: tempfile::TempDir,
-}
-
-impl Node {
-    async fn stop(&mut self) {
-        if self.server.is_none() {
-            return;
-        }
-        self.host.shutdown().await;
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        if let Some(server) = self.server.take() {
-            tokio::time::timeout(WAIT, server)
-                .await
-                .expect("server stops")
-                .expect("server task");
-        }
-    }
 }
 
 struct Cluster {
@@ -124,42 +93,7 @@ impl Cluster {
     /// `Raft` and `PackTransfer` of node `id` on `listener`, data in `dir`.
     async fn start_node(&self, id: u64, listener: TcpListener, dir: tempfile::TempDir) -> Node {
         let config = shard_config(id, &self.peers, self.compaction);
-        let area = StagingArea::at(dir.path());
-        let transfer = PackTransferService::with_area(area.clone(), TransferLimits::default())
-            .expect("transfer service");
-        let host = Arc::new(
-            ShardHost::start_with_area(
-                config.clone(),
-                dir.path(),
-                area.clone(),
-                TransportFilter::new(),
-            )
-            .await
-            .expect("shard host starts"),
-        );
-        let store = ReplicatedStore::new(host.clone(), &config, area).expect("store");
-        let raft = host.raft_service().into_server();
-        let (stop_tx, stop_rx) = oneshot::channel();
-        let server = tokio::spawn(async move {
-            tonic::transport::Server::builder()
-                .add_service(raft)
-                .add_service(PackTransferServer::new(transfer))
-                .serve_with_incoming_shutdown(
-                    tokio_stream::wrappers::TcpListenerStream::new(listener),
-                    async {
-                        let _ = stop_rx.await;
-                    },
-                )
-                .await
-                .expect("node server");
-        });
-        Node {
-            host,
-            store,
-            stop: Some(stop_tx),
-            server: Some(server),
-            dir,
-        }
+        Node::start(config, listener, dir, TransportFilter::new()).await
     }
 
     /// Stops node `id` and hands back its data dir once nothing of the old

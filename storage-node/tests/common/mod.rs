@@ -46,3 +46,90 @@ where
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// One in-process replicated node: `Raft` and `PackTransfer` served on one
+/// listener from one data dir and staging area (like `StorageNode::start`
+/// with shards, minus git/admin), with a way to stop it.
+pub struct Node {
+    pub host: std::sync::Arc<cairn_storage_node::shard_host::ShardHost>,
+    pub store: cairn_storage_node::replicated_store::ReplicatedStore,
+    pub area: cairn_storage_node::pack_transfer::StagingArea,
+    pub stop: Option<tokio::sync::oneshot::Sender<()>>,
+    pub server: Option<tokio::task::JoinHandle<()>>,
+    pub dir: tempfile::TempDir,
+}
+
+/// How long a stopping node's server may take to wind down.
+const NODE_STOP_WAIT: Duration = Duration::from_secs(30);
+
+impl Node {
+    /// Starts the node of `config` on `listener` with its data in `dir`.
+    pub async fn start(
+        config: cairn_storage_node::shard_host::ShardHostConfig,
+        listener: tokio::net::TcpListener,
+        dir: tempfile::TempDir,
+        filter: cairn_raft::TransportFilter,
+    ) -> Node {
+        use cairn_proto::pack::pack_transfer_server::PackTransferServer;
+        use cairn_storage_node::pack_transfer::{PackTransferService, StagingArea, TransferLimits};
+        let area = StagingArea::at(dir.path());
+        let transfer = PackTransferService::with_area(area.clone(), TransferLimits::default())
+            .expect("transfer service");
+        let host = std::sync::Arc::new(
+            cairn_storage_node::shard_host::ShardHost::start_with_area(
+                config.clone(),
+                dir.path(),
+                area.clone(),
+                filter,
+            )
+            .await
+            .expect("shard host starts"),
+        );
+        let store = cairn_storage_node::replicated_store::ReplicatedStore::new(
+            host.clone(),
+            &config,
+            area.clone(),
+        )
+        .expect("store");
+        let raft = host.raft_service().into_server();
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel();
+        let server = tokio::spawn(async move {
+            tonic::transport::Server::builder()
+                .add_service(raft)
+                .add_service(PackTransferServer::new(transfer))
+                .serve_with_incoming_shutdown(
+                    tokio_stream::wrappers::TcpListenerStream::new(listener),
+                    async {
+                        let _ = stop_rx.await;
+                    },
+                )
+                .await
+                .expect("node server");
+        });
+        Node {
+            host,
+            store,
+            area,
+            stop: Some(stop_tx),
+            server: Some(server),
+            dir,
+        }
+    }
+
+    /// Stops the raft groups, then the server; idempotent.
+    pub async fn stop(&mut self) {
+        if self.server.is_none() {
+            return;
+        }
+        self.host.shutdown().await;
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(server) = self.server.take() {
+            tokio::time::timeout(NODE_STOP_WAIT, server)
+                .await
+                .expect("server stops")
+                .expect("server task");
+        }
+    }
+}
