@@ -5,6 +5,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             "proto/cairn/admin.proto",
             "proto/cairn/pack_transfer.proto",
             "proto/cairn/raft.proto",
+            "proto/cairn/cluster.proto",
         ],
         &["proto"],
     )?;

@@ -20,3 +20,7 @@ pub mod pack {
 pub mod raft {
     tonic::include_proto!("cairn.raft.v1");
 }
+
+pub mod cluster {
+    tonic::include_proto!("cairn.cluster.v1");
+}

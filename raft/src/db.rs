@@ -116,6 +116,47 @@ impl RaftDb {
             .clone()
     }
 
+    /// Deletes everything `group` keeps on this node: its log, vote and
+    /// replicated rows, and its snapshot files. Only for a group that is
+    /// shut down and will not be opened again with its old state (a
+    /// replica moved away); opening it later starts from nothing.
+    pub fn drop_group(&self, group: GroupId) -> Result<(), StoreError> {
+        let from = group.prefix().to_vec();
+        let to = match group.0.checked_add(1) {
+            Some(next) => GroupId(next).prefix().to_vec(),
+            None => vec![0xff; 9],
+        };
+        let mut batch = rocksdb::WriteBatch::default();
+        for cf in [self.cf_log(), self.cf_meta(), self.cf_state()] {
+            batch.delete_range_cf(cf, &from, &to);
+        }
+        let mut opts = rocksdb::WriteOptions::default();
+        opts.set_sync(true);
+        self.db
+            .write_opt(batch, &opts)
+            .map_err(|source| StoreError::Db {
+                group,
+                op: "drop group",
+                source,
+            })?;
+        let dir = self.group_snapshot_dir(group);
+        match std::fs::remove_dir_all(&dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(source) => {
+                return Err(StoreError::Snapshot {
+                    group,
+                    source: crate::error::SnapshotError::Io { path: dir, source },
+                })
+            }
+        }
+        self.complete
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&group);
+        Ok(())
+    }
+
     /// Directory holding `group`'s snapshot files.
     pub(crate) fn group_snapshot_dir(&self, group: GroupId) -> PathBuf {
         self.snapshot_dir.join(format!("{:016x}", group.0))

@@ -8,7 +8,7 @@ use cairn_proto::admin::admin_server::Admin;
 use cairn_proto::admin::{
     AllowRejoinRequest, AllowRejoinResponse, CompactShardRequest, CompactShardResponse,
     CreateRepositoryRequest, DeleteRepositoryRequest, DeleteRepositoryResponse,
-    GetRepositoryRequest, ListRepositoriesRequest, ListRepositoriesResponse, Repository,
+    GetRepositoryRequest, ListRepositoriesRequest, ListRepositoriesResponse, RepoBytes, Repository,
     SetFaultsRequest, SetFaultsResponse, ShardReplicaStatus, ShardStatusRequest,
     ShardStatusResponse, TransferLeaderRequest, TransferLeaderResponse,
 };
@@ -144,14 +144,18 @@ impl Admin for AdminService {
     ) -> Result<Response<ShardStatusResponse>, Status> {
         let host = Arc::clone(self.host()?);
         let fetched = host.packs_fetched();
-        let mut ids = request.into_inner().shard_ids;
+        let request = request.into_inner();
+        let mut ids = request.shard_ids;
         if ids.is_empty() {
             ids = host.shards();
         }
+        let scope = (!request.workspace.is_empty() && !request.slug.is_empty())
+            .then_some((request.workspace, request.slug));
         // Scanning a shard's rows is blocking RocksDB work.
         let replicas = tokio::task::spawn_blocking(move || {
+            let scope = scope.as_ref().map(|(w, s)| (w.as_str(), s.as_str()));
             ids.into_iter()
-                .map(|id| host.replica_status(id))
+                .map(|id| host.replica_status_scoped(id, scope))
                 .collect::<Result<Vec<_>, _>>()
         })
         .await
@@ -173,6 +177,18 @@ impl Admin for AdminService {
                     snapshot_index: r.snapshot_index.unwrap_or(0),
                     purged_index: r.purged_index.unwrap_or(0),
                     packs_fetched: fetched,
+                    learners: r.learners,
+                    bytes: r.bytes,
+                    repos: r
+                        .repos
+                        .into_iter()
+                        .map(|u| RepoBytes {
+                            repo_id: u.id,
+                            workspace: u.workspace,
+                            slug: u.slug,
+                            bytes: u.bytes,
+                        })
+                        .collect(),
                 })
                 .collect(),
         }))

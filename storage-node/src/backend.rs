@@ -4,7 +4,9 @@
 //! Also the error contract towards the router: on a replica that does not
 //! lead the repository's shard, every operation fails with
 //! `FAILED_PRECONDITION` and, when the leader is known, its gRPC address in
-//! the `x-cairn-leader` metadata key.
+//! the `x-cairn-leader` metadata key; on a node that holds no replica of
+//! the workspace's shard, with `FAILED_PRECONDITION`, a message starting
+//! `wrong shard` and the map epoch in `x-cairn-shard-epoch`.
 
 use std::sync::Arc;
 
@@ -13,11 +15,16 @@ use cairn_raft::NodeId;
 use tonic::metadata::MetadataValue;
 use tonic::Status;
 
+use crate::directory::DirectoryError;
 use crate::replicated_store::{ReplicatedError, ReplicatedStore};
 use crate::repo_store::{RepoRecord, RepoSnapshot, RepoStore, StagingDir, StoreError};
 
 /// Metadata key naming the shard leader's gRPC `host:port`.
 pub const LEADER_METADATA: &str = "x-cairn-leader";
+
+/// Metadata key of a wrong-shard refusal: the shard map epoch the node
+/// knows, so the router can tell its cached directory entry is stale.
+pub const WRONG_SHARD_METADATA: &str = "x-cairn-shard-epoch";
 
 /// Ref-status reasons of a replicated push that did not apply normally.
 pub const NG_NOT_LEADER: &str = "not the shard leader, nothing changed";
@@ -105,10 +112,12 @@ impl RepoBackend {
 
     /// Refuses (with the leader's address) on a replica that cannot accept
     /// writes to `workspace`; a no-op on a single node.
-    pub fn require_writer(&self, workspace: &str) -> Result<(), BackendError> {
+    pub async fn require_writer(&self, workspace: &str) -> Result<(), BackendError> {
         match self {
             RepoBackend::Single(_) => Ok(()),
-            RepoBackend::Replicated { shards, .. } => Ok(shards.require_writer(workspace)?),
+            RepoBackend::Replicated { shards, .. } => {
+                Ok(Box::pin(shards.require_writer(workspace)).await?)
+            }
         }
     }
 
@@ -241,7 +250,9 @@ fn classify_push_error(e: ReplicatedError) -> ApplyFailure {
         ReplicatedError::Store(_)
         | ReplicatedError::Io { .. }
         | ReplicatedError::UnknownShard(_)
-        | ReplicatedError::NoShards => NG_INTERNAL,
+        | ReplicatedError::WorkspaceNotFound(_)
+        | ReplicatedError::Directory(_) => NG_INTERNAL,
+        ReplicatedError::WrongShard { .. } => NG_NOT_LEADER,
         // A raft failure may strike after the entry was appended.
         ReplicatedError::Indeterminate { .. }
         | ReplicatedError::Raft(_)
@@ -287,6 +298,18 @@ pub fn status_of(e: BackendError) -> Status {
                 Status::unavailable(format!("outcome unknown, check and retry: {e}"))
             }
             ReplicatedError::NotApplied { .. } => Status::aborted(e.to_string()),
+            ReplicatedError::WorkspaceNotFound(_) => Status::not_found(e.to_string()),
+            ReplicatedError::WrongShard { epoch, .. } => {
+                let mut status = Status::failed_precondition(e.to_string());
+                status
+                    .metadata_mut()
+                    .insert(WRONG_SHARD_METADATA, MetadataValue::from(epoch));
+                status
+            }
+            ReplicatedError::Directory(DirectoryError::Refused(m)) => {
+                Status::failed_precondition(m)
+            }
+            ReplicatedError::Directory(_) => Status::unavailable(e.to_string()),
             ReplicatedError::Transfer { .. } | ReplicatedError::Raft(_) => {
                 tracing::warn!(error = %e, "shard unavailable");
                 Status::unavailable(e.to_string())

@@ -177,6 +177,7 @@ impl Git for GitService {
         if let Some(repo) = &first.repo {
             self.backend
                 .require_writer(&repo.workspace)
+                .await
                 .map_err(status_of)?;
         }
         let snap = self.snapshot(first.repo).await?;

@@ -42,7 +42,9 @@ const FETCH_CONCURRENCY: usize = 4;
 pub struct LocalPackPlacer {
     area: StagingArea,
     /// The shard's other replicas: node id and gRPC `host:port`.
-    peers: Vec<(u64, String)>,
+    peers: PeerBook,
+    /// This node, never fetched from.
+    me: Option<u64>,
     /// Packs fetched from peers, for observing catch-up.
     fetched: Arc<AtomicU64>,
 }
@@ -79,11 +81,31 @@ impl LocalPackPlacer {
 
     /// A placer that fetches packs it lacks from `peers`.
     pub fn with_peers(area: StagingArea, peers: Vec<(u64, String)>) -> Self {
+        let book = PeerBook::default();
+        for (id, addr) in peers {
+            book.insert(id, addr);
+        }
+        Self::with_book(area, book, None)
+    }
+
+    /// A placer that fetches packs it lacks from every node in `book` but
+    /// `me`, as the book is when it fetches: replicas come and go as
+    /// shards move, and a node without the pack just answers not found.
+    pub fn with_book(area: StagingArea, book: PeerBook, me: Option<u64>) -> Self {
         LocalPackPlacer {
             area,
-            peers,
+            peers: book,
+            me,
             fetched: Arc::default(),
         }
+    }
+
+    fn peers(&self) -> Vec<(u64, String)> {
+        self.peers
+            .all()
+            .into_iter()
+            .filter(|(id, _)| Some(*id) != self.me)
+            .collect()
     }
 
     /// Counts fetched packs into `counter`, so one counter can cover every
@@ -162,12 +184,12 @@ impl LocalPackPlacer {
 
     /// Lazily connected clients, one per peer; needs a runtime.
     fn connect(&self) -> Vec<Peer> {
-        self.peers
-            .iter()
+        self.peers()
+            .into_iter()
             .filter_map(
                 |(id, addr)| match Endpoint::from_shared(format!("http://{addr}")) {
                     Ok(e) => Some(Peer {
-                        id: *id,
+                        id,
                         client: PackTransferClient::new(
                             e.connect_timeout(Duration::from_secs(5)).connect_lazy(),
                         ),
@@ -238,7 +260,7 @@ impl PackPlacer for LocalPackPlacer {
             // Applied before (a replay after restart): already in place.
             Location::Placed(path) => return Ok(path),
             Location::Staged => {}
-            Location::Missing if self.peers.is_empty() => {
+            Location::Missing if self.peers().is_empty() => {
                 return Err(io::Error::new(
                     io::ErrorKind::NotFound,
                     format!("pack {} is not staged on this replica", pack.id),
@@ -277,7 +299,7 @@ impl PackPlacer for LocalPackPlacer {
         if missing.is_empty() {
             return Ok(());
         }
-        if self.peers.is_empty() {
+        if self.peers().is_empty() {
             return Err(io::Error::new(
                 io::ErrorKind::NotFound,
                 format!(
@@ -304,5 +326,45 @@ impl PackPlacer for LocalPackPlacer {
                 .try_collect::<()>()
                 .await
         })
+    }
+}
+
+/// Node id → gRPC `host:port` of every node this one knows, shared by the
+/// shard host, its placers and the replicated store; grows as nodes join.
+#[derive(Debug, Clone, Default)]
+pub struct PeerBook {
+    inner: Arc<std::sync::RwLock<std::collections::BTreeMap<u64, String>>>,
+}
+
+impl PeerBook {
+    pub fn from_map(map: std::collections::BTreeMap<u64, String>) -> Self {
+        PeerBook {
+            inner: Arc::new(std::sync::RwLock::new(map)),
+        }
+    }
+
+    pub fn get(&self, id: u64) -> Option<String> {
+        self.read().get(&id).cloned()
+    }
+
+    /// Records `id`'s address; a changed address replaces the old one.
+    pub fn insert(&self, id: u64, addr: String) {
+        if addr.is_empty() {
+            return;
+        }
+        self.inner
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(id, addr);
+    }
+
+    pub fn all(&self) -> Vec<(u64, String)> {
+        self.read().iter().map(|(k, v)| (*k, v.clone())).collect()
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, std::collections::BTreeMap<u64, String>> {
+        self.inner
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }

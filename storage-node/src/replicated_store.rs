@@ -6,11 +6,12 @@
 //! proposed (see the design's write path). Reads are linearizable: the
 //! leader confirms its leadership with a read index before reading rows.
 //!
-//! Placement is static for now: a workspace's shard is a stable hash of its
-//! name over the configured shard ids. The meta group's directory replaces
-//! it later.
+//! A workspace's shard comes from the cluster directory (`directory`): a
+//! node asked about a workspace whose shard it does not hold answers
+//! `WrongShard`, and the router looks the workspace up again. A
+//! repository's id names its shard, so pushes need no lookup.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeSet, HashMap};
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
@@ -26,6 +27,8 @@ use cairn_raft::{NodeId, StateView};
 use tonic::transport::{Channel, Endpoint};
 use tracing::Instrument;
 
+use crate::directory::{DirectoryError, MetaClient};
+use crate::meta_state::{MetaAnswer, MetaQuery, MetaRequest};
 use crate::pack_transfer::{stage_pack, StagingArea};
 use crate::repo_store::{validate_name, RepoRecord, RepoSnapshot, StoreError};
 use crate::shard_host::{ProposeError, ShardHost, ShardHostConfig};
@@ -80,8 +83,13 @@ pub enum ReplicatedError {
     State(#[from] cairn_raft::StoreError),
     #[error("raft: {0}")]
     Raft(String),
-    #[error("no shards are configured")]
-    NoShards,
+    #[error("workspace {0} not found")]
+    WorkspaceNotFound(String),
+    /// This node holds no replica of the workspace's shard.
+    #[error("wrong shard: shard {shard} is not on this node (map epoch {epoch})")]
+    WrongShard { shard: u64, epoch: u64 },
+    #[error(transparent)]
+    Directory(#[from] DirectoryError),
 }
 
 impl From<ProposeError> for ReplicatedError {
@@ -99,14 +107,9 @@ impl From<ProposeError> for ReplicatedError {
     }
 }
 
-/// FNV-1a, 64 bit: stable across processes and releases, unlike std's
-/// `DefaultHasher`, so every node places a workspace on the same shard.
-fn fnv1a(bytes: &[u8]) -> u64 {
-    const OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
-    const PRIME: u64 = 0x0000_0100_0000_01b3;
-    bytes
-        .iter()
-        .fold(OFFSET, |h, &b| (h ^ u64::from(b)).wrapping_mul(PRIME))
+/// The shard a repository lives on: its id carries it in the high bits.
+pub fn shard_of_repo(repo_id: u64) -> u64 {
+    repo_id >> 40
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -136,10 +139,7 @@ fn now_secs() -> i64 {
 pub struct ReplicatedStore {
     host: Arc<ShardHost>,
     area: StagingArea,
-    /// Configured shard ids, sorted: the placement domain.
-    shard_ids: Vec<u64>,
-    replicas: BTreeMap<u64, Vec<u64>>,
-    peers: BTreeMap<u64, String>,
+    directory: Arc<MetaClient>,
     /// One lazily connected channel per peer, shared by all transfers.
     channels: Mutex<HashMap<u64, Channel>>,
     /// Open pack sets by repository, with the pack list they were opened for.
@@ -151,7 +151,7 @@ impl std::fmt::Debug for ReplicatedStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ReplicatedStore")
             .field("node", &self.host.node_id())
-            .field("shards", &self.shard_ids)
+            .field("shards", &self.host.shards())
             .finish()
     }
 }
@@ -159,37 +159,51 @@ impl std::fmt::Debug for ReplicatedStore {
 impl ReplicatedStore {
     /// `config` must be the one `host` was started with and `area` the
     /// staging area it places packs from.
+    ///
+    /// On meta nodes this also starts proposing the configured first
+    /// layout to the directory until it is bootstrapped.
     pub fn new(
         host: Arc<ShardHost>,
-        config: &ShardHostConfig,
+        _config: &ShardHostConfig,
         area: StagingArea,
     ) -> Result<Self, ReplicatedError> {
-        let mut shard_ids: Vec<u64> = config.shards.iter().map(|s| s.id).collect();
-        if shard_ids.is_empty() {
-            return Err(ReplicatedError::NoShards);
-        }
-        shard_ids.sort_unstable();
+        let directory = MetaClient::new(host.clone());
+        directory.spawn_bootstrap();
         Ok(ReplicatedStore {
             host,
             area,
-            shard_ids,
-            replicas: config
-                .shards
-                .iter()
-                .map(|s| (s.id, s.replicas.clone()))
-                .collect(),
-            peers: config.peers.clone(),
+            directory,
             channels: Mutex::new(HashMap::new()),
             packs: Mutex::new(HashMap::new()),
             next_push: AtomicU64::new(0),
         })
     }
 
-    /// The shard holding `workspace`'s repositories.
-    pub fn shard_of(&self, workspace: &str) -> u64 {
-        // Non-empty by construction.
-        let n = self.shard_ids.len() as u64;
-        self.shard_ids[(fnv1a(workspace.as_bytes()) % n) as usize]
+    /// This node's access to the cluster directory.
+    pub fn directory(&self) -> &Arc<MetaClient> {
+        &self.directory
+    }
+
+    /// The shard holding `workspace`'s repositories, if this node holds a
+    /// replica of it.
+    pub async fn shard_of(&self, workspace: &str) -> Result<u64, ReplicatedError> {
+        let record = self
+            .directory
+            .workspace(workspace)
+            .await?
+            .ok_or_else(|| ReplicatedError::WorkspaceNotFound(workspace.to_owned()))?;
+        self.hosted(record.shard)
+    }
+
+    fn hosted(&self, shard: u64) -> Result<u64, ReplicatedError> {
+        if self.host.hosts(shard) {
+            Ok(shard)
+        } else {
+            Err(ReplicatedError::WrongShard {
+                shard,
+                epoch: self.directory.known_epoch(),
+            })
+        }
     }
 
     fn node_id(&self) -> NodeId {
@@ -198,13 +212,13 @@ impl ReplicatedStore {
 
     fn hint_for(&self, node: Option<NodeId>) -> Option<(NodeId, String)> {
         let id = node?;
-        Some((id, self.peers.get(&id)?.clone()))
+        Some((id, self.host.peers().get(id)?))
     }
 
     /// Fails fast with the known leader when this node does not lead the
     /// shard of `workspace`: writes go there, before any expensive work.
-    pub fn require_writer(&self, workspace: &str) -> Result<(), ReplicatedError> {
-        self.require_leader(self.shard_of(workspace))
+    pub async fn require_writer(&self, workspace: &str) -> Result<(), ReplicatedError> {
+        self.require_leader(self.shard_of(workspace).await?)
     }
 
     fn require_leader(&self, shard: u64) -> Result<(), ReplicatedError> {
@@ -231,7 +245,10 @@ impl ReplicatedStore {
         is_private: bool,
         description: &str,
     ) -> Result<RepoRecord, ReplicatedError> {
-        let shard = self.shard_of(workspace);
+        validate_name("workspace", workspace)?;
+        validate_name("repository slug", slug)?;
+        let placed = self.directory.create_workspace(workspace).await?;
+        let shard = self.hosted(placed.shard)?;
         let req = ShardRequest::CreateRepo {
             workspace: workspace.to_owned(),
             slug: slug.to_owned(),
@@ -239,23 +256,59 @@ impl ReplicatedStore {
             description: description.to_owned(),
             created_at: now_secs(),
         };
-        match self.host.propose(shard, req).await? {
-            ShardResponse::Repo(record) => Ok(record),
-            other => Err(self.refused(workspace, slug, other)),
-        }
+        let record = match self.host.propose(shard, req).await? {
+            ShardResponse::Repo(record) => record,
+            ShardResponse::Refused(Refusal::RepoExists) => {
+                // Also repairs a directory entry lost to a crash between
+                // the shard's create and the directory's record.
+                if let Ok(view) = self.read_view(shard).await {
+                    if let Ok(existing) = Self::record_in(&view, workspace, slug) {
+                        let _ = self
+                            .directory
+                            .write(MetaRequest::RecordRepo(existing))
+                            .await;
+                    }
+                }
+                return Err(self.refused(
+                    workspace,
+                    slug,
+                    ShardResponse::Refused(Refusal::RepoExists),
+                ));
+            }
+            other => return Err(self.refused(workspace, slug, other)),
+        };
+        self.directory
+            .write(MetaRequest::RecordRepo(record.clone()))
+            .await?;
+        Ok(record)
     }
 
     #[tracing::instrument(skip(self), fields(node = self.node_id()))]
     pub async fn delete_repo(&self, workspace: &str, slug: &str) -> Result<(), ReplicatedError> {
-        let shard = self.shard_of(workspace);
+        let shard = self.shard_of(workspace).await?;
         let req = ShardRequest::DeleteRepo {
             workspace: workspace.to_owned(),
             slug: slug.to_owned(),
         };
+        let forget = MetaRequest::ForgetRepo {
+            workspace: workspace.to_owned(),
+            slug: slug.to_owned(),
+        };
         match self.host.propose(shard, req).await? {
-            ShardResponse::Deleted(_) => Ok(()),
-            other => Err(self.refused(workspace, slug, other)),
+            ShardResponse::Deleted(_) => {}
+            ShardResponse::Refused(Refusal::RepoNotFound) => {
+                // Gone from the shard: the directory must not keep it.
+                let _ = self.directory.write(forget).await;
+                return Err(self.refused(
+                    workspace,
+                    slug,
+                    ShardResponse::Refused(Refusal::RepoNotFound),
+                ));
+            }
+            other => return Err(self.refused(workspace, slug, other)),
         }
+        self.directory.write(forget).await?;
+        Ok(())
     }
 
     fn refused(&self, workspace: &str, slug: &str, response: ShardResponse) -> ReplicatedError {
@@ -288,7 +341,16 @@ impl ReplicatedStore {
     /// Repositories of `workspace`, as of a linearizable read.
     #[tracing::instrument(skip(self), fields(node = self.node_id()))]
     pub async fn list_repos(&self, workspace: &str) -> Result<Vec<RepoRecord>, ReplicatedError> {
-        let view = self.read_view(self.shard_of(workspace)).await?;
+        if workspace.is_empty() {
+            // Every workspace: the directory has them all, whichever shard.
+            return match self.directory.read(MetaQuery::Repos(String::new())).await? {
+                MetaAnswer::Repos(records) => Ok(records),
+                other => Err(ReplicatedError::Raft(format!(
+                    "unexpected answer {other:?}"
+                ))),
+            };
+        }
+        let view = self.read_view(self.shard_of(workspace).await?).await?;
         view.scan_prefix(&keys::repos_of(workspace))?
             .iter()
             .map(|(k, v)| decode_record(k, v))
@@ -317,7 +379,7 @@ impl ReplicatedStore {
         workspace: &str,
         slug: &str,
     ) -> Result<RepoRecord, ReplicatedError> {
-        let view = self.read_view(self.shard_of(workspace)).await?;
+        let view = self.read_view(self.shard_of(workspace).await?).await?;
         Self::record_in(&view, workspace, slug)
     }
 
@@ -328,7 +390,7 @@ impl ReplicatedStore {
         workspace: &str,
         slug: &str,
     ) -> Result<RepoSnapshot, ReplicatedError> {
-        let view = self.read_view(self.shard_of(workspace)).await?;
+        let view = self.read_view(self.shard_of(workspace).await?).await?;
         let record = Self::record_in(&view, workspace, slug)?;
         // Packs before refs: apply writes a pack row in the same batch as
         // the refs needing it, so no ref read second lacks its objects.
@@ -392,7 +454,7 @@ impl ReplicatedStore {
         prior: &[Option<String>],
         staged: Option<StagedPack>,
     ) -> Result<Vec<Result<(), String>>, ReplicatedError> {
-        let shard = self.shard_of(&record.workspace);
+        let shard = self.hosted(shard_of_repo(record.id))?;
         self.require_leader(shard)?;
         let push_id = self.fresh_push_id();
         tracing::Span::current().record("push_id", push_id.as_str());
@@ -492,17 +554,26 @@ impl ReplicatedStore {
         };
         let id = ObjectId::from_hex(pack_ref.id.as_bytes())
             .map_err(|e| ReplicatedError::Raft(format!("pack id: {e}")))?;
-        let others: Vec<u64> = self
-            .replicas
-            .get(&shard)
-            .ok_or(ReplicatedError::UnknownShard(shard))?
+        // Every member gets the pack (a learner too, sparing it a fetch);
+        // a majority of each voter set must hold it, two sets while a
+        // joint configuration is in force.
+        let voter_sets = self.host.voter_sets(shard)?;
+        let (voters, learners) = self.host.members(shard)?;
+        let mut others: Vec<u64> = voters.into_iter().chain(learners).collect();
+        others.sort_unstable();
+        others.dedup();
+        others.retain(|&n| n != self.node_id());
+        let quorum = |holders: &BTreeSet<u64>| {
+            voter_sets
+                .iter()
+                .all(|set| set.intersection(holders).count() > set.len() / 2)
+        };
+        let mut holders = BTreeSet::from([self.node_id()]);
+        let needed = voter_sets
             .iter()
-            .copied()
-            .filter(|&n| n != self.node_id())
-            .collect();
-        let total = others.len() + 1;
-        let needed = total / 2 + 1;
-        let mut acked = 1;
+            .map(|s| s.len() / 2 + 1)
+            .max()
+            .unwrap_or(1);
         let mut errors = Vec::new();
 
         // Each transfer runs as its own task, so a slow follower keeps
@@ -536,9 +607,11 @@ impl ReplicatedStore {
         drop(tx);
 
         let collect = async {
-            while acked < needed {
+            while !quorum(&holders) {
                 match rx.recv().await {
-                    Some((_, Ok(_))) => acked += 1,
+                    Some((peer, Ok(_))) => {
+                        holders.insert(peer);
+                    }
                     Some((peer, Err(e))) => errors.push(format!("node {peer}: {e}")),
                     None => break,
                 }
@@ -547,7 +620,8 @@ impl ReplicatedStore {
         if tokio::time::timeout(STAGE_TIMEOUT, collect).await.is_err() {
             errors.push(format!("timed out after {STAGE_TIMEOUT:?}"));
         }
-        if acked < needed {
+        let acked = holders.len();
+        if !quorum(&holders) {
             // The local staged copy is left to the staging TTL cleanup.
             return Err(ReplicatedError::Transfer {
                 shard,
@@ -567,8 +641,9 @@ impl ReplicatedStore {
             return Ok(c.clone());
         }
         let addr = self
-            .peers
-            .get(&peer)
+            .host
+            .peers()
+            .get(peer)
             .ok_or_else(|| ReplicatedError::Raft(format!("node {peer} has no address")))?;
         let channel = Endpoint::from_shared(format!("http://{addr}"))
             .map_err(|e| ReplicatedError::Raft(format!("address of node {peer}: {e}")))?
@@ -613,16 +688,4 @@ fn stage_locally(
         .and_then(|f| f.sync_all())
         .map_err(io_err(&dir))?;
     Ok((pack_dst, idx_dst))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::fnv1a;
-
-    #[test]
-    fn fnv1a_matches_the_reference_values() {
-        assert_eq!(fnv1a(b""), 0xcbf2_9ce4_8422_2325);
-        assert_eq!(fnv1a(b"a"), 0xaf63_dc4c_8601_ec8c);
-        assert_eq!(fnv1a(b"foobar"), 0x8594_4171_f739_67e8);
-    }
 }

@@ -12,6 +12,7 @@ use tokio_stream::wrappers::TcpListenerStream;
 
 use crate::admin_service::AdminService;
 use crate::backend::RepoBackend;
+use crate::cluster_service::ClusterService;
 use crate::config::Config;
 use crate::git_service::GitService;
 use crate::pack_transfer::{PackTransferService, StagingArea, TransferLimits};
@@ -19,6 +20,7 @@ use crate::replicated_store::{ReplicatedError, ReplicatedStore};
 use crate::repo_store::{RepoStore, StoreError};
 use crate::shard_host::{ShardHost, ShardHostError};
 use crate::staging_cleanup::{CleanupOptions, StagingCleanupWorker};
+use cairn_proto::cluster::cluster_server::ClusterServer;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -115,10 +117,25 @@ impl StorageNode {
         );
         StagingCleanupWorker::new(staging, CleanupOptions::default()).spawn();
         let raft = shard_host.as_ref().map(|h| h.raft_service().into_server());
+        let directory = backend.replicated().map(|s| s.directory().clone());
+        let move_step_pause = if config.fault_injection {
+            std::env::var(crate::mover::STEP_PAUSE_ENV)
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .map_or(std::time::Duration::ZERO, std::time::Duration::from_millis)
+        } else {
+            std::time::Duration::ZERO
+        };
+        let cluster = ClusterServer::new(ClusterService::new(
+            shard_host.clone().zip(directory),
+            grpc_addr,
+            move_step_pause,
+        ));
         let task = tokio::spawn(
             tonic::transport::Server::builder()
                 .add_service(git)
                 .add_service(admin)
+                .add_service(cluster)
                 .add_service(PackTransferServer::new(pack_transfer))
                 .add_optional_service(raft)
                 .serve_with_incoming(TcpListenerStream::new(listener)),

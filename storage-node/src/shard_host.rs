@@ -1,14 +1,17 @@
-//! Runs this node's shard replicas as raft groups.
+//! Runs this node's replicas as raft groups: its shards and, on the meta
+//! nodes, the directory (group 0).
 //!
 //! Opt-in: a node only starts a `ShardHost` when its configuration has a
 //! `[shards]` section; the git and admin services then serve through it
 //! (see `backend`), otherwise from `RepoStore`. The host owns one RocksDB
 //! for all of its groups, one channel pool to the peers (shared by every
 //! group, so many shards multiplex over one connection per peer) and the
-//! registry the node's `Raft` gRPC service dispatches to.
+//! registry the node's `Raft` gRPC service dispatches to. Replicas come and
+//! go while the node runs (a shard moving in or out); the list of shards
+//! it holds is kept on disk so a restart opens the same ones.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -16,8 +19,8 @@ use cairn_raft::network::{
     GroupNetworkFactory, GroupRegistry, PeerPool, RaftService, ReadIndexReply, READ_INDEX_TIMEOUT,
 };
 use cairn_raft::{
-    Command, GroupId, GroupStateMachine, NodeId, PeerAddr, RaftDb, StateView, TransportFilter,
-    TypeConfig,
+    ApplyLogic, Command, GroupId, GroupState, GroupStateMachine, NodeId, PeerAddr, RaftDb,
+    StateView, StopSignal, TransportFilter, TypeConfig,
 };
 use openraft::async_runtime::WatchReceiver;
 use openraft::error::{ClientWriteError, ForwardToLeader, InitializeError, RaftError};
@@ -25,9 +28,10 @@ use openraft::ReadPolicy;
 use serde::{Deserialize, Serialize};
 use tracing::Instrument;
 
-use crate::pack_placer::LocalPackPlacer;
+use crate::meta_state::{MetaError, MetaLogic, MetaRequest, MetaResponse};
+use crate::pack_placer::{LocalPackPlacer, PeerBook};
 use crate::pack_transfer::StagingArea;
-use crate::shard_state::{ShardLogic, ShardRequest, ShardResponse};
+use crate::shard_state::{ApplyError, ShardLogic, ShardRequest, ShardResponse};
 
 /// Group id of the meta directory; no shard may use it.
 pub const META_GROUP: u64 = 0;
@@ -50,8 +54,16 @@ pub struct ShardHostConfig {
     /// Every node of the cluster (this one included): id → gRPC `host:port`
     /// of its `Raft` service.
     pub peers: BTreeMap<u64, String>,
+    /// The shards of the cluster's first layout. Read once, when the meta
+    /// group's directory is bootstrapped and when this node first starts;
+    /// from then on the directory and each group's membership are the truth.
     #[serde(default)]
     pub shards: Vec<ShardSpec>,
+    /// Nodes holding the meta group (the directory). Empty: the three
+    /// lowest peer ids (fewer if the cluster has fewer nodes). A node that
+    /// joins later lists the meta nodes among its peers to reach them.
+    #[serde(default)]
+    pub meta: Vec<u64>,
     /// Replicas every shard must list. 3 in production (a push is durable
     /// on two nodes once acknowledged); tests may lower it.
     #[serde(default = "default_replication_factor")]
@@ -124,6 +136,8 @@ pub enum ShardConfigError {
     UnknownReplica { shard: u64, node: u64 },
     #[error("shards: need 0 < heartbeat-ms < election-timeout-min-ms < election-timeout-max-ms")]
     Timeouts,
+    #[error("shards: meta node {0} is not a peer")]
+    UnknownMetaNode(u64),
 }
 
 impl ShardHostConfig {
@@ -144,6 +158,9 @@ impl ShardHostConfig {
             && self.election_timeout_min_ms < self.election_timeout_max_ms)
         {
             return Err(ShardConfigError::Timeouts);
+        }
+        if let Some(&id) = self.meta.iter().find(|id| !self.peers.contains_key(id)) {
+            return Err(ShardConfigError::UnknownMetaNode(id));
         }
         let mut seen = BTreeSet::new();
         for shard in &self.shards {
@@ -177,6 +194,18 @@ impl ShardHostConfig {
             }
         }
         Ok(())
+    }
+
+    /// The nodes holding the meta group.
+    pub fn meta_voters(&self) -> Vec<u64> {
+        if self.meta.is_empty() {
+            self.peers.keys().copied().take(3).collect()
+        } else {
+            let mut ids = self.meta.clone();
+            ids.sort_unstable();
+            ids.dedup();
+            ids
+        }
     }
 
     fn raft_config(&self) -> Result<Arc<openraft::Config>, ShardHostError> {
@@ -218,6 +247,8 @@ pub enum ShardHostError {
     Start { shard: u64, message: String },
     #[error("initializing shard {shard}: {message}")]
     Initialize { shard: u64, message: String },
+    #[error("the list of hosted shards: {0}")]
+    Hosted(String),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -240,7 +271,76 @@ pub enum ProposeError {
     Raft(String),
 }
 
-type ShardRaft = openraft::Raft<TypeConfig, GroupStateMachine<ShardLogic<LocalPackPlacer>>>;
+/// A raft entry of any group this node hosts. Shards and the meta group
+/// share one raft type, so the read barrier, leadership and membership
+/// tools serve both.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum GroupRequest {
+    Shard(ShardRequest),
+    Meta(MetaRequest),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum GroupResponse {
+    Shard(ShardResponse),
+    Meta(MetaResponse),
+}
+
+/// The `ApplyLogic` of every group: a shard's or the directory's.
+pub enum NodeLogic {
+    Shard(ShardLogic<LocalPackPlacer>),
+    Meta(MetaLogic),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum NodeApplyError {
+    #[error(transparent)]
+    Shard(#[from] ApplyError),
+    #[error(transparent)]
+    Meta(#[from] MetaError),
+}
+
+impl ApplyLogic for NodeLogic {
+    type Request = GroupRequest;
+    type Response = GroupResponse;
+    type Error = NodeApplyError;
+
+    fn apply(
+        &self,
+        state: &mut GroupState<'_>,
+        request: GroupRequest,
+    ) -> Result<GroupResponse, NodeApplyError> {
+        match (self, request) {
+            (NodeLogic::Shard(logic), GroupRequest::Shard(r)) => {
+                Ok(GroupResponse::Shard(logic.apply(state, r)?))
+            }
+            (NodeLogic::Meta(logic), GroupRequest::Meta(r)) => {
+                Ok(GroupResponse::Meta(logic.apply_request(state, r)?))
+            }
+            // Proposers pick the request by the group; a mismatch changes
+            // nothing rather than stopping the group.
+            _ => Ok(GroupResponse::Meta(MetaResponse::Refused(
+                "entry for another kind of group".into(),
+            ))),
+        }
+    }
+
+    fn reconciles(&self) -> bool {
+        match self {
+            NodeLogic::Shard(logic) => logic.reconciles(),
+            NodeLogic::Meta(_) => false,
+        }
+    }
+
+    fn reconcile(&self, view: &StateView, stop: &StopSignal) -> Result<(), NodeApplyError> {
+        match self {
+            NodeLogic::Shard(logic) => Ok(logic.reconcile(view, stop)?),
+            NodeLogic::Meta(_) => Ok(()),
+        }
+    }
+}
+
+type GroupRaft = openraft::Raft<TypeConfig, GroupStateMachine<NodeLogic>>;
 
 /// How long a proposal may wait for its commit before its outcome is
 /// reported unknown: several election timeouts, far beyond a healthy commit.
@@ -251,27 +351,65 @@ const PROPOSE_TIMEOUT: Duration = Duration::from_secs(10);
 /// a heartbeat behind; one this far behind should not serve.
 const FOLLOWER_APPLY_TIMEOUT: Duration = Duration::from_secs(3);
 
-/// This node's shard replicas, each a running raft group.
+/// The shards this node holds a replica of, kept next to the raft
+/// database: written when a replica is opened or closed, read at start.
+/// Absent on a node's first start, which takes the configured layout.
+const HOSTED_FILE: &str = "hosted-shards.json";
+
+/// This node's replicas — shards and, on meta nodes, the directory — each
+/// a running raft group.
 pub struct ShardHost {
     node_id: NodeId,
-    peers: BTreeMap<u64, String>,
+    peers: PeerBook,
     db: RaftDb,
     registry: GroupRegistry,
     pool: PeerPool,
     /// Also consulted by follower reads, which ask the leader directly.
     filter: TransportFilter,
-    rafts: BTreeMap<u64, ShardRaft>,
+    rafts: std::sync::RwLock<BTreeMap<u64, GroupRaft>>,
+    raft_config: Arc<openraft::Config>,
+    area: StagingArea,
+    data_dir: PathBuf,
+    meta_voters: Vec<u64>,
+    /// The configured first layout, proposed to an empty directory.
+    seed: ShardHostConfig,
+    /// Orders opening and closing replicas (and writing the hosted list).
+    membership_lock: tokio::sync::Mutex<()>,
     /// Packs this node fetched from peers, over all shards.
     packs_fetched: Arc<std::sync::atomic::AtomicU64>,
+    shut_down: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for ShardHost {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ShardHost")
             .field("node_id", &self.node_id)
-            .field("shards", &self.rafts.keys().collect::<Vec<_>>())
+            .field("groups", &self.groups())
             .finish()
     }
+}
+
+fn read_hosted(path: &Path) -> Result<Option<Vec<u64>>, ShardHostError> {
+    match std::fs::read(path) {
+        Ok(bytes) => serde_json::from_slice(&bytes)
+            .map(Some)
+            .map_err(|e| ShardHostError::Hosted(format!("{}: {e}", path.display()))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(ShardHostError::Hosted(format!("{}: {e}", path.display()))),
+    }
+}
+
+fn write_hosted(path: &Path, ids: &[u64]) -> std::io::Result<()> {
+    use std::io::Write as _;
+    let tmp = path.with_extension("json.tmp");
+    let mut file = std::fs::File::create(&tmp)?;
+    file.write_all(&serde_json::to_vec(ids).map_err(std::io::Error::other)?)?;
+    file.sync_all()?;
+    std::fs::rename(&tmp, path)?;
+    if let Some(dir) = path.parent() {
+        std::fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(())
 }
 
 impl ShardHost {
@@ -287,8 +425,10 @@ impl ShardHost {
         Self::start_with_area(config, data_dir, area, filter).await
     }
 
-    /// Opens the raft database and starts every shard that lists this
-    /// node; the lowest-id replica initializes a new group.
+    /// Opens the raft database and starts the meta group (on meta nodes)
+    /// and every shard this node holds: on its first start the configured
+    /// shards that list it, afterwards the ones it recorded. On a first
+    /// start the lowest-id member initializes each group.
     pub async fn start_with_area(
         config: ShardHostConfig,
         data_dir: &Path,
@@ -310,66 +450,94 @@ impl ShardHost {
                     .map_err(|e| ShardHostError::RaftConfig(format!("open task failed: {e}")))??
             };
             area.create().map_err(ShardHostError::Staging)?;
-            let registry = GroupRegistry::new();
-            let pool = PeerPool::default();
-            let mut host = ShardHost {
-                node_id: config.node_id,
-                peers: config.peers.clone(),
-                db,
-                registry,
-                pool,
-                filter: filter.clone(),
-                rafts: BTreeMap::new(),
-                packs_fetched: Arc::default(),
+            let me = config.node_id;
+            let hosted = read_hosted(&raft_dir.join(HOSTED_FILE))?;
+            let first_start = hosted.is_none();
+            let shard_ids: Vec<u64> = match hosted {
+                Some(ids) => ids,
+                None => config
+                    .shards
+                    .iter()
+                    .filter(|s| s.replicas.contains(&me))
+                    .map(|s| s.id)
+                    .collect(),
             };
-            for shard in config
-                .shards
-                .iter()
-                .filter(|s| s.replicas.contains(&config.node_id))
-            {
-                let raft = host
-                    .start_shard(shard, raft_config.clone(), &area, &filter)
+            let host = ShardHost {
+                node_id: me,
+                peers: PeerBook::from_map(config.peers.clone()),
+                db,
+                registry: GroupRegistry::new(),
+                pool: PeerPool::default(),
+                filter,
+                rafts: std::sync::RwLock::default(),
+                raft_config,
+                area,
+                data_dir: data_dir.to_path_buf(),
+                meta_voters: config.meta_voters(),
+                seed: config,
+                membership_lock: tokio::sync::Mutex::new(()),
+                packs_fetched: Arc::default(),
+                shut_down: Default::default(),
+            };
+            let initial = |replicas: &[u64]| -> Option<BTreeMap<u64, String>> {
+                (first_start && replicas.iter().min() == Some(&me)).then(|| {
+                    replicas
+                        .iter()
+                        .map(|id| (*id, host.peers.get(*id).unwrap_or_default()))
+                        .collect()
+                })
+            };
+            if host.meta_voters.contains(&me) {
+                host.start_group(META_GROUP, initial(&host.meta_voters))
                     .await?;
-                host.rafts.insert(shard.id, raft);
             }
-            tracing::info!(shards = ?host.rafts.keys().collect::<Vec<_>>(), "shard host started");
+            for id in &shard_ids {
+                let spec = host.seed.shards.iter().find(|s| s.id == *id);
+                let members = spec.and_then(|s| initial(&s.replicas));
+                host.start_group(*id, members).await?;
+            }
+            if first_start {
+                host.persist_hosted()?;
+            }
+            tracing::info!(groups = ?host.groups(), "shard host started");
             Ok(host)
         }
         .instrument(span)
         .await
     }
 
-    async fn start_shard(
+    /// Starts `group` and registers it; `initialize` (on a group's first
+    /// start, on one member only) makes those nodes its first voters.
+    async fn start_group(
         &self,
-        shard: &ShardSpec,
-        raft_config: Arc<openraft::Config>,
-        area: &StagingArea,
-        filter: &TransportFilter,
-    ) -> Result<ShardRaft, ShardHostError> {
-        let group = GroupId(shard.id);
+        group_id: u64,
+        initialize: Option<BTreeMap<u64, String>>,
+    ) -> Result<GroupRaft, ShardHostError> {
+        let group = GroupId(group_id);
         let start_err = |message: String| ShardHostError::Start {
-            shard: shard.id,
+            shard: group_id,
             message,
         };
         let network =
-            GroupNetworkFactory::new(group, self.node_id, self.pool.clone(), filter.clone());
-        // Where apply fetches a committed pack this replica never received.
-        let others: Vec<(u64, String)> = shard
-            .replicas
-            .iter()
-            .filter(|&&id| id != self.node_id)
-            .filter_map(|id| Some((*id, self.peers.get(id)?.clone())))
-            .collect();
-        let sm = self.db.state_machine(
-            group,
-            ShardLogic::new(
-                LocalPackPlacer::with_peers(area.clone(), others)
-                    .with_fetch_counter(self.packs_fetched.clone()),
-            ),
-        )?;
+            GroupNetworkFactory::new(group, self.node_id, self.pool.clone(), self.filter.clone());
+        let logic = if group_id == META_GROUP {
+            NodeLogic::Meta(MetaLogic)
+        } else {
+            // Apply fetches a committed pack this replica never received
+            // from whichever node has it.
+            NodeLogic::Shard(ShardLogic::new(
+                LocalPackPlacer::with_book(
+                    self.area.clone(),
+                    self.peers.clone(),
+                    Some(self.node_id),
+                )
+                .with_fetch_counter(self.packs_fetched.clone()),
+            ))
+        };
+        let sm = self.db.state_machine(group, logic)?;
         let raft = openraft::Raft::new(
             self.node_id,
-            raft_config,
+            self.raft_config.clone(),
             network,
             self.db.log_store(group),
             sm,
@@ -377,28 +545,24 @@ impl ShardHost {
         .await
         .map_err(|e| start_err(e.to_string()))?;
         self.registry.register(group, raft.clone());
+        self.rafts_mut().insert(group_id, raft.clone());
 
         // One replica bootstraps, so two nodes never form competing
         // single-term memberships of the same group.
-        let bootstrap = shard.replicas.iter().min() == Some(&self.node_id);
-        if bootstrap {
-            let members: BTreeMap<NodeId, PeerAddr> = shard
-                .replicas
-                .iter()
-                .map(|id| {
-                    let addr = self.peers.get(id).cloned().unwrap_or_default();
-                    (*id, PeerAddr { addr })
-                })
+        if let Some(members) = initialize {
+            let members: BTreeMap<NodeId, PeerAddr> = members
+                .into_iter()
+                .map(|(id, addr)| (id, PeerAddr { addr }))
                 .collect();
             match raft.initialize(members).await {
-                Ok(()) => tracing::info!(shard = shard.id, "initialized shard group"),
+                Ok(()) => tracing::info!(group = group_id, "initialized group"),
                 // A restart: the group already has a vote or a log.
                 Err(RaftError::APIError(InitializeError::NotAllowed(_))) => {
-                    tracing::debug!(shard = shard.id, "shard group already initialized")
+                    tracing::debug!(group = group_id, "group already initialized")
                 }
                 Err(e) => {
                     return Err(ShardHostError::Initialize {
-                        shard: shard.id,
+                        shard: group_id,
                         message: e.to_string(),
                     })
                 }
@@ -407,13 +571,65 @@ impl ShardHost {
         Ok(raft)
     }
 
+    fn rafts_mut(&self) -> std::sync::RwLockWriteGuard<'_, BTreeMap<u64, GroupRaft>> {
+        self.rafts
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn rafts_read(&self) -> std::sync::RwLockReadGuard<'_, BTreeMap<u64, GroupRaft>> {
+        self.rafts
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn persist_hosted(&self) -> Result<(), ShardHostError> {
+        let path = self.data_dir.join("raft").join(HOSTED_FILE);
+        write_hosted(&path, &self.shards())
+            .map_err(|e| ShardHostError::Hosted(format!("{}: {e}", path.display())))
+    }
+
     pub fn node_id(&self) -> NodeId {
         self.node_id
     }
 
-    /// Shards hosted here.
+    /// Whether [`ShardHost::shutdown`] ran.
+    pub fn is_shut_down(&self) -> bool {
+        self.shut_down.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Shards hosted here (the meta group excluded).
     pub fn shards(&self) -> Vec<u64> {
-        self.rafts.keys().copied().collect()
+        self.rafts_read()
+            .keys()
+            .copied()
+            .filter(|&g| g != META_GROUP)
+            .collect()
+    }
+
+    /// Every group hosted here, the meta group included.
+    pub fn groups(&self) -> Vec<u64> {
+        self.rafts_read().keys().copied().collect()
+    }
+
+    /// Whether this node holds a replica of `shard` (or of the directory).
+    pub fn hosts(&self, shard: u64) -> bool {
+        self.rafts_read().contains_key(&shard)
+    }
+
+    /// Nodes holding the meta group.
+    pub fn meta_voters(&self) -> &[u64] {
+        &self.meta_voters
+    }
+
+    /// The configured first layout.
+    pub fn seed(&self) -> &ShardHostConfig {
+        &self.seed
+    }
+
+    /// The address book shared with this node's placers and stores.
+    pub fn peers(&self) -> &PeerBook {
+        &self.peers
     }
 
     /// The registry of this node's groups (what the `Raft` service serves).
@@ -426,20 +642,44 @@ impl ShardHost {
         RaftService::new(self.node_id, self.db.clone(), self.registry.clone())
     }
 
-    fn raft(&self, shard: u64) -> Result<&ShardRaft, ProposeError> {
-        self.rafts
+    fn raft(&self, shard: u64) -> Result<GroupRaft, ProposeError> {
+        self.rafts_read()
             .get(&shard)
+            .cloned()
             .ok_or(ProposeError::UnknownShard(shard))
     }
 
     /// Proposes `req` to `shard` and returns its applied result. Only the
     /// leader accepts proposals.
-    #[tracing::instrument(level = "debug", skip(self, req), fields(node = self.node_id))]
     pub async fn propose(
         &self,
         shard: u64,
         req: ShardRequest,
     ) -> Result<ShardResponse, ProposeError> {
+        match self.propose_group(shard, GroupRequest::Shard(req)).await? {
+            GroupResponse::Shard(r) => Ok(r),
+            GroupResponse::Meta(m) => Err(ProposeError::Raft(format!("{m:?}"))),
+        }
+    }
+
+    /// Proposes a directory change to the meta group; only its leader
+    /// accepts it.
+    pub async fn propose_meta(&self, req: MetaRequest) -> Result<MetaResponse, ProposeError> {
+        match self
+            .propose_group(META_GROUP, GroupRequest::Meta(req))
+            .await?
+        {
+            GroupResponse::Meta(r) => Ok(r),
+            GroupResponse::Shard(r) => Err(ProposeError::Raft(format!("{r:?}"))),
+        }
+    }
+
+    #[tracing::instrument(level = "debug", skip(self, req), fields(node = self.node_id))]
+    async fn propose_group(
+        &self,
+        shard: u64,
+        req: GroupRequest,
+    ) -> Result<GroupResponse, ProposeError> {
         let raft = self.raft(shard)?;
         let cmd = Command::encode(&req).map_err(|e| ProposeError::Raft(e.to_string()))?;
         // A leader cut off from its quorum keeps waiting for a commit that
@@ -455,7 +695,7 @@ impl ShardHost {
         match written {
             Ok(resp) => resp
                 .data
-                .decode::<ShardResponse>()
+                .decode::<GroupResponse>()
                 .map_err(|e| ProposeError::Raft(e.to_string())),
             Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
                 Err(ProposeError::NotLeader {
@@ -528,7 +768,7 @@ impl ShardHost {
 
     /// The leader this replica knows of, if any.
     pub fn leader(&self, shard: u64) -> Option<NodeId> {
-        let raft = self.rafts.get(&shard)?;
+        let raft = self.raft(shard).ok()?;
         let leader = raft.metrics().borrow_watched().current_leader;
         leader
     }
@@ -536,8 +776,15 @@ impl ShardHost {
     /// Stops every group (in-flight proposals fail); the host answers
     /// nothing afterwards.
     pub async fn shutdown(&self) {
-        for (shard, raft) in &self.rafts {
-            self.registry.unregister(GroupId(*shard));
+        self.shut_down
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        let rafts: Vec<(u64, GroupRaft)> = self
+            .rafts_read()
+            .iter()
+            .map(|(k, v)| (*k, v.clone()))
+            .collect();
+        for (shard, raft) in rafts {
+            self.registry.unregister(GroupId(shard));
             if let Err(e) = raft.shutdown().await {
                 tracing::warn!(shard, error = %e, "shard group did not stop cleanly");
             }
@@ -553,14 +800,14 @@ impl ShardHost {
     /// none for this node itself or an unknown peer.
     fn peer_hint(&self, leader: Option<NodeId>) -> Option<(NodeId, String)> {
         let id = leader.filter(|&id| id != self.node_id)?;
-        Some((id, self.peers.get(&id)?.clone()))
+        Some((id, self.peers.get(id)?))
     }
 
     fn hint(&self, f: &ForwardToLeader<TypeConfig>) -> Option<(NodeId, String)> {
         let id = f.leader_id?;
         let addr = match &f.leader_node {
             Some(node) if !node.addr.is_empty() => node.addr.clone(),
-            _ => self.peers.get(&id)?.clone(),
+            _ => self.peers.get(id)?,
         };
         Some((id, addr))
     }
@@ -582,6 +829,47 @@ pub struct ReplicaStatus {
     pub repositories: u64,
     pub snapshot_index: Option<u64>,
     pub purged_index: Option<u64>,
+    pub learners: Vec<NodeId>,
+    /// Bytes of the packs the shard's rows name.
+    pub bytes: u64,
+    /// Per repository: id, workspace, slug, pack bytes.
+    pub repos: Vec<RepoUsage>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RepoUsage {
+    pub id: u64,
+    pub workspace: String,
+    pub slug: String,
+    pub bytes: u64,
+}
+
+/// Pack bytes per repository, from a shard's rows.
+fn repo_usage(rows: &[(Vec<u8>, Vec<u8>)]) -> Vec<RepoUsage> {
+    use crate::shard_state::{keys, PackRef};
+    let mut bytes: BTreeMap<u64, u64> = BTreeMap::new();
+    let mut repos = Vec::new();
+    let records = keys::repos_of("");
+    for (k, v) in rows {
+        if let Some((id, _)) = keys::parse_pack(k) {
+            if let Ok(pack) = serde_json::from_slice::<PackRef>(v) {
+                *bytes.entry(id).or_default() += pack.bytes;
+            }
+        } else if k.starts_with(&records) {
+            if let Ok(r) = serde_json::from_slice::<crate::repo_store::RepoRecord>(v) {
+                repos.push(RepoUsage {
+                    id: r.id,
+                    workspace: r.workspace,
+                    slug: r.slug,
+                    bytes: 0,
+                });
+            }
+        }
+    }
+    for repo in &mut repos {
+        repo.bytes = bytes.get(&repo.id).copied().unwrap_or(0);
+    }
+    repos
 }
 
 /// Attempts at reading rows and applied index without an apply in between
@@ -592,6 +880,17 @@ impl ShardHost {
     /// This node's replica of `shard`: role, indexes and a checksum of its
     /// state that replicas at the same applied index must agree on.
     pub fn replica_status(&self, shard: u64) -> Result<ReplicaStatus, ProposeError> {
+        self.replica_status_scoped(shard, None)
+    }
+
+    /// As [`ShardHost::replica_status`], with the checksum over one
+    /// repository's rows only (its record, refs and pack list) when
+    /// `repo` names one.
+    pub fn replica_status_scoped(
+        &self,
+        shard: u64,
+        repo: Option<(&str, &str)>,
+    ) -> Result<ReplicaStatus, ProposeError> {
         use openraft::async_runtime::WatchReceiver as _;
         use sha2::Digest as _;
         let raft = self.raft(shard)?;
@@ -633,8 +932,40 @@ impl ShardHost {
         let (applied_index, rows) = consistent.ok_or_else(|| {
             ProposeError::Raft("the shard kept applying; no consistent read".into())
         })?;
+        let usage = repo_usage(&rows);
+        let scope: Option<Vec<Vec<u8>>> = match repo {
+            None => None,
+            Some((workspace, slug)) => {
+                let id = usage
+                    .iter()
+                    .find(|u| u.workspace == workspace && u.slug == slug)
+                    .map(|u| u.id)
+                    .ok_or_else(|| {
+                        ProposeError::Raft(format!("repository {workspace}/{slug} not found"))
+                    })?;
+                use crate::shard_state::keys;
+                Some(vec![
+                    keys::repo(workspace, slug),
+                    keys::repo_by_id(id),
+                    keys::refs_of(id),
+                    keys::packs_of(id),
+                ])
+            }
+        };
+        let in_scope = |k: &[u8]| {
+            scope.as_ref().is_none_or(|prefixes| {
+                prefixes.iter().any(|p| {
+                    // The record key is exact: `ws/slug` must not match `ws/slug2`.
+                    if p.starts_with(b"r/") {
+                        k == p.as_slice()
+                    } else {
+                        k.starts_with(p)
+                    }
+                })
+            })
+        };
         let mut hash = sha2::Sha256::new();
-        for (k, v) in &rows {
+        for (k, v) in rows.iter().filter(|(k, _)| in_scope(k)) {
             // Length-prefixed so row boundaries cannot shift between rows.
             hash.update((k.len() as u64).to_be_bytes());
             hash.update(k);
@@ -660,6 +991,13 @@ impl ShardHost {
                 .count() as u64,
             snapshot_index: metrics.snapshot.map(|s| s.index),
             purged_index: metrics.purged.map(|p| p.index),
+            learners: metrics
+                .membership_config
+                .membership()
+                .learner_ids()
+                .collect(),
+            bytes: usage.iter().map(|u| u.bytes).sum(),
+            repos: usage,
         })
     }
 
@@ -676,7 +1014,7 @@ impl ShardHost {
             Some(id) => id,
             None => return Err(ProposeError::NotLeader { leader_hint: None }),
         };
-        let Some(addr) = self.peers.get(&leader).cloned() else {
+        let Some(addr) = self.peers.get(leader) else {
             return Err(ProposeError::NotLeader { leader_hint: None });
         };
         if !self.filter.allows(self.node_id, leader) {
@@ -848,8 +1186,213 @@ impl ShardHost {
 
     /// The last log index this replica of `shard` purged, if any.
     pub fn purged_index(&self, shard: u64) -> Option<u64> {
-        let raft = self.rafts.get(&shard)?;
+        let raft = self.raft(shard).ok()?;
         let purged = raft.metrics().borrow_watched().purged;
         purged.map(|p| p.index)
     }
+}
+
+/// A shard's members as its leader sees them, and how far each has
+/// replicated the leader's log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReplicationProgress {
+    pub leader: NodeId,
+    pub last_log_index: u64,
+    pub voters: Vec<NodeId>,
+    pub learners: Vec<NodeId>,
+    /// Per member: the last log index known to match the leader's.
+    pub matched: BTreeMap<NodeId, u64>,
+}
+
+/// Membership: replicas moving in and out while the node runs.
+impl ShardHost {
+    /// Voters and learners of `shard` in this replica's latest membership
+    /// (joint configurations: every voter of either side).
+    pub fn members(&self, shard: u64) -> Result<(Vec<NodeId>, Vec<NodeId>), ProposeError> {
+        let raft = self.raft(shard)?;
+        let metrics = raft.metrics().borrow_watched().clone();
+        let membership = metrics.membership_config.membership();
+        let voters: Vec<NodeId> = membership.voter_ids().collect();
+        let learners: Vec<NodeId> = membership.learner_ids().collect();
+        Ok((voters, learners))
+    }
+
+    /// Voter sets of `shard`'s latest membership: one, or two while a
+    /// joint configuration is in force (a write needs a majority of each).
+    pub fn voter_sets(&self, shard: u64) -> Result<Vec<BTreeSet<NodeId>>, ProposeError> {
+        let raft = self.raft(shard)?;
+        let metrics = raft.metrics().borrow_watched().clone();
+        Ok(metrics
+            .membership_config
+            .membership()
+            .get_joint_config()
+            .clone())
+    }
+
+    /// Starts an empty replica of `shard` here, to be added as a learner by
+    /// its leader; `members` are the shard's nodes and addresses (so this
+    /// replica can fetch packs and find the leader). Idempotent; the shard
+    /// is recorded as hosted before this returns, so a restart reopens it.
+    pub async fn open_replica(
+        &self,
+        shard: u64,
+        members: &[(u64, String)],
+    ) -> Result<(), ShardHostError> {
+        if shard == META_GROUP {
+            return Err(ShardHostError::Config(ShardConfigError::ReservedShard));
+        }
+        let _guard = self.membership_lock.lock().await;
+        for (id, addr) in members {
+            self.peers.insert(*id, addr.clone());
+        }
+        if self.hosts(shard) {
+            return Ok(());
+        }
+        self.start_group(shard, None).await?;
+        self.persist_hosted()?;
+        tracing::info!(shard, "opened an empty replica");
+        Ok(())
+    }
+
+    /// Stops this node's replica of `shard` and deletes its log, rows,
+    /// snapshots and the packs of its repositories. Only for a replica
+    /// that is no longer a member (the caller checked with the leader).
+    /// Idempotent.
+    pub async fn close_replica(&self, shard: u64) -> Result<(), ProposeError> {
+        if shard == META_GROUP {
+            return Err(ProposeError::Raft("the meta group cannot be closed".into()));
+        }
+        let _guard = self.membership_lock.lock().await;
+        if let Ok(raft) = self.raft(shard) {
+            if self.leader(shard) == Some(self.node_id) {
+                return Err(ProposeError::Raft(format!(
+                    "this node still leads shard {shard}; transfer its leadership first"
+                )));
+            }
+            self.registry.unregister(GroupId(shard));
+            self.rafts_mut().remove(&shard);
+            if let Err(e) = raft.shutdown().await {
+                tracing::warn!(shard, error = %e, "shard group did not stop cleanly");
+            }
+            drop(raft);
+            self.persist_hosted()
+                .map_err(|e| ProposeError::Raft(e.to_string()))?;
+        }
+        // Also after a crash between forgetting the shard and deleting it.
+        self.db
+            .drop_group(GroupId(shard))
+            .map_err(|e| ProposeError::Raft(e.to_string()))?;
+        let data_dir = self.data_dir.clone();
+        let area = self.area.clone();
+        tokio::task::spawn_blocking(move || remove_shard_files(&data_dir, &area, shard))
+            .await
+            .map_err(|e| ProposeError::Raft(e.to_string()))?
+            .map_err(|e| ProposeError::Raft(format!("removing the packs of shard {shard}: {e}")))?;
+        tracing::info!(shard, "closed the replica and deleted its data");
+        Ok(())
+    }
+
+    /// On `shard`'s leader: adds `node` (at `addr`) as a learner and starts
+    /// replicating to it; returns at once. Re-adding a member is harmless.
+    pub async fn add_learner(
+        &self,
+        shard: u64,
+        node: NodeId,
+        addr: String,
+    ) -> Result<(), ProposeError> {
+        let raft = self.raft(shard)?;
+        self.peers.insert(node, addr.clone());
+        match raft.add_learner(node, PeerAddr { addr }, false).await {
+            Ok(_) => Ok(()),
+            Err(e) => Err(self.membership_error(e)),
+        }
+    }
+
+    /// On `shard`'s leader: makes `voters` the voter set, through a joint
+    /// configuration when it changes voters; members left out are removed
+    /// (learners included). Waits for the change to commit.
+    pub async fn set_voters(
+        &self,
+        shard: u64,
+        voters: BTreeSet<NodeId>,
+    ) -> Result<(), ProposeError> {
+        let raft = self.raft(shard)?;
+        let change = raft.change_membership(voters, false);
+        match tokio::time::timeout(PROPOSE_TIMEOUT, change).await {
+            Err(_) => Err(ProposeError::Indeterminate {
+                leader_hint: self.known_leader(shard),
+            }),
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => Err(self.membership_error(e)),
+        }
+    }
+
+    fn membership_error(
+        &self,
+        e: RaftError<TypeConfig, ClientWriteError<TypeConfig>>,
+    ) -> ProposeError {
+        match e {
+            RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => ProposeError::NotLeader {
+                leader_hint: self.hint(&f),
+            },
+            RaftError::APIError(ClientWriteError::LogEntryDiscarded(f)) => {
+                ProposeError::Indeterminate {
+                    leader_hint: self.hint(&f),
+                }
+            }
+            e => ProposeError::Raft(e.to_string()),
+        }
+    }
+
+    /// On `shard`'s leader: its members and how far each matches its log.
+    pub fn replication_progress(&self, shard: u64) -> Result<ReplicationProgress, ProposeError> {
+        let raft = self.raft(shard)?;
+        let metrics = raft.metrics().borrow_watched().clone();
+        if metrics.current_leader != Some(self.node_id) {
+            return Err(ProposeError::NotLeader {
+                leader_hint: self.peer_hint(metrics.current_leader),
+            });
+        }
+        let membership = metrics.membership_config.membership();
+        let last_log_index = metrics.last_log_index.unwrap_or(0);
+        let mut matched: BTreeMap<NodeId, u64> = metrics
+            .replication
+            .iter()
+            .flatten()
+            .map(|(id, log)| (*id, log.as_ref().map_or(0, |l| l.index())))
+            .collect();
+        matched.insert(self.node_id, last_log_index);
+        Ok(ReplicationProgress {
+            leader: self.node_id,
+            last_log_index,
+            voters: membership.voter_ids().collect(),
+            learners: membership.learner_ids().collect(),
+            matched,
+        })
+    }
+}
+
+/// Deletes the packs of `shard`'s repositories (a repository id carries
+/// its shard in the high bits) and the shard's staged transfers.
+fn remove_shard_files(data_dir: &Path, area: &StagingArea, shard: u64) -> std::io::Result<()> {
+    let packs = data_dir.join("packs");
+    let entries = match std::fs::read_dir(&packs) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    for entry in entries {
+        let entry = entry?;
+        let Some(repo_id) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u64>().ok())
+        else {
+            continue;
+        };
+        if repo_id >> 40 == shard {
+            std::fs::remove_dir_all(entry.path())?;
+        }
+    }
+    area.remove_shard(shard)
 }

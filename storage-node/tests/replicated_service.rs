@@ -86,6 +86,7 @@ async fn writes_go_to_the_shard_leader_and_any_replica_reads() {
         let mut config = Config::new(dir.path().to_owned());
         config.grpc_addr = peers[&id].parse().expect("addr");
         config.shards = Some(ShardHostConfig {
+            meta: Vec::new(),
             node_id: id,
             peers: peers.clone(),
             shards: vec![ShardSpec {

@@ -61,6 +61,7 @@ async fn start_cluster_filtered(
 
 fn shard_config(id: u64, peers: &BTreeMap<u64, String>, ids: &[u64]) -> ShardHostConfig {
     ShardHostConfig {
+        meta: Vec::new(),
         node_id: id,
         peers: peers.clone(),
         shards: vec![ShardSpec {
@@ -203,12 +204,17 @@ async fn pushes_replicate_to_a_quorum_and_every_replica_reads_them() {
     let lead = leader(&nodes, &ids).await;
     let followers: Vec<u64> = ids.iter().copied().filter(|&n| n != lead).collect();
     let store = &nodes[&lead].store;
-    assert_eq!(store.shard_of("w"), SHARD);
+    assert!(matches!(
+        store.shard_of("w").await,
+        Err(ReplicatedError::WorkspaceNotFound(_))
+    ));
 
     let record = store
         .create_repo("w", "r", true, "demo")
         .await
         .expect("create");
+    // The directory placed the new workspace on the only shard.
+    assert_eq!(store.shard_of("w").await.expect("placed"), SHARD);
     assert!(matches!(
         store.create_repo("w", "r", true, "").await,
         Err(ReplicatedError::Store(

@@ -56,6 +56,7 @@ async fn start_cluster(ids: &[u64]) -> BTreeMap<u64, Node> {
     for (id, listener) in listeners {
         let dir = tempfile::tempdir().expect("tempdir");
         let config = ShardHostConfig {
+            meta: Vec::new(),
             node_id: id,
             peers: peers.clone(),
             shards: vec![ShardSpec {
@@ -243,6 +244,7 @@ fn config_validation() {
     config.validate().expect("valid");
 
     let with = |shards: Vec<ShardSpec>| ShardHostConfig {
+        meta: Vec::new(),
         shards,
         ..config.clone()
     };
@@ -272,18 +274,21 @@ fn config_validation() {
         Err(E::DuplicateShard(1))
     ));
     let single = ShardHostConfig {
+        meta: Vec::new(),
         replication_factor: 1,
         shards: vec![spec(5, &[2])],
         ..config.clone()
     };
     single.validate().expect("a test may run one replica");
     let bad_timeouts = ShardHostConfig {
+        meta: Vec::new(),
         heartbeat_ms: 500,
         election_timeout_min_ms: 400,
         ..config.clone()
     };
     assert_eq!(bad_timeouts.validate(), Err(E::Timeouts));
     let stranger = ShardHostConfig {
+        meta: Vec::new(),
         node_id: 9,
         ..config
     };
@@ -296,6 +301,7 @@ fn config_validation() {
 async fn restart_keeps_the_group_and_its_state() {
     let dir = tempfile::tempdir().expect("tempdir");
     let config = ShardHostConfig {
+        meta: Vec::new(),
         node_id: 1,
         peers: BTreeMap::from([(1, "127.0.0.1:1".to_string())]),
         shards: vec![ShardSpec {
@@ -362,6 +368,7 @@ async fn storage_node_serves_raft_only_when_configured() {
     let mut sharded = config;
     sharded.data_dir = dir.path().join("sharded");
     sharded.shards = Some(ShardHostConfig {
+        meta: Vec::new(),
         node_id: 1,
         peers: BTreeMap::from([(1, "127.0.0.1:1".to_string())]),
         shards: vec![ShardSpec {

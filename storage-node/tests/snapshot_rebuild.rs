@@ -49,6 +49,7 @@ fn shard_config(id: u64, peers: &BTreeMap<u64, String>, compaction: Compaction) 
         Compaction::EveryFewEntries => 3,
     };
     ShardHostConfig {
+        meta: Vec::new(),
         node_id: id,
         peers: peers.clone(),
         shards: vec![ShardSpec {

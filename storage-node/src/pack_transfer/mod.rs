@@ -143,6 +143,15 @@ impl StagingArea {
         self.inner.lock.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Removes every pack staged for `shard` (its replica left this node).
+    pub fn remove_shard(&self, shard: ShardId) -> io::Result<()> {
+        let _guard = self.hold();
+        match fs::remove_dir_all(self.inner.root.join(shard.to_string())) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        }
+    }
+
     /// Creates `staging/transfer/` (and makes its creation durable).
     pub fn create(&self) -> io::Result<()> {
         if !self.inner.root.is_dir() {

@@ -1,0 +1,726 @@
+//! The `Cluster` gRPC service: the directory as the router and operators
+//! see it, and the node-to-node steps of moving a replica.
+//!
+//! Any node answers: directory reads and writes go to the meta group
+//! through `directory::MetaClient`, leader-only steps are forwarded to the
+//! shard's leader, and status is gathered from every node. A node running
+//! unreplicated (no `[shards]`) answers the directory calls as a cluster
+//! of one, so the router treats both alike.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use cairn_proto::admin::admin_client::AdminClient;
+use cairn_proto::admin::{ShardReplicaStatus, ShardStatusRequest};
+use cairn_proto::cluster::change_replicas_request::Change;
+use cairn_proto::cluster::cluster_client::ClusterClient;
+use cairn_proto::cluster::cluster_server::Cluster;
+use cairn_proto::cluster::*;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::metadata::MetadataValue;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Request, Response, Status};
+
+use crate::backend::{not_leader, LEADER_METADATA};
+use crate::directory::{DirectoryError, MetaClient, META_LEADER_METADATA};
+use crate::meta_state::{
+    Directory, MetaAnswer, MetaCall, MetaQuery, MetaRequest, MetaResponse, NodeRecord,
+    NodeState as MetaNodeState, WorkspaceRecord,
+};
+use crate::mover::Mover;
+use crate::shard_host::{ProposeError, ShardHost};
+
+/// Lazily connected channels to other nodes, by address.
+#[derive(Default, Clone)]
+pub struct NodeChannels {
+    inner: Arc<Mutex<HashMap<String, Channel>>>,
+}
+
+impl NodeChannels {
+    pub fn get(&self, addr: &str) -> Result<Channel, Status> {
+        let mut map = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(c) = map.get(addr) {
+            return Ok(c.clone());
+        }
+        let channel = Endpoint::from_shared(format!("http://{addr}"))
+            .map_err(|e| Status::invalid_argument(format!("bad node address {addr}: {e}")))?
+            .connect_timeout(Duration::from_millis(500))
+            .tcp_nodelay(true)
+            .connect_lazy();
+        map.insert(addr.to_owned(), channel.clone());
+        Ok(channel)
+    }
+
+    pub fn cluster(&self, addr: &str) -> Result<ClusterClient<Channel>, Status> {
+        Ok(ClusterClient::new(self.get(addr)?))
+    }
+
+    pub fn admin(&self, addr: &str) -> Result<AdminClient<Channel>, Status> {
+        Ok(AdminClient::new(self.get(addr)?))
+    }
+}
+
+pub fn node_state(state: MetaNodeState) -> NodeState {
+    match state {
+        MetaNodeState::Active => NodeState::Active,
+        MetaNodeState::Draining => NodeState::Draining,
+        MetaNodeState::Removed => NodeState::Removed,
+    }
+}
+
+pub fn node_msg(n: &NodeRecord) -> Node {
+    Node {
+        id: n.id,
+        addr: n.addr.clone(),
+        state: node_state(n.state) as i32,
+    }
+}
+
+fn workspace_msg(w: &WorkspaceRecord) -> Workspace {
+    Workspace {
+        id: w.id,
+        name: w.name.clone(),
+        shard_id: w.shard,
+    }
+}
+
+pub fn directory_status(e: DirectoryError) -> Status {
+    match e {
+        DirectoryError::Refused(m) => Status::failed_precondition(m),
+        other => Status::unavailable(other.to_string()),
+    }
+}
+
+pub fn propose_status(e: ProposeError) -> Status {
+    match e {
+        ProposeError::NotLeader { leader_hint } => not_leader(leader_hint),
+        ProposeError::UnknownShard(_) => not_leader(None),
+        ProposeError::Indeterminate { .. } => {
+            Status::unavailable(format!("outcome unknown, check and retry: {e}"))
+        }
+        ProposeError::Raft(m) => Status::unavailable(m),
+    }
+}
+
+/// Whether a failed call may be tried on another node: a not-leader
+/// refusal (with its hint, if any) or a node that could not be reached.
+pub fn retry_elsewhere(status: &Status) -> Option<Option<String>> {
+    match status.code() {
+        tonic::Code::FailedPrecondition => {
+            let hint = status
+                .metadata()
+                .get(LEADER_METADATA)
+                .and_then(|v| v.to_str().ok())
+                .filter(|h| !h.is_empty())
+                .map(str::to_owned);
+            (hint.is_some() || status.message() == "not the shard leader").then_some(hint)
+        }
+        tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled => Some(None),
+        _ => None,
+    }
+}
+
+/// Marks a call one node forwarded to another, which must act or refuse.
+const FORWARDED: &str = "x-cairn-forwarded";
+
+type Boxed<'a, T> = Pin<Box<dyn Future<Output = Result<T, Status>> + Send + 'a>>;
+
+/// Runs `call` on `shard`'s leader, starting from `candidates` (addresses)
+/// and following not-leader hints, across an election.
+pub async fn on_shard_leader<T>(
+    channels: &NodeChannels,
+    candidates: &[String],
+    mut call: impl FnMut(ClusterClient<Channel>) -> Boxed<'static, T>,
+) -> Result<T, Status> {
+    if candidates.is_empty() {
+        return Err(Status::unavailable("no node holds the shard"));
+    }
+    let mut hint: Option<String> = None;
+    let mut last = Status::unavailable("no shard leader found");
+    for attempt in 0..60usize {
+        let addr = hint
+            .take()
+            .unwrap_or_else(|| candidates[attempt % candidates.len()].clone());
+        match call(channels.cluster(&addr)?).await {
+            Ok(v) => return Ok(v),
+            Err(status) => match retry_elsewhere(&status) {
+                Some(h) => {
+                    hint = h.filter(|h| *h != addr);
+                    last = status;
+                    if hint.is_none() {
+                        tokio::time::sleep(Duration::from_millis(150)).await;
+                    }
+                }
+                None => return Err(status),
+            },
+        }
+    }
+    Err(last)
+}
+
+/// What a node needs to answer `Cluster` calls.
+#[derive(Clone)]
+pub struct ClusterService {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    /// Absent on an unreplicated node.
+    replicated: Option<(Arc<ShardHost>, Arc<MetaClient>)>,
+    /// This node's own address, for the single-node answers.
+    self_addr: SocketAddr,
+    channels: NodeChannels,
+    /// Pause after each move step (tests only; zero otherwise).
+    move_step_pause: Duration,
+}
+
+impl ClusterService {
+    pub fn new(
+        replicated: Option<(Arc<ShardHost>, Arc<MetaClient>)>,
+        self_addr: SocketAddr,
+        move_step_pause: Duration,
+    ) -> Self {
+        ClusterService {
+            inner: Arc::new(Inner {
+                replicated,
+                self_addr,
+                channels: NodeChannels::default(),
+                move_step_pause,
+            }),
+        }
+    }
+
+    fn replicated(&self) -> Result<(&Arc<ShardHost>, &Arc<MetaClient>), Status> {
+        self.inner
+            .replicated
+            .as_ref()
+            .map(|(h, d)| (h, d))
+            .ok_or_else(|| Status::failed_precondition("this node runs unreplicated: no cluster"))
+    }
+
+    async fn directory(&self) -> Result<Directory, Status> {
+        let (_, dir) = self.replicated()?;
+        dir.directory().await.map_err(directory_status)
+    }
+
+    fn mover(&self) -> Result<Mover, Status> {
+        let (host, dir) = self.replicated()?;
+        Ok(Mover::new(
+            host.clone(),
+            dir.clone(),
+            self.inner.channels.clone(),
+            self.inner.move_step_pause,
+        ))
+    }
+
+    /// Every live node's view of its replicas (errors per node).
+    async fn gather(
+        &self,
+        d: &Directory,
+    ) -> BTreeMap<u64, Result<Vec<ShardReplicaStatus>, String>> {
+        let calls = d
+            .nodes
+            .iter()
+            .filter(|n| n.state != MetaNodeState::Removed)
+            .map(|n| {
+                let channels = self.inner.channels.clone();
+                let (id, addr) = (n.id, n.addr.clone());
+                async move {
+                    let result = async {
+                        let mut client = channels.admin(&addr)?;
+                        let mut request = Request::new(ShardStatusRequest::default());
+                        request.set_timeout(Duration::from_secs(5));
+                        Ok::<_, Status>(client.shard_status(request).await?.into_inner().replicas)
+                    }
+                    .await
+                    .map_err(|s| s.message().to_owned());
+                    (id, result)
+                }
+            });
+        futures::future::join_all(calls).await.into_iter().collect()
+    }
+}
+
+fn single_node(addr: SocketAddr) -> Node {
+    Node {
+        id: 0,
+        addr: addr.to_string(),
+        state: NodeState::Active as i32,
+    }
+}
+
+type MoveStream = ReceiverStream<Result<MoveProgress, Status>>;
+
+#[tonic::async_trait]
+impl Cluster for ClusterService {
+    async fn resolve_workspace(
+        &self,
+        request: Request<ResolveWorkspaceRequest>,
+    ) -> Result<Response<ResolveWorkspaceResponse>, Status> {
+        let name = request.into_inner().workspace;
+        let Some((_, dir)) = &self.inner.replicated else {
+            // One node holds everything; a missing repository is its own 404.
+            return Ok(Response::new(ResolveWorkspaceResponse {
+                workspace: Some(Workspace {
+                    id: 0,
+                    name,
+                    shard_id: 0,
+                }),
+                placement: Some(ShardPlacement {
+                    shard_id: 0,
+                    replicas: vec![0],
+                    epoch: 0,
+                }),
+                replicas: vec![single_node(self.inner.self_addr)],
+                map_epoch: 0,
+            }));
+        };
+        let record = dir
+            .workspace(&name)
+            .await
+            .map_err(directory_status)?
+            .ok_or_else(|| Status::not_found(format!("workspace {name} not found")))?;
+        let d = self.directory().await?;
+        let shard = d.shard(record.shard).ok_or_else(|| {
+            Status::internal(format!(
+                "workspace {name} is on unknown shard {}",
+                record.shard
+            ))
+        })?;
+        let replicas = shard
+            .replicas
+            .iter()
+            .filter_map(|id| d.node(*id).map(node_msg))
+            .collect();
+        Ok(Response::new(ResolveWorkspaceResponse {
+            workspace: Some(workspace_msg(&record)),
+            placement: Some(ShardPlacement {
+                shard_id: shard.id,
+                replicas: shard.replicas.clone(),
+                epoch: shard.epoch,
+            }),
+            replicas,
+            map_epoch: d.epoch,
+        }))
+    }
+
+    async fn create_workspace(
+        &self,
+        request: Request<CreateWorkspaceRequest>,
+    ) -> Result<Response<Workspace>, Status> {
+        let name = request.into_inner().name;
+        crate::repo_store::validate_name("workspace", &name)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let Some((_, dir)) = &self.inner.replicated else {
+            return Ok(Response::new(Workspace {
+                id: 0,
+                name,
+                shard_id: 0,
+            }));
+        };
+        let record = dir
+            .create_workspace(&name)
+            .await
+            .map_err(directory_status)?;
+        Ok(Response::new(workspace_msg(&record)))
+    }
+
+    async fn delete_workspace(
+        &self,
+        request: Request<DeleteWorkspaceRequest>,
+    ) -> Result<Response<DeleteWorkspaceResponse>, Status> {
+        let name = request.into_inner().name;
+        let (_, dir) = self.replicated()?;
+        match dir
+            .write(MetaRequest::DeleteWorkspace { name: name.clone() })
+            .await
+        {
+            Ok(_) => {}
+            Err(DirectoryError::Refused(m)) if m.ends_with("not found") => {
+                return Err(Status::not_found(m))
+            }
+            Err(e) => return Err(directory_status(e)),
+        }
+        dir.forget(&name);
+        Ok(Response::new(DeleteWorkspaceResponse {}))
+    }
+
+    async fn list_workspaces(
+        &self,
+        _request: Request<ListWorkspacesRequest>,
+    ) -> Result<Response<ListWorkspacesResponse>, Status> {
+        let (_, dir) = self.replicated()?;
+        match dir
+            .read(MetaQuery::Workspaces)
+            .await
+            .map_err(directory_status)?
+        {
+            MetaAnswer::Workspaces(list) => Ok(Response::new(ListWorkspacesResponse {
+                workspaces: list.iter().map(workspace_msg).collect(),
+            })),
+            other => Err(Status::internal(format!("unexpected answer {other:?}"))),
+        }
+    }
+
+    async fn cluster_status(
+        &self,
+        _request: Request<ClusterStatusRequest>,
+    ) -> Result<Response<ClusterStatusResponse>, Status> {
+        let (host, _) = self.replicated()?;
+        let d = self.directory().await?;
+        let reports = self.gather(&d).await;
+        let mut shards = Vec::new();
+        for shard in &d.shards {
+            // Every replica this shard has on any node, by node.
+            let mut seen: BTreeMap<u64, &ShardReplicaStatus> = BTreeMap::new();
+            for (node, result) in &reports {
+                if let Ok(list) = result {
+                    if let Some(r) = list.iter().find(|r| r.shard_id == shard.id) {
+                        seen.insert(*node, r);
+                    }
+                }
+            }
+            let leader_id = seen
+                .values()
+                .filter(|r| r.leader_id != 0)
+                .max_by_key(|r| r.term)
+                .map_or(0, |r| r.leader_id);
+            let leader = seen.get(&leader_id).copied();
+            let reference =
+                leader.or_else(|| seen.values().max_by_key(|r| r.applied_index).copied());
+            let (voters, learners) = reference
+                .map(|r| (r.voters.clone(), r.learners.clone()))
+                .unwrap_or_default();
+            let leader_last = leader.map(|r| r.last_log_index);
+            let mut nodes: BTreeSet<u64> = shard.replicas.iter().copied().collect();
+            nodes.extend(voters.iter().copied());
+            nodes.extend(learners.iter().copied());
+            let replicas = nodes
+                .iter()
+                .map(|node| match seen.get(node) {
+                    Some(r) => ReplicaReport {
+                        node_id: *node,
+                        role: if r.leader_id == *node {
+                            "leader"
+                        } else if learners.contains(node) {
+                            "learner"
+                        } else if voters.contains(node) {
+                            "follower"
+                        } else {
+                            "leaving"
+                        }
+                        .into(),
+                        applied_index: r.applied_index,
+                        lag: leader_last.map_or(0, |l| l.saturating_sub(r.applied_index)),
+                        error: String::new(),
+                    },
+                    None => ReplicaReport {
+                        node_id: *node,
+                        role: "unreachable".into(),
+                        applied_index: 0,
+                        lag: 0,
+                        error: match reports.get(node) {
+                            Some(Err(e)) => e.clone(),
+                            Some(Ok(_)) => "replica not open (catching up or moved)".into(),
+                            None => "node not registered".into(),
+                        },
+                    },
+                })
+                .collect();
+            let repos = reference
+                .map(|r| {
+                    r.repos
+                        .iter()
+                        .map(|u| RepoUsage {
+                            repo_id: u.repo_id,
+                            workspace: u.workspace.clone(),
+                            slug: u.slug.clone(),
+                            bytes: u.bytes,
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            shards.push(ShardReport {
+                placement: Some(ShardPlacement {
+                    shard_id: shard.id,
+                    replicas: shard.replicas.clone(),
+                    epoch: shard.epoch,
+                }),
+                leader_id,
+                voters,
+                learners,
+                replicas,
+                bytes: reference.map_or(0, |r| r.bytes),
+                repos,
+                moving: d
+                    .moves
+                    .iter()
+                    .find(|m| m.shard == shard.id)
+                    .map(|m| format!("{} -> {}", m.from, m.to))
+                    .unwrap_or_default(),
+            });
+        }
+        let meta_leader = host.leader(crate::shard_host::META_GROUP).unwrap_or(0);
+        Ok(Response::new(ClusterStatusResponse {
+            map_epoch: d.epoch,
+            nodes: d.nodes.iter().map(node_msg).collect(),
+            shards,
+            meta_voters: host.meta_voters().to_vec(),
+            meta_leader,
+        }))
+    }
+
+    async fn add_node(&self, request: Request<AddNodeRequest>) -> Result<Response<Node>, Status> {
+        let AddNodeRequest { id, addr } = request.into_inner();
+        let (_, dir) = self.replicated()?;
+        if id == 0 || addr.trim().is_empty() {
+            return Err(Status::invalid_argument(
+                "a node needs a non-zero id and an address",
+            ));
+        }
+        // The node must be up and be who the operator says.
+        let mut client = self.inner.channels.cluster(&addr)?;
+        let mut ask = Request::new(NodeIdentityRequest {});
+        ask.set_timeout(Duration::from_secs(5));
+        let identity = client
+            .node_identity(ask)
+            .await
+            .map_err(|s| {
+                Status::failed_precondition(format!(
+                    "node at {addr} does not answer: {}",
+                    s.message()
+                ))
+            })?
+            .into_inner();
+        if identity.node_id != id {
+            return Err(Status::failed_precondition(format!(
+                "the node at {addr} is node {}, not {id}",
+                identity.node_id
+            )));
+        }
+        match dir
+            .write(MetaRequest::AddNode { id, addr })
+            .await
+            .map_err(directory_status)?
+        {
+            MetaResponse::Node(n) => Ok(Response::new(node_msg(&n))),
+            other => Err(Status::internal(format!("unexpected answer {other:?}"))),
+        }
+    }
+
+    async fn drain_node(
+        &self,
+        request: Request<DrainNodeRequest>,
+    ) -> Result<Response<Node>, Status> {
+        let id = request.into_inner().id;
+        self.set_node_state(id, MetaNodeState::Draining).await
+    }
+
+    async fn remove_node(
+        &self,
+        request: Request<RemoveNodeRequest>,
+    ) -> Result<Response<Node>, Status> {
+        let id = request.into_inner().id;
+        self.set_node_state(id, MetaNodeState::Removed).await
+    }
+
+    type MoveReplicaStream = MoveStream;
+
+    async fn move_replica(
+        &self,
+        request: Request<MoveReplicaRequest>,
+    ) -> Result<Response<Self::MoveReplicaStream>, Status> {
+        let MoveReplicaRequest {
+            shard_id,
+            from_node,
+            to_node,
+        } = request.into_inner();
+        let mover = self.mover()?;
+        let (tx, rx) = tokio::sync::mpsc::channel(64);
+        // The move goes on if the caller goes away: every step is
+        // resumable, and stopping halfway gains nothing.
+        tokio::spawn(async move {
+            let report = tx.clone();
+            let result = mover
+                .run(shard_id, from_node, to_node, move |p| {
+                    let _ = report.try_send(Ok(p));
+                })
+                .await;
+            if let Err(status) = result {
+                tracing::warn!(shard = shard_id, from_node, to_node, error = %status.message(), "move stopped");
+                let _ = tx.send(Err(status)).await;
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    async fn transfer_shard_leader(
+        &self,
+        request: Request<TransferShardLeaderRequest>,
+    ) -> Result<Response<TransferShardLeaderResponse>, Status> {
+        let forwarded = request.metadata().contains_key(FORWARDED);
+        let TransferShardLeaderRequest { shard_id, to_node } = request.into_inner();
+        let (host, _) = self.replicated()?;
+        if forwarded || (host.hosts(shard_id) && host.leader(shard_id) == Some(host.node_id())) {
+            host.transfer_leader(shard_id, to_node)
+                .await
+                .map_err(propose_status)?;
+            return Ok(Response::new(TransferShardLeaderResponse {}));
+        }
+        let candidates = self.mover()?.shard_nodes(shard_id).await?;
+        on_shard_leader(&self.inner.channels, &candidates, move |mut c| {
+            Box::pin(async move {
+                // Only the leader acts; a forwarded call must not bounce on.
+                let mut r = Request::new(TransferShardLeaderRequest { shard_id, to_node });
+                r.metadata_mut()
+                    .insert(FORWARDED, MetadataValue::from_static("1"));
+                c.transfer_shard_leader(r).await.map(|r| r.into_inner())
+            })
+        })
+        .await
+        .map(Response::new)
+    }
+
+    async fn verify_shard(
+        &self,
+        request: Request<VerifyShardRequest>,
+    ) -> Result<Response<VerifyShardResponse>, Status> {
+        let request = request.into_inner();
+        let mover = self.mover()?;
+        mover.verify(request).await.map(Response::new)
+    }
+
+    async fn open_replica(
+        &self,
+        request: Request<OpenReplicaRequest>,
+    ) -> Result<Response<OpenReplicaResponse>, Status> {
+        let OpenReplicaRequest { shard_id, members } = request.into_inner();
+        let (host, _) = self.replicated()?;
+        let members: Vec<(u64, String)> = members.into_iter().map(|n| (n.id, n.addr)).collect();
+        host.open_replica(shard_id, &members)
+            .await
+            .map_err(|e| Status::unavailable(e.to_string()))?;
+        Ok(Response::new(OpenReplicaResponse {}))
+    }
+
+    async fn close_replica(
+        &self,
+        request: Request<CloseReplicaRequest>,
+    ) -> Result<Response<CloseReplicaResponse>, Status> {
+        let shard = request.into_inner().shard_id;
+        let (host, _) = self.replicated()?;
+        host.close_replica(shard).await.map_err(propose_status)?;
+        Ok(Response::new(CloseReplicaResponse {}))
+    }
+
+    async fn change_replicas(
+        &self,
+        request: Request<ChangeReplicasRequest>,
+    ) -> Result<Response<ChangeReplicasResponse>, Status> {
+        let ChangeReplicasRequest { shard_id, change } = request.into_inner();
+        let (host, _) = self.replicated()?;
+        match change {
+            Some(Change::AddLearner(node)) => host
+                .add_learner(shard_id, node.id, node.addr)
+                .await
+                .map_err(propose_status)?,
+            Some(Change::SetVoters(set)) => {
+                let voters: BTreeSet<u64> = set.voters.into_iter().collect();
+                if voters.is_empty() {
+                    return Err(Status::invalid_argument("a shard needs at least one voter"));
+                }
+                host.set_voters(shard_id, voters)
+                    .await
+                    .map_err(propose_status)?
+            }
+            None => return Err(Status::invalid_argument("no change given")),
+        }
+        let (voters, learners) = host.members(shard_id).map_err(propose_status)?;
+        Ok(Response::new(ChangeReplicasResponse { voters, learners }))
+    }
+
+    async fn replication_progress(
+        &self,
+        request: Request<ReplicationProgressRequest>,
+    ) -> Result<Response<ReplicationProgressResponse>, Status> {
+        let shard = request.into_inner().shard_id;
+        let (host, _) = self.replicated()?;
+        let p = host.replication_progress(shard).map_err(propose_status)?;
+        Ok(Response::new(ReplicationProgressResponse {
+            leader_id: p.leader,
+            last_log_index: p.last_log_index,
+            matched: p
+                .matched
+                .iter()
+                .map(|(node, matched)| MatchedIndex {
+                    node_id: *node,
+                    matched: *matched,
+                })
+                .collect(),
+            voters: p.voters,
+            learners: p.learners,
+        }))
+    }
+
+    async fn node_identity(
+        &self,
+        _request: Request<NodeIdentityRequest>,
+    ) -> Result<Response<NodeIdentityResponse>, Status> {
+        let (host, _) = self.replicated()?;
+        Ok(Response::new(NodeIdentityResponse {
+            node_id: host.node_id(),
+            shards: host.shards(),
+        }))
+    }
+
+    async fn meta_call(
+        &self,
+        request: Request<MetaCallRequest>,
+    ) -> Result<Response<MetaCallResponse>, Status> {
+        let (host, dir) = self.replicated()?;
+        if !host.hosts(crate::shard_host::META_GROUP) {
+            return Err(Status::failed_precondition("not a meta node"));
+        }
+        let call: MetaCall = postcard::from_bytes(&request.into_inner().request)
+            .map_err(|e| Status::invalid_argument(format!("bad directory call: {e}")))?;
+        match dir.serve_local(call).await {
+            Ok(reply) => {
+                let bytes = postcard::to_allocvec(&reply)
+                    .map_err(|e| Status::internal(format!("encoding a directory reply: {e}")))?;
+                Ok(Response::new(MetaCallResponse {
+                    response: bytes.into(),
+                }))
+            }
+            Err(ProposeError::NotLeader { leader_hint }) => {
+                let mut status = Status::failed_precondition("not the meta leader");
+                if let Some(v) = leader_hint.and_then(|(_, a)| MetadataValue::try_from(a).ok()) {
+                    status.metadata_mut().insert(META_LEADER_METADATA, v);
+                }
+                Err(status)
+            }
+            Err(e) => Err(Status::unavailable(e.to_string())),
+        }
+    }
+}
+
+impl ClusterService {
+    async fn set_node_state(
+        &self,
+        id: u64,
+        state: MetaNodeState,
+    ) -> Result<Response<Node>, Status> {
+        let (_, dir) = self.replicated()?;
+        match dir
+            .write(MetaRequest::SetNodeState { id, state })
+            .await
+            .map_err(directory_status)?
+        {
+            MetaResponse::Node(n) => Ok(Response::new(node_msg(&n))),
+            other => Err(Status::internal(format!("unexpected answer {other:?}"))),
+        }
+    }
+}
