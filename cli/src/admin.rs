@@ -154,6 +154,11 @@ async fn repo(nodes: Vec<String>, command: RepoCommand) -> Result<()> {
                 is_private: !public,
                 description,
             };
+            // A new workspace gets its directory entry (its shard) first.
+            cluster
+                .ensure_workspace(&request.workspace)
+                .await
+                .map_err(fail)?;
             let repo = cluster
                 .call(&request.workspace, |ch| {
                     let request = request.clone();
@@ -191,7 +196,7 @@ async fn repo(nodes: Vec<String>, command: RepoCommand) -> Result<()> {
                 workspace: workspace.unwrap_or_default(),
             };
             let repos = cluster
-                .call_read(|ch| {
+                .call_read(&request.workspace, |ch| {
                     let request = request.clone();
                     async move {
                         AdminClient::new(ch)

@@ -14,9 +14,11 @@ pub struct Config {
     /// May be empty when `storage-nodes` names the cluster instead.
     #[serde(default)]
     pub storage_node: String,
-    /// gRPC endpoints of the storage nodes of a replicated cluster; the
-    /// router finds the shard leader among them (and any node they name as
-    /// leader). Combined with `storage-node` when both are given.
+    /// gRPC endpoints of the storage nodes of a replicated cluster: the
+    /// seeds the router asks where each workspace's shard lives (its
+    /// replicas need not be among them), and the nodes it uses itself when
+    /// the nodes predate that directory. Combined with `storage-node` when
+    /// both are given.
     #[serde(default)]
     pub storage_nodes: Vec<String>,
     /// The access token clients present (Basic `x-token-auth:<token>` or
@@ -70,7 +72,8 @@ impl Config {
     }
 
     /// Every configured storage node, `storage-node` first, without
-    /// duplicates, in configuration order (the order leader search tries).
+    /// duplicates, in configuration order (the order seeds are asked, and
+    /// leader search tries without a directory).
     pub fn nodes(&self) -> Vec<String> {
         let mut out: Vec<String> = Vec::new();
         let single = (!self.storage_node.is_empty()).then_some(&self.storage_node);

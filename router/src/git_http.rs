@@ -1,5 +1,8 @@
 //! Smart HTTP (gitprotocol-http): `info/refs`, `git-upload-pack` and
-//! `git-receive-pack`, streamed to the storage node's `Git` service.
+//! `git-receive-pack`, streamed to the storage node's `Git` service on the
+//! replicas of the workspace's shard. A workspace the directory does not
+//! know gets the same 404 as a missing repository (git prints "repository
+//! '…' not found"), without any call to a storage node's `Git` service.
 
 use std::io;
 use std::pin::Pin;
@@ -67,6 +70,7 @@ fn plain(status: StatusCode, msg: &str) -> Response {
 }
 
 /// A gRPC failure before any response byte, as git's HTTP client expects it.
+/// `NotFound` covers an unknown workspace as well as an unknown repository.
 fn status_response(status: tonic::Status) -> Response {
     use tonic::Code;
     match status.code() {
@@ -143,7 +147,7 @@ pub async fn info_refs(
     // the push that follows finds it cached.
     let call = match service {
         GitService::ReceivePack => st.cluster.call(&key, advertise).await,
-        _ => st.cluster.call_read(advertise).await,
+        _ => st.cluster.call_read(&key, advertise).await,
     };
     let inner = match call {
         Ok(r) => r,
@@ -251,12 +255,13 @@ pub async fn upload_pack(
     // Negotiation bodies are small (and bounded by max-negotiation-bytes):
     // held in memory so the request can be replayed on another node.
     let body: Vec<Bytes> = bytes.collect().await;
+    let key = workspace.clone();
     let first = UploadPackRequest {
         repo: Some(repo_path(workspace, repo)),
         git_protocol: git_protocol(&headers),
         data: Bytes::new(),
     };
-    let call = st.cluster.call_read(|ch| {
+    let call = st.cluster.call_read(&key, |ch| {
         let messages = std::iter::once(first.clone())
             .chain(body.iter().map(|data| UploadPackRequest {
                 data: data.clone(),
@@ -309,16 +314,12 @@ pub async fn receive_pack(
         }
     }
     let rest = PushRemainder::new((!ended).then_some(bytes));
+    let key = workspace.clone();
     let first = ReceivePackRequest {
         repo: Some(repo_path(workspace, repo)),
         git_protocol: git_protocol(&headers),
         data: Bytes::new(),
     };
-    let key = first
-        .repo
-        .as_ref()
-        .map(|r| r.workspace.clone())
-        .unwrap_or_default();
     let call = st.cluster.call(&key, |ch| {
         let messages = std::iter::once(first.clone())
             .chain(prefix.iter().map(|data| ReceivePackRequest {
@@ -336,7 +337,8 @@ pub async fn receive_pack(
                 }));
             match git_client(ch).receive_pack(stream).await {
                 Ok(r) => Ok(r.into_inner()),
-                // Replayed only if the node certainly did not apply it: a
+                // Replayed only if the node certainly did not apply it (it
+                // refused as a follower or as not holding the shard): a
                 // connection lost after the push reached the node may
                 // come after its commit, and a replay would then fail its
                 // compare-and-swap and report an applied push as refused.

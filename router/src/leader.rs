@@ -1,22 +1,33 @@
-//! Finding and following the shard leader.
+//! Routing a workspace's requests to its shard's replicas, and following
+//! the shard leader among them.
 //!
-//! Storage nodes are Raft-replicated: a node that is not the leader answers
-//! writes with `FailedPrecondition` and the leader's `host:port` in the
-//! `x-cairn-leader` metadata when it knows it. Reads may go to any replica
-//! (it checks with the leader's read index), so they rotate over the nodes.
-//! Writes go to the leader cached for the workspace (a workspace lives on
-//! one shard); until the router has the shard map, a new workspace starts
-//! from the last leader seen and follows the hint from there.
+//! The node list for a request is the workspace's replicas as the cluster
+//! directory says (see [`crate::directory`]; the configured nodes when
+//! there is no directory). Storage nodes are Raft-replicated: a node that is
+//! not the leader answers writes with `FailedPrecondition` and the leader's
+//! `host:port` in the `x-cairn-leader` metadata when it knows it. Reads may
+//! go to any replica (it checks with the leader's read index), so they
+//! rotate over the replicas. Writes go to the leader cached for the
+//! workspace (a workspace lives on one shard) when it is one of the
+//! replicas, else to the first replica, and follow hints from there (a
+//! hint is authoritative, even naming a node outside the list).
+//!
+//! A node that does not hold the workspace's shard (it moved) refuses with
+//! "wrong shard" before reading anything: the directory entry is stale, so
+//! it is dropped and resolved again, and the request continues on the new
+//! replica set. A pass finding every replica unreachable resolves once too.
 //!
 //! [`decide`] is the pure policy (which node next, after how long, or give
 //! up); [`Cluster::call`] runs it against real channels.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use tonic::transport::{Channel, Endpoint};
+
+use crate::directory::{Directory, Route};
 
 /// gRPC metadata key naming the leader's `host:port`.
 pub const LEADER_HINT: &str = "x-cairn-leader";
@@ -27,11 +38,22 @@ pub const OUTCOME_UNKNOWN: &str = "outcome unknown";
 /// The `FailedPrecondition` message of a node that is not the leader.
 pub const NOT_LEADER: &str = "not the shard leader";
 
+/// How a `FailedPrecondition` message begins when the node does not hold
+/// the shard of the request's workspace.
+pub const WRONG_SHARD: &str = "wrong shard";
+
+/// gRPC metadata key on a wrong-shard refusal: the shard map epoch the
+/// refusing node knows (decimal).
+pub const WRONG_SHARD_EPOCH: &str = "x-cairn-shard-epoch";
+
 /// How a storage node call failed, as far as routing cares.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Failure {
     /// The node is not the leader; `hint` is the leader's `host:port`.
     NotLeader { hint: Option<String> },
+    /// The node does not hold the workspace's shard: the directory entry
+    /// used is stale. `epoch` is the map epoch the node knows.
+    WrongShard { epoch: Option<u64> },
     /// The node could not be reached (down, refused, connection lost).
     Unreachable,
     /// Anything else is the request's own answer: not for routing to fix.
@@ -42,6 +64,14 @@ impl Failure {
     pub fn classify(status: &tonic::Status) -> Failure {
         match status.code() {
             tonic::Code::FailedPrecondition => {
+                let epoch = status.metadata().get(WRONG_SHARD_EPOCH);
+                if epoch.is_some() || status.message().starts_with(WRONG_SHARD) {
+                    return Failure::WrongShard {
+                        epoch: epoch
+                            .and_then(|v| v.to_str().ok())
+                            .and_then(|v| v.trim().parse().ok()),
+                    };
+                }
                 let hint = status
                     .metadata()
                     .get(LEADER_HINT)
@@ -121,8 +151,8 @@ pub fn hint_url(from: &str, hint: &str) -> String {
     format!("{scheme}://{hint}")
 }
 
-/// The next node to try after `attempts` failed attempts, the last one on
-/// `current` with `failure`.
+/// The next node of `nodes` (the workspace's replicas) to try after
+/// `attempts` failed attempts, the last one on `current` with `failure`.
 ///
 /// A hint is followed at once (the leader is known). Without one, try the
 /// next configured node round-robin (from the first when `current` came
@@ -148,7 +178,9 @@ pub fn decide(
                 backoff: Duration::ZERO,
             }
         }
-        Failure::NotLeader { .. } | Failure::Unreachable => {
+        // A stale directory entry that resolving again did not change:
+        // another replica may hold the shard (or learn it does) meanwhile.
+        Failure::NotLeader { .. } | Failure::WrongShard { .. } | Failure::Unreachable => {
             let next = nodes
                 .iter()
                 .position(|n| n == current)
@@ -195,9 +227,9 @@ impl NodePool {
 }
 
 /// The node believed to lead the shard of each placement key (the
-/// workspace: a workspace lives on one shard). Until the router knows the
-/// shard map, a key it has not seen starts from the leader last confirmed
-/// for any key, and its own entry follows that shard's leader from then on.
+/// workspace: a workspace lives on one shard). Without a directory, a key
+/// it has not seen starts from the leader last confirmed for any key, and
+/// its own entry follows that shard's leader from then on.
 pub struct LeaderCache {
     inner: Mutex<Leaders>,
 }
@@ -228,6 +260,11 @@ impl LeaderCache {
     pub fn get(&self, key: &str) -> String {
         let l = self.lock();
         l.by_key.get(key).unwrap_or(&l.last).clone()
+    }
+
+    /// The leader confirmed (or moved to) for `key` itself, if any.
+    pub fn known(&self, key: &str) -> Option<String> {
+        self.lock().by_key.get(key).cloned()
     }
 
     /// Moves `key` from `failed` to `next` unless another request already
@@ -268,8 +305,8 @@ pub struct Attempt {
 
 impl Attempt {
     /// A failed call that changes state. It may be sent again only when the
-    /// node certainly did not act on it: it refused as a non-leader, or no
-    /// connection was ever made. A connection lost mid-call leaves the
+    /// node certainly did not act on it: it refused as a non-leader or as
+    /// not holding the shard, or no connection was ever made. A connection lost mid-call leaves the
     /// outcome unknown (a create may have happened), so the caller answers.
     pub fn mutation(status: tonic::Status) -> Self {
         let replayable = refused_before_acting(&status);
@@ -278,11 +315,14 @@ impl Attempt {
 }
 
 /// Whether the node certainly did not act on the request: it refused as a
-/// non-leader, or the connection was never made. Anything else (a
-/// connection lost mid-call, a node killed after its commit) may have
-/// applied it.
+/// non-leader or as not holding the shard (both before reading any request
+/// byte), or the connection was never made. Anything else (a connection
+/// lost mid-call, a node killed after its commit) may have applied it.
 pub fn refused_before_acting(status: &tonic::Status) -> bool {
-    matches!(Failure::classify(status), Failure::NotLeader { .. }) || is_connect_failure(status)
+    matches!(
+        Failure::classify(status),
+        Failure::NotLeader { .. } | Failure::WrongShard { .. }
+    ) || is_connect_failure(status)
 }
 
 /// Whether `status` is tonic's report of a broken connection rather than
@@ -332,9 +372,9 @@ impl From<tonic::Status> for Attempt {
 
 /// The storage cluster as the router sees it.
 pub struct Cluster {
-    nodes: Vec<String>,
     pool: NodePool,
     leader: LeaderCache,
+    directory: Directory,
     policy: RetryPolicy,
     /// Where the next read starts: reads rotate over the replicas.
     next_read: std::sync::atomic::AtomicUsize,
@@ -345,7 +385,9 @@ impl Cluster {
     pub fn new(nodes: Vec<String>, policy: RetryPolicy) -> Arc<Self> {
         let first = nodes.first().cloned().unwrap_or_default();
         Arc::new(Cluster {
-            nodes,
+            // The configured nodes are the directory's seeds, and the route
+            // when there is no directory.
+            directory: Directory::new(nodes.into(), &policy),
             pool: NodePool::default(),
             leader: LeaderCache::new(first),
             policy,
@@ -353,43 +395,89 @@ impl Cluster {
         })
     }
 
-    /// The node believed to lead the shard of `key` (a workspace).
-    pub fn leader(&self, key: &str) -> String {
-        self.leader.get(key)
+    /// The node believed to lead the shard of `workspace`.
+    pub fn leader(&self, workspace: &str) -> String {
+        self.leader.get(workspace)
     }
 
-    /// Runs `call` against the leader, following hints and failing over
-    /// while the failure allows it and the attempt says it is replayable.
-    /// Callers return `Ok` as soon as response bytes may flow: nothing
-    /// after that is retried.
-    pub async fn call<T, F, Fut>(&self, key: &str, call: F) -> Result<T, tonic::Status>
+    /// The workspace directory and its cache.
+    pub fn directory(&self) -> &Directory {
+        &self.directory
+    }
+
+    /// Where `workspace`'s requests go (cached). `NOT_FOUND` when the
+    /// directory does not know it; an empty name means the configured
+    /// nodes.
+    pub async fn route(&self, workspace: &str) -> Result<Route, tonic::Status> {
+        self.directory.route(&self.pool, workspace).await
+    }
+
+    /// Makes sure the directory knows `workspace`, creating it if not.
+    pub async fn ensure_workspace(&self, workspace: &str) -> Result<(), tonic::Status> {
+        match self.route(workspace).await {
+            Ok(_) => Ok(()),
+            Err(s) if s.code() == tonic::Code::NotFound => {
+                self.directory.create_workspace(&self.pool, workspace).await
+            }
+            Err(s) => Err(s),
+        }
+    }
+
+    /// Runs `call` against the leader of `workspace`'s shard, following
+    /// hints, stale directory entries and unreachable nodes while the
+    /// failure allows it and the attempt says it is replayable. Callers
+    /// return `Ok` as soon as response bytes may flow: nothing after that
+    /// is retried. `NOT_FOUND` without any call when the workspace does
+    /// not exist.
+    pub async fn call<T, F, Fut>(&self, workspace: &str, call: F) -> Result<T, tonic::Status>
     where
         F: FnMut(Channel) -> Fut,
         Fut: Future<Output = Result<T, Attempt>>,
     {
-        self.run(key, self.leader.get(key), true, call).await
+        self.run(workspace, true, call).await
     }
 
     /// Runs a read that any replica can serve linearizably (storage nodes
-    /// check with the leader's read index): starts at the next node in
-    /// rotation, spreading clones over the replicas, and fails over like
-    /// [`Cluster::call`] without moving the leader cache.
-    pub async fn call_read<T, F, Fut>(&self, call: F) -> Result<T, tonic::Status>
+    /// check with the leader's read index): starts at the next replica of
+    /// `workspace` in rotation, spreading clones over them, and fails over
+    /// like [`Cluster::call`] without moving the leader cache. An empty
+    /// `workspace` (a cluster-wide read) rotates over the configured nodes.
+    pub async fn call_read<T, F, Fut>(&self, workspace: &str, call: F) -> Result<T, tonic::Status>
     where
         F: FnMut(Channel) -> Fut,
         Fut: Future<Output = Result<T, Attempt>>,
     {
+        self.run(workspace, false, call).await
+    }
+
+    /// The first node of a request on `route`.
+    fn start(&self, key: &str, route: &Route, tracks_leader: bool) -> String {
+        let nodes = route.nodes();
+        if tracks_leader {
+            return match route {
+                // Without a directory, as before: the key's leader, else
+                // the last one seen (it may be a hinted, unlisted node).
+                Route::Configured { .. } => self.leader.get(key),
+                Route::Placed(_) => self
+                    .leader
+                    .known(key)
+                    .filter(|l| nodes.contains(l))
+                    .or_else(|| nodes.first().cloned())
+                    .unwrap_or_default(),
+            };
+        }
         let i = self
             .next_read
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let start = self.nodes[i % self.nodes.len().max(1)].clone();
-        self.run("", start, false, call).await
+        nodes
+            .get(i % nodes.len().max(1))
+            .cloned()
+            .unwrap_or_default()
     }
 
     async fn run<T, F, Fut>(
         &self,
         key: &str,
-        start: String,
         tracks_leader: bool,
         mut call: F,
     ) -> Result<T, tonic::Status>
@@ -397,8 +485,13 @@ impl Cluster {
         F: FnMut(Channel) -> Fut,
         Fut: Future<Output = Result<T, Attempt>>,
     {
-        let mut node = start;
+        let mut route = self.route(key).await?;
+        let mut node = self.start(key, &route, tracks_leader);
         let mut attempts = 0u32;
+        // Nodes of `route` found unreachable; all of them → resolve again,
+        // once per request.
+        let mut unreachable: HashSet<String> = HashSet::new();
+        let mut refreshed_unreachable = false;
         loop {
             let result = match self.pool.channel(&node) {
                 Ok(channel) => call(channel).await,
@@ -421,6 +514,10 @@ impl Cluster {
                 return Err(failed.status);
             }
             if !failed.replayable {
+                if matches!(failure, Failure::WrongShard { .. }) {
+                    // The client's retry must not meet the same entry.
+                    self.directory.cache().invalidate_if(key, &route);
+                }
                 tracing::warn!(
                     node,
                     ?failure,
@@ -430,7 +527,52 @@ impl Cluster {
                     "storage leader changed mid-request",
                 ));
             }
-            match decide(&self.policy, &self.nodes, &node, &failure, attempts) {
+            let stale = match &failure {
+                Failure::WrongShard { epoch } => {
+                    tracing::info!(
+                        node,
+                        workspace = key,
+                        node_epoch = ?epoch,
+                        cached = ?route,
+                        "storage node does not hold the workspace's shard; resolving again"
+                    );
+                    true
+                }
+                // Only a placement can have moved; without one the seeds
+                // are the very nodes just found unreachable.
+                Failure::Unreachable => {
+                    unreachable.insert(node.clone());
+                    let all = route.nodes().iter().all(|n| unreachable.contains(n));
+                    let refresh =
+                        all && !refreshed_unreachable && matches!(route, Route::Placed(_));
+                    refreshed_unreachable |= refresh;
+                    refresh
+                }
+                _ => {
+                    unreachable.remove(&node);
+                    false
+                }
+            };
+            if stale
+                && route.refreshable()
+                && attempts < self.policy.max_attempts(route.nodes().len())
+            {
+                let fresh = self.directory.refresh(&self.pool, key, &route).await?;
+                let moved = fresh.nodes() != route.nodes();
+                route = fresh;
+                if moved {
+                    unreachable.clear();
+                    let next = self.start(key, &route, tracks_leader);
+                    tracing::debug!(
+                        from = node,
+                        to = next,
+                        "workspace moved; retrying on its replicas"
+                    );
+                    node = next;
+                    continue;
+                }
+            }
+            match decide(&self.policy, route.nodes(), &node, &failure, attempts) {
                 Decision::GiveUp => {
                     tracing::warn!(node, attempts, ?failure, "no storage leader found");
                     return Err(tonic::Status::unavailable("no storage leader available"));
@@ -669,6 +811,98 @@ mod tests {
         assert!(!Attempt::mutation(lost).replayable);
         let refused = super::tests::not_leader_status();
         assert!(Attempt::mutation(refused).replayable);
+    }
+
+    fn wrong_shard_status(epoch: Option<&str>) -> tonic::Status {
+        let mut s = tonic::Status::failed_precondition("wrong shard: workspace w is on shard 3");
+        if let Some(e) = epoch {
+            s.metadata_mut()
+                .insert(WRONG_SHARD_EPOCH, e.parse().expect("ascii"));
+        }
+        s
+    }
+
+    #[test]
+    fn wrong_shard_is_a_replayable_routing_failure() {
+        assert_eq!(
+            Failure::classify(&wrong_shard_status(Some("12"))),
+            Failure::WrongShard { epoch: Some(12) }
+        );
+        assert_eq!(
+            Failure::classify(&wrong_shard_status(None)),
+            Failure::WrongShard { epoch: None }
+        );
+        // The metadata alone marks it too (whatever the wording).
+        let mut s = tonic::Status::failed_precondition("elsewhere");
+        s.metadata_mut()
+            .insert(WRONG_SHARD_EPOCH, "x".parse().expect("ascii"));
+        assert_eq!(Failure::classify(&s), Failure::WrongShard { epoch: None });
+        assert!(refused_before_acting(&wrong_shard_status(Some("3"))));
+        assert!(Attempt::mutation(wrong_shard_status(None)).replayable);
+        // Not refused for the shard: the request's own answer.
+        assert_eq!(
+            Failure::classify(&tonic::Status::failed_precondition("shard is read-only")),
+            Failure::Other
+        );
+        // The list did not change after resolving again: next replica.
+        assert_eq!(
+            decide(
+                &policy(),
+                &nodes(),
+                "http://a:1",
+                &Failure::WrongShard { epoch: Some(3) },
+                1
+            ),
+            retry("http://b:1", 0)
+        );
+    }
+
+    fn placed(replicas: &[&str]) -> Route {
+        Route::Placed(crate::directory::Placement {
+            shard_id: 1,
+            epoch: 1,
+            map_epoch: 1,
+            replicas: replicas.iter().map(|s| (*s).to_owned()).collect(),
+        })
+    }
+
+    #[test]
+    fn writes_start_at_the_cached_leader_only_among_the_replicas() {
+        let cluster = Cluster::new(nodes(), policy());
+        let route = placed(&["http://b:1", "http://c:1"]);
+        assert_eq!(
+            cluster.start("w", &route, true),
+            "http://b:1",
+            "first replica"
+        );
+        cluster.leader.confirm("w", "http://c:1");
+        assert_eq!(
+            cluster.start("w", &route, true),
+            "http://c:1",
+            "cached leader"
+        );
+        // The shard moved off the cached leader: first replica again.
+        cluster.leader.confirm("w", "http://a:1");
+        assert_eq!(cluster.start("w", &route, true), "http://b:1");
+        // Another workspace's leader (the last seen) is no hint here.
+        assert_eq!(cluster.start("v", &route, true), "http://b:1");
+        // Without a directory, as before: the last leader seen.
+        let configured = Route::Configured {
+            nodes: nodes().into(),
+            why: crate::directory::Fallback::NoDirectory,
+        };
+        assert_eq!(cluster.start("v", &configured, true), "http://a:1");
+    }
+
+    #[test]
+    fn reads_rotate_over_the_route() {
+        let cluster = Cluster::new(nodes(), policy());
+        let route = placed(&["http://b:1", "http://c:1"]);
+        let starts: Vec<String> = (0..4).map(|_| cluster.start("w", &route, false)).collect();
+        assert_eq!(
+            starts,
+            ["http://b:1", "http://c:1", "http://b:1", "http://c:1"]
+        );
     }
 
     fn not_leader_status() -> tonic::Status {

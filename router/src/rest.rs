@@ -1,4 +1,9 @@
 //! The Bitbucket Cloud 2.0-shaped REST API: repositories.
+//!
+//! Each call goes to the replicas of its workspace's shard. A workspace the
+//! directory does not know is a 404 (Bitbucket's error JSON) for get,
+//! delete and list; creating a repository registers the workspace first,
+//! since on Bitbucket a workspace exists before its repositories.
 
 use axum::extract::{Path, State};
 use axum::http::{header, HeaderMap, StatusCode};
@@ -121,6 +126,9 @@ pub async fn create(
     if parsed.scm.as_deref().is_some_and(|s| s != "git") {
         return error(StatusCode::BAD_REQUEST, "only scm \"git\" is supported");
     }
+    if let Err(s) = st.cluster.ensure_workspace(&workspace).await {
+        return grpc_error(s);
+    }
     let req = CreateRepositoryRequest {
         workspace,
         slug,
@@ -159,7 +167,7 @@ pub async fn get(
     headers: HeaderMap,
 ) -> Response {
     let req = GetRepositoryRequest { workspace, slug };
-    let call = st.cluster.call_read(|ch| {
+    let call = st.cluster.call_read(&req.workspace, |ch| {
         let req = req.clone();
         async move { Ok(AdminClient::new(ch).get_repository(req).await?) }
     });
@@ -195,7 +203,7 @@ pub async fn list(
     headers: HeaderMap,
 ) -> Response {
     let req = ListRepositoriesRequest { workspace };
-    let call = st.cluster.call_read(|ch| {
+    let call = st.cluster.call_read(&req.workspace, |ch| {
         let req = req.clone();
         async move { Ok(AdminClient::new(ch).list_repositories(req).await?) }
     });

@@ -18,7 +18,8 @@ use crate::{git_http, rest};
 #[derive(Clone)]
 pub struct AppState {
     pub config: Arc<Config>,
-    /// The storage nodes; every gRPC call goes through its leader search.
+    /// The storage nodes; every gRPC call goes through its directory
+    /// lookup and leader search.
     pub cluster: Arc<Cluster>,
 }
 

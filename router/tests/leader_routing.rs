@@ -1,6 +1,10 @@
 //! The router finds and follows the shard leader. The peers here are tiny
 //! gRPC `Git` services that only speak the routing contract (refuse with a
 //! leader hint, or answer with fixed/echoed bytes); they model no storage.
+//! They serve no `Cluster` service, so the directory lookup answers
+//! `UNIMPLEMENTED` and the router routes over its configured nodes, as in
+//! front of nodes that predate the directory (`directory_routing.rs` covers
+//! routing by the directory).
 
 use std::net::SocketAddr;
 use std::pin::Pin;

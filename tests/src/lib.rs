@@ -1163,7 +1163,7 @@ impl Cluster {
     /// `ShardStatus` of every replica node `node` hosts.
     pub fn shard_status(&self, node: u64) -> Result<Vec<ShardReplicaStatus>> {
         let resp = self.admin_rpc(node, |mut c| async move {
-            c.shard_status(cairn_proto::admin::ShardStatusRequest { shard_ids: vec![] })
+            c.shard_status(cairn_proto::admin::ShardStatusRequest::default())
                 .await
         })?;
         Ok(resp.replicas)
