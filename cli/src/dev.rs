@@ -20,10 +20,14 @@ pub struct DevArgs {
     #[arg(long, default_value = "127.0.0.1:8080")]
     pub http: SocketAddr,
     /// Storage nodes. Each node and the router runs as its own process,
-    /// one shard replicated on every node; 1 runs a single unreplicated
-    /// node and the router in this process.
+    /// every shard replicated on three of them; 1 runs a single
+    /// unreplicated node and the router in this process.
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..=7))]
     pub nodes: u64,
+    /// Shards (raft groups) the repositories spread over, by workspace
+    /// (with --nodes > 1).
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u64).range(1..=64))]
+    pub shards: u64,
     /// Let the nodes' `Admin.SetFaults` RPC cut raft traffic (for
     /// partition tests; needs --nodes > 1).
     #[arg(long)]
@@ -121,6 +125,7 @@ pub async fn run(args: DevArgs) -> Result<()> {
             &data_dir,
             args.http,
             args.nodes,
+            args.shards,
             &token,
             args.fault_injection,
         )

@@ -1,8 +1,9 @@
 //! `cairn dev --nodes N` (N > 1): a local replicated cluster as separate OS
-//! processes — N `cairn node` processes hosting one shard replicated on all
-//! of them, and one `cairn router` — each with its own config file, so a
-//! test or an operator can kill one and start it again with the same
-//! config. Nothing is restarted automatically.
+//! processes — N `cairn node` processes hosting `--shards` shards, each
+//! replicated on three of them (the meta group on the first three), and one
+//! `cairn router` — each with its own config file, so a test or an operator
+//! can kill one and start it again with the same config. Nothing is
+//! restarted automatically.
 
 use std::fs;
 use std::net::{SocketAddr, TcpListener};
@@ -14,8 +15,24 @@ use anyhow::{bail, Context, Result};
 
 use crate::dev::{write_private, DevCluster, DevNode, DevProcess, CLUSTER_FILE};
 
-/// The shard every repository lives on in the dev cluster.
-const DEV_SHARD: u64 = 1;
+/// Replicas of each dev shard (fewer only on a two-node cluster).
+const DEV_REPLICATION: usize = 3;
+
+/// The first layout: shard `i` (from 1) on three consecutive nodes,
+/// starting at node `i`, so shards spread evenly.
+pub fn dev_layout(nodes: &[u64], shards: u64) -> Vec<(u64, Vec<u64>)> {
+    let rf = DEV_REPLICATION.min(nodes.len());
+    (1..=shards)
+        .map(|id| {
+            let start = (id as usize - 1) % nodes.len();
+            let mut replicas: Vec<u64> = (0..rf)
+                .map(|k| nodes[(start + k) % nodes.len()])
+                .collect();
+            replicas.sort_unstable();
+            (id, replicas)
+        })
+        .collect()
+}
 
 /// A free port on 127.0.0.1, chosen once and then kept in the config files
 /// so restarts reuse it.
@@ -31,18 +48,32 @@ fn remembered_addr(config: &Path, key: &str) -> Option<SocketAddr> {
     value.get(key)?.as_str()?.parse().ok()
 }
 
-fn node_config(
+pub fn node_config(
     data_dir: &Path,
     id: u64,
     addr: SocketAddr,
     peers: &[(u64, SocketAddr)],
+    layout: &[(u64, Vec<u64>)],
     fault_injection: bool,
 ) -> String {
     let mut peer_lines = String::new();
     for (pid, paddr) in peers {
         peer_lines.push_str(&format!("{pid} = \"{paddr}\"\n"));
     }
-    let replicas: Vec<String> = peers.iter().map(|(p, _)| p.to_string()).collect();
+    let mut shard_lines = String::new();
+    for (shard, replicas) in layout {
+        let list: Vec<String> = replicas.iter().map(u64::to_string).collect();
+        shard_lines.push_str(&format!(
+            "\n[[shards.shards]]\nid = {shard}\nreplicas = [{}]\n",
+            list.join(", ")
+        ));
+    }
+    let meta: Vec<String> = peers
+        .iter()
+        .take(DEV_REPLICATION)
+        .map(|(p, _)| p.to_string())
+        .collect();
+    let rf = DEV_REPLICATION.min(peers.len());
     format!(
         "# Written by `cairn dev`; edit with care, the cluster keeps these addresses.\n\
          data-dir = \"{data}\"\n\
@@ -50,20 +81,18 @@ fn node_config(
          {faults}\n\
          [shards]\n\
          node-id = {id}\n\
-         replication-factor = {rf}\n\n\
+         replication-factor = {rf}\n\
+         meta = [{meta}]\n\n\
          [shards.peers]\n\
-         {peer_lines}\n\
-         [[shards.shards]]\n\
-         id = {DEV_SHARD}\n\
-         replicas = [{replicas}]\n",
+         {peer_lines}\
+         {shard_lines}",
         data = data_dir.display(),
         faults = if fault_injection {
             "fault-injection = true\n"
         } else {
             ""
         },
-        rf = peers.len(),
-        replicas = replicas.join(", "),
+        meta = meta.join(", "),
     )
 }
 
@@ -136,6 +165,7 @@ pub async fn run(
     data_dir: &Path,
     http: SocketAddr,
     nodes: u64,
+    shards: u64,
     token: &str,
     fault_injection: bool,
 ) -> Result<()> {
@@ -160,6 +190,8 @@ pub async fn run(
         http
     };
 
+    let ids: Vec<u64> = addrs.iter().map(|(id, _)| *id).collect();
+    let layout = dev_layout(&ids, shards);
     let mut children = Processes(Vec::new());
     let mut dev_nodes = Vec::new();
     for &(id, addr) in &addrs {
@@ -167,7 +199,7 @@ pub async fn run(
         let cfg: PathBuf = data_dir.join(format!("node-{id}.toml"));
         write_private(
             &cfg,
-            node_config(&node_dir, id, addr, &addrs, fault_injection).as_bytes(),
+            node_config(&node_dir, id, addr, &addrs, &layout, fault_injection).as_bytes(),
         )?;
         let log = logs.join(format!("node-{id}.log"));
         let child = spawn(&exe, &["node", "--config", &cfg.to_string_lossy()], &log)?;
@@ -226,4 +258,41 @@ pub async fn run(
     eprintln!("stopping");
     drop(children);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dev_layout_spreads_three_replicas_per_shard() {
+        assert_eq!(
+            dev_layout(&[1, 2, 3], 2),
+            vec![(1, vec![1, 2, 3]), (2, vec![1, 2, 3])]
+        );
+        assert_eq!(
+            dev_layout(&[1, 2, 3, 4], 4),
+            vec![
+                (1, vec![1, 2, 3]),
+                (2, vec![2, 3, 4]),
+                (3, vec![1, 3, 4]),
+                (4, vec![1, 2, 4]),
+            ]
+        );
+        assert_eq!(dev_layout(&[1, 2], 1), vec![(1, vec![1, 2])]);
+    }
+
+    #[test]
+    fn dev_node_config_parses_and_validates() {
+        let peers: Vec<(u64, SocketAddr)> = (1..=4)
+            .map(|i| (i, SocketAddr::from(([127, 0, 0, 1], 7400 + i as u16))))
+            .collect();
+        let layout = dev_layout(&[1, 2, 3, 4], 4);
+        let text = node_config(Path::new("/tmp/n"), 2, peers[1].1, &peers, &layout, false);
+        let cfg: cairn_storage_node::Config = toml::from_str(&text).expect("parses");
+        cfg.validate().expect("valid");
+        let shards = cfg.shards.expect("shards");
+        assert_eq!(shards.meta_voters(), vec![1, 2, 3]);
+        assert_eq!(shards.shards.len(), 4);
+    }
 }

@@ -8,8 +8,10 @@ use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 
 mod admin;
+mod cluster;
 mod dev;
 mod dev_cluster;
+mod plan;
 
 #[derive(Parser)]
 #[command(name = "cairn", version, about = "Cairn distributed git hosting")]
@@ -23,10 +25,8 @@ enum Command {
     /// Start a local cluster (storage node + router) with data in one folder.
     Dev(dev::DevArgs),
     /// Run a storage node.
-    Node {
-        #[arg(long)]
-        config: PathBuf,
-    },
+    /// Run a storage node (`--config`), or `cairn node add|drain|remove`.
+    Node(cluster::NodeArgs),
     /// Run the HTTP router.
     Router {
         #[arg(long)]
@@ -34,6 +34,10 @@ enum Command {
     },
     /// Administer repositories.
     Admin(admin::AdminArgs),
+    /// The cluster as a whole (`cairn cluster status`).
+    Cluster(cluster::ClusterArgs),
+    /// Shard replicas: `cairn shard move|rebalance|leader|verify`.
+    Shard(cluster::ShardArgs),
 }
 
 fn read_toml<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
@@ -57,7 +61,11 @@ async fn main() -> Result<()> {
     init_tracing();
     match cli.command {
         Command::Dev(args) => dev::run(args).await,
-        Command::Node { config } => {
+        Command::Node(args) if args.command.is_some() => cluster::run_node(args).await,
+        Command::Node(args) => {
+            let Some(config) = args.config else {
+                bail!("`cairn node` needs --config FILE to run a node, or a subcommand (add, drain, remove)");
+            };
             let cfg: cairn_storage_node::Config = read_toml(&config)?;
             let node = cairn_storage_node::StorageNode::start(cfg).await?;
             eprintln!("storage node listening on {}", node.grpc_addr);
@@ -78,6 +86,8 @@ async fn main() -> Result<()> {
             Ok(())
         }
         Command::Admin(args) => admin::run(args).await,
+        Command::Cluster(args) => cluster::run_cluster(args).await,
+        Command::Shard(args) => cluster::run_shard(args).await,
     }
 }
 
