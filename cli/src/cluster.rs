@@ -23,7 +23,12 @@ use crate::plan::{self, NodeState, NodeView, ShardView, Step};
 #[derive(Args, Clone)]
 pub struct Target {
     /// Data folder of a running `cairn dev` (node addresses are read from there).
-    #[arg(long, default_value = "cairn-data", conflicts_with = "node", global = true)]
+    #[arg(
+        long,
+        default_value = "cairn-data",
+        conflicts_with = "node",
+        global = true
+    )]
     data_dir: PathBuf,
     /// gRPC URL of a storage node, e.g. http://127.0.0.1:7410; it runs
     /// the command (and any move).
@@ -498,7 +503,11 @@ pub fn render_status(s: &ClusterStatusResponse) -> String {
         let holds: Vec<_> = s
             .shards
             .iter()
-            .filter(|sh| sh.replicas.iter().any(|r| r.node_id == n.id && r.role != "unreachable"))
+            .filter(|sh| {
+                sh.replicas
+                    .iter()
+                    .any(|r| r.node_id == n.id && r.role != "unreachable")
+            })
             .collect();
         let leads = s.shards.iter().filter(|sh| sh.leader_id == n.id).count();
         let bytes: u64 = holds.iter().map(|sh| sh.bytes).sum();
@@ -535,7 +544,11 @@ pub fn render_status(s: &ClusterStatusResponse) -> String {
             ids(&sh.learners),
             human_bytes(sh.bytes),
             sh.repos.len(),
-            if sh.moving.is_empty() { "-" } else { &sh.moving }
+            if sh.moving.is_empty() {
+                "-"
+            } else {
+                &sh.moving
+            }
         );
     }
     let _ = writeln!(out);

@@ -25,9 +25,8 @@ pub fn dev_layout(nodes: &[u64], shards: u64) -> Vec<(u64, Vec<u64>)> {
     (1..=shards)
         .map(|id| {
             let start = (id as usize - 1) % nodes.len();
-            let mut replicas: Vec<u64> = (0..rf)
-                .map(|k| nodes[(start + k) % nodes.len()])
-                .collect();
+            let mut replicas: Vec<u64> =
+                (0..rf).map(|k| nodes[(start + k) % nodes.len()]).collect();
             replicas.sort_unstable();
             (id, replicas)
         })

@@ -519,6 +519,8 @@ pub struct Cluster {
     fault_injection: bool,
     /// Routers started by [`Cluster::start_router`]; stopped on drop.
     routers: Vec<Child>,
+    shards: Option<u64>,
+    env: Vec<(String, String)>,
 }
 
 /// How [`Cluster::start_with`] starts `cairn dev`.
@@ -530,6 +532,11 @@ pub struct ClusterOptions {
     /// Start with `--fault-injection`, so that the nodes accept
     /// `Admin.SetFaults` (see [`Cluster::set_faults`]).
     pub fault_injection: bool,
+    /// `--shards`; `None` takes `cairn dev`'s default. The replica helpers
+    /// below (`leader`, `replica_status`, …) assume one shard.
+    pub shards: Option<u64>,
+    /// Extra environment for the cluster's processes.
+    pub env: Vec<(String, String)>,
 }
 
 impl Default for ClusterOptions {
@@ -537,6 +544,8 @@ impl Default for ClusterOptions {
         Self {
             nodes: 3,
             fault_injection: false,
+            shards: Some(1),
+            env: Vec::new(),
         }
     }
 }
@@ -551,7 +560,12 @@ impl Cluster {
             .ok()
             .and_then(|v| v.parse().ok())
             .unwrap_or(3);
-        Self::start_with_nodes(nodes)
+        // `cairn dev`'s default shard count: workspaces spread over shards.
+        Self::start_with(ClusterOptions {
+            nodes,
+            shards: None,
+            ..ClusterOptions::default()
+        })
     }
 
     /// Like [`Cluster::start`] with `cairn dev --nodes N`: N storage-node
@@ -588,6 +602,8 @@ impl Cluster {
             node_count,
             restarted: Vec::new(),
             fault_injection: opts.fault_injection,
+            shards: opts.shards,
+            env: opts.env.clone(),
             routers: Vec::new(),
         };
         if std::env::var_os("CAIRN_KEEP_DATA").is_some() {
@@ -662,6 +678,12 @@ impl Cluster {
             .arg("--nodes")
             .arg(self.node_count.to_string())
             .args(self.fault_injection.then_some("--fault-injection"))
+            .args(
+                self.shards
+                    .map(|n| vec!["--shards".to_owned(), n.to_string()])
+                    .unwrap_or_default(),
+            )
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log);
@@ -894,6 +916,79 @@ if [ -n "$2" ]; then rm -rf "$2"; fi
 }
 
 impl Cluster {
+    /// Runs `cairn ARGS --data-dir DATA` (any subcommand that takes the
+    /// dev data folder: `cluster`, `node`, `shard`, `admin`).
+    pub fn cli(&self, args: &[&str]) -> Result<std::process::Output> {
+        Command::new(cairn_bin()?)
+            .args(args)
+            .arg("--data-dir")
+            .arg(&self.data_dir)
+            .stdin(Stdio::null())
+            .output()
+            .context("run cairn")
+    }
+
+    /// Runs `cairn ARGS --node <node's URL>`: that node runs the command
+    /// (a move runs there).
+    pub fn cli_at(&self, node: u64, args: &[&str]) -> Result<std::process::Output> {
+        let url = format!("http://{}", self.node_grpc_addr(node)?);
+        Command::new(cairn_bin()?)
+            .args(args)
+            .arg("--node")
+            .arg(url)
+            .stdin(Stdio::null())
+            .output()
+            .context("run cairn")
+    }
+
+    /// Starts storage node `id` as a new, empty process joining the
+    /// cluster (its config lists the existing nodes as peers and the first
+    /// three as meta nodes) and registers it with `cairn node add`.
+    pub fn add_node(&mut self, id: u64) -> Result<()> {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        let addr = format!("127.0.0.1:{port}");
+        let mut peers = String::new();
+        let mut ids: Vec<u64> = self.info.nodes.iter().map(|n| n.id).collect();
+        ids.sort_unstable();
+        for n in &self.info.nodes {
+            peers.push_str(&format!("{} = \"{}\"\n", n.id, n.grpc_addr));
+        }
+        peers.push_str(&format!("{id} = \"{addr}\"\n"));
+        let meta: Vec<String> = ids.iter().take(3).map(u64::to_string).collect();
+        let config = format!(
+            "data-dir = \"{data}\"\ngrpc-addr = \"{addr}\"\n{faults}\n[shards]\nnode-id = {id}\nreplication-factor = 3\nmeta = [{meta}]\n\n[shards.peers]\n{peers}",
+            data = self.data_dir.join(format!("node-{id}")).display(),
+            faults = if self.fault_injection {
+                "fault-injection = true"
+            } else {
+                ""
+            },
+            meta = meta.join(", "),
+        );
+        fs::write(self.data_dir.join(format!("node-{id}.toml")), config)?;
+        self.info.nodes.push(NodeInfo {
+            id,
+            grpc_addr: addr.clone(),
+            pid: None,
+        });
+        self.restart_node(id)?;
+        wait_until(
+            &format!("node {id} to listen on {addr}"),
+            Duration::from_secs(30),
+            || Ok(std::net::TcpStream::connect(addr.as_str()).ok().map(|_| ())),
+        )?;
+        let out = self.cli(&["node", "add", &id.to_string(), "--addr", &addr])?;
+        if !out.status.success() {
+            bail!(
+                "cairn node add {id} failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(())
+    }
+
     /// SIGKILLs storage node `id` (multi-process clusters).
     pub fn kill_node(&mut self, id: u64) -> Result<()> {
         if let Some(pos) = self
@@ -937,6 +1032,7 @@ impl Cluster {
             .arg("node")
             .arg("--config")
             .arg(&config)
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)

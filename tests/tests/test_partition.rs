@@ -122,6 +122,7 @@ fn isolated_leader_cannot_acknowledge_and_majority_moves_on() -> Result<()> {
     let mut c = Cluster::start_with(ClusterOptions {
         nodes: 3,
         fault_injection: true,
+        ..ClusterOptions::default()
     })?;
     let git = Git::new()?;
     let full = c.new_repo("partition")?;
