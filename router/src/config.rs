@@ -34,6 +34,11 @@ pub struct Config {
     /// Largest receive-pack request body (commands and pack), in bytes.
     #[serde(default = "default_max_push_bytes")]
     pub max_push_bytes: u64,
+    /// Send every request to the configured storage nodes (and where their
+    /// not-leader answers point) instead of the replicas the directory
+    /// names: a router pinned to some nodes, e.g. on one side of a network.
+    #[serde(default)]
+    pub pinned: bool,
 }
 
 fn default_http_addr() -> SocketAddr {
@@ -68,6 +73,7 @@ impl Config {
             public_url: None,
             max_negotiation_bytes: default_max_negotiation_bytes(),
             max_push_bytes: default_max_push_bytes(),
+            pinned: false,
         }
     }
 

@@ -58,6 +58,8 @@ pub enum Fallback {
     NoDirectory,
     /// No seed answered within the retry budget.
     DirectoryUnreachable,
+    /// The router is pinned to its configured nodes (`pinned = true`).
+    Pinned,
 }
 
 /// The nodes a workspace's requests go to.
@@ -177,6 +179,8 @@ pub struct Directory {
     cache: DirectoryCache,
     /// The seed that answered last: asked first next time.
     next_seed: AtomicUsize,
+    /// Never ask: the configured nodes are every route.
+    pinned: bool,
 }
 
 impl Directory {
@@ -192,7 +196,15 @@ impl Directory {
             },
             cache: DirectoryCache::new(MAX_CACHED_WORKSPACES),
             next_seed: AtomicUsize::new(0),
+            pinned: false,
         }
+    }
+
+    /// A directory that is never asked: every request goes to the
+    /// configured nodes (and where their not-leader answers point).
+    pub fn pinned(mut self) -> Self {
+        self.pinned = true;
+        self
     }
 
     pub fn cache(&self) -> &DirectoryCache {
@@ -211,6 +223,9 @@ impl Directory {
     pub async fn route(&self, pool: &NodePool, workspace: &str) -> Result<Route, tonic::Status> {
         if workspace.is_empty() {
             return Ok(self.configured(Fallback::NoWorkspace));
+        }
+        if self.pinned {
+            return Ok(self.configured(Fallback::Pinned));
         }
         if let Some(r) = self.cache.get(workspace) {
             return Ok(r);

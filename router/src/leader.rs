@@ -383,11 +383,27 @@ pub struct Cluster {
 impl Cluster {
     /// `nodes` must not be empty (the config validation ensures it).
     pub fn new(nodes: Vec<String>, policy: RetryPolicy) -> Arc<Self> {
+        Self::build(nodes, policy, false)
+    }
+
+    /// Like [`Cluster::new`], sending every request to `nodes` (and where
+    /// their not-leader answers point) without asking the directory: a
+    /// router pinned to some nodes.
+    pub fn pinned(nodes: Vec<String>, policy: RetryPolicy) -> Arc<Self> {
+        Self::build(nodes, policy, true)
+    }
+
+    fn build(nodes: Vec<String>, policy: RetryPolicy, pinned: bool) -> Arc<Self> {
         let first = nodes.first().cloned().unwrap_or_default();
+        let directory = Directory::new(nodes.into(), &policy);
         Arc::new(Cluster {
             // The configured nodes are the directory's seeds, and the route
             // when there is no directory.
-            directory: Directory::new(nodes.into(), &policy),
+            directory: if pinned {
+                directory.pinned()
+            } else {
+                directory
+            },
             pool: NodePool::default(),
             leader: LeaderCache::new(first),
             policy,

@@ -97,7 +97,11 @@ impl Router {
             tonic::transport::Endpoint::from_shared(node)?;
         }
         let state = AppState {
-            cluster: Cluster::new(config.nodes(), RetryPolicy::default()),
+            cluster: if config.pinned {
+                Cluster::pinned(config.nodes(), RetryPolicy::default())
+            } else {
+                Cluster::new(config.nodes(), RetryPolicy::default())
+            },
             config: Arc::new(config),
         };
         let addr = state.config.http_addr;

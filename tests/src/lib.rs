@@ -1075,8 +1075,8 @@ impl Cluster {
     }
 
     /// Starts another `cairn router` process that talks to the storage
-    /// nodes `nodes` only (the router still follows leader hints those
-    /// nodes give). Stopped by [`Cluster::stop_router`] or on drop.
+    /// nodes `nodes` only (pinned: it asks no directory; it still follows
+    /// leader hints those nodes give). Stopped by [`Cluster::stop_router`] or on drop.
     pub fn start_router(&mut self, nodes: &[u64]) -> Result<ExtraRouter> {
         ensure!(
             !nodes.is_empty(),
@@ -1099,7 +1099,8 @@ impl Cluster {
                 "http-addr = \"127.0.0.1:{port}\"\n\
                  storage-node = {first}\n\
                  storage-nodes = [{all}]\n\
-                 token = \"{token}\"\n",
+                 token = \"{token}\"\n\
+                 pinned = true\n",
                 first = urls[0],
                 all = urls.join(", "),
                 token = self.info.token,
@@ -2918,5 +2919,199 @@ mod tests {
             r.refs.get("refs/heads/b"),
             Some(&Some("stale info".to_owned()))
         );
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The cluster directory (gRPC `cairn.cluster.v1.Cluster` on each storage node)
+// ---------------------------------------------------------------------------
+
+// In a module of its own so that it may follow the unit tests above.
+pub use cluster_directory::*;
+
+/// Helpers over the `Cluster` service: `ClusterStatus` and friends.
+mod cluster_directory {
+    use super::*;
+
+    pub use cairn_proto::cluster::{
+        ClusterStatusResponse, NodeState as DirectoryNodeState, ReplicaReport, ShardReport,
+    };
+
+    /// Time limit of one `Cluster` call: `ClusterStatus` asks every node (5 s
+    /// each at most) besides reading the directory from the meta leader.
+    const CLUSTER_CALL_TIMEOUT: Duration = Duration::from_secs(30);
+
+    impl Cluster {
+        /// Runs `call` against storage node `node`'s `Cluster` service over a
+        /// fresh connection and blocks for the answer (as [`Cluster::admin_rpc`]
+        /// does for the Admin service). A gRPC error stays reachable through
+        /// [`grpc_code`].
+        pub fn cluster_rpc<T, F, Fut>(&self, node: u64, call: F) -> Result<T>
+        where
+            F: FnOnce(
+                cairn_proto::cluster::cluster_client::ClusterClient<tonic::transport::Channel>,
+            ) -> Fut,
+            Fut: std::future::Future<
+                Output = std::result::Result<tonic::Response<T>, tonic::Status>,
+            >,
+        {
+            let url = format!("http://{}", self.node_grpc_addr(node)?);
+            admin_runtime().block_on(async move {
+                let channel = tonic::transport::Endpoint::from_shared(url.clone())?
+                    .connect_timeout(ADMIN_CONNECT_TIMEOUT)
+                    .timeout(CLUSTER_CALL_TIMEOUT)
+                    .connect()
+                    .await
+                    .with_context(|| format!("connect to node {node} at {url}"))?;
+                let client = cairn_proto::cluster::cluster_client::ClusterClient::new(channel);
+                let resp = tokio::time::timeout(CLUSTER_CALL_TIMEOUT, call(client))
+                    .await
+                    .with_context(|| format!("cluster call to node {node} timed out"))?
+                    .map_err(|s| {
+                        anyhow::Error::new(s).context(format!("cluster call to node {node}"))
+                    })?;
+                Ok(resp.into_inner())
+            })
+        }
+
+        /// `ClusterStatus` as storage node `node` answers it.
+        pub fn cluster_status(&self, node: u64) -> Result<ClusterStatusResponse> {
+            self.cluster_rpc(node, |mut c| async move {
+                c.cluster_status(cairn_proto::cluster::ClusterStatusRequest {})
+                    .await
+            })
+        }
+
+        /// `ClusterStatus` from the first node (ascending id) that answers;
+        /// the error names every node's failure.
+        pub fn cluster_status_any(&self) -> Result<ClusterStatusResponse> {
+            let mut errors = Vec::new();
+            for id in self.node_ids() {
+                match self.cluster_status(id) {
+                    Ok(s) => return Ok(s),
+                    Err(e) => errors.push(format!("node {id}: {e:#}")),
+                }
+            }
+            bail!("no node answered ClusterStatus: {}", errors.join("; "))
+        }
+
+        /// Starts `cairn ARGS --node <node's URL>` with stdout and stderr piped
+        /// (e.g. a move to interrupt while it runs). The caller reaps it.
+        pub fn spawn_cli_at(&self, node: u64, args: &[&str]) -> Result<Child> {
+            let url = format!("http://{}", self.node_grpc_addr(node)?);
+            Command::new(cairn_bin()?)
+                .args(args)
+                .arg("--node")
+                .arg(url)
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .context("spawn cairn")
+        }
+    }
+
+    /// The report of shard `shard` in a `ClusterStatus` answer.
+    pub fn shard_report(status: &ClusterStatusResponse, shard: u64) -> Result<&ShardReport> {
+        status
+            .shards
+            .iter()
+            .find(|s| s.placement.as_ref().is_some_and(|p| p.shard_id == shard))
+            .ok_or_else(|| anyhow!("ClusterStatus lists no shard {shard}"))
+    }
+
+    /// The id of a shard report (0 without placement).
+    pub fn shard_id_of(report: &ShardReport) -> u64 {
+        report.placement.as_ref().map_or(0, |p| p.shard_id)
+    }
+
+    /// The shard `ClusterStatus` lists repository `workspace/slug` on.
+    pub fn shard_of_repo(status: &ClusterStatusResponse, full_name: &str) -> Option<u64> {
+        let (ws, slug) = full_name.split_once('/')?;
+        status
+            .shards
+            .iter()
+            .find(|s| s.repos.iter().any(|r| r.workspace == ws && r.slug == slug))
+            .map(shard_id_of)
+    }
+
+    /// How many shards count each node among their voters (every registered
+    /// node listed, with 0 if it holds none).
+    pub fn voters_per_node(status: &ClusterStatusResponse) -> BTreeMap<u64, usize> {
+        let mut m: BTreeMap<u64, usize> = status.nodes.iter().map(|n| (n.id, 0)).collect();
+        for s in &status.shards {
+            for v in &s.voters {
+                *m.entry(*v).or_default() += 1;
+            }
+        }
+        m
+    }
+
+    /// The directory state of node `id` in a `ClusterStatus` answer.
+    pub fn directory_node_state(
+        status: &ClusterStatusResponse,
+        id: u64,
+    ) -> Option<DirectoryNodeState> {
+        status
+            .nodes
+            .iter()
+            .find(|n| n.id == id)
+            .and_then(|n| DirectoryNodeState::try_from(n.state).ok())
+    }
+
+    /// A compact multi-line rendering of a `ClusterStatus` answer, for
+    /// messages: nodes with their states, then per shard its placement,
+    /// leader, voters, learners, move and replica roles.
+    pub fn describe_cluster_status(status: &ClusterStatusResponse) -> String {
+        let mut out = String::new();
+        let nodes: Vec<String> = status
+            .nodes
+            .iter()
+            .map(|n| {
+                let state = DirectoryNodeState::try_from(n.state).map_or_else(
+                    |_| format!("state {}", n.state),
+                    |s| s.as_str_name().to_owned(),
+                );
+                format!("{}={state}", n.id)
+            })
+            .collect();
+        let _ = writeln!(
+            out,
+            "epoch {} meta voters {:?} leader {}; nodes {}",
+            status.map_epoch,
+            status.meta_voters,
+            status.meta_leader,
+            nodes.join(" ")
+        );
+        for s in &status.shards {
+            let roles: Vec<String> = s
+                .replicas
+                .iter()
+                .map(|r| {
+                    if r.error.is_empty() {
+                        format!("{}:{}@{}", r.node_id, r.role, r.applied_index)
+                    } else {
+                        format!("{}:{} ({})", r.node_id, r.role, r.error)
+                    }
+                })
+                .collect();
+            let _ = writeln!(
+                out,
+                "  shard {}: placement {:?} leader {} voters {:?} learners {:?} moving {:?} repos {} \
+                 replicas [{}]",
+                shard_id_of(s),
+                s.placement
+                    .as_ref()
+                    .map(|p| p.replicas.clone())
+                    .unwrap_or_default(),
+                s.leader_id,
+                s.voters,
+                s.learners,
+                s.moving,
+                s.repos.len(),
+                roles.join(", ")
+            );
+        }
+        out
     }
 }
