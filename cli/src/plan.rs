@@ -37,7 +37,6 @@
 //! Nothing to do yields an empty plan, and planning the resulting layout
 //! again yields an empty plan too.
 
-
 use std::collections::BTreeMap;
 use std::fmt;
 
