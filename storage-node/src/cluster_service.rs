@@ -127,6 +127,29 @@ pub fn retry_elsewhere(status: &Status) -> Option<Option<String>> {
 /// Marks a call one node forwarded to another, which must act or refuse.
 const FORWARDED: &str = "x-cairn-forwarded";
 
+/// Asks `shard`'s leader, found from `candidates`, to hand leadership to
+/// `to`; marked forwarded so the node reached acts or refuses, never
+/// forwards again.
+pub async fn transfer_on_leader(
+    channels: &NodeChannels,
+    candidates: &[String],
+    shard: u64,
+    to: u64,
+) -> Result<(), Status> {
+    on_shard_leader(channels, candidates, move |mut c| {
+        Box::pin(async move {
+            let mut r = Request::new(TransferShardLeaderRequest {
+                shard_id: shard,
+                to_node: to,
+            });
+            r.metadata_mut()
+                .insert(FORWARDED, MetadataValue::from_static("1"));
+            c.transfer_shard_leader(r).await.map(|_| ())
+        })
+    })
+    .await
+}
+
 type Boxed<'a, T> = Pin<Box<dyn Future<Output = Result<T, Status>> + Send + 'a>>;
 
 /// Runs `call` on `shard`'s leader, starting from `candidates` (addresses)
@@ -572,17 +595,9 @@ impl Cluster for ClusterService {
             return Ok(Response::new(TransferShardLeaderResponse {}));
         }
         let candidates = self.mover()?.shard_nodes(shard_id).await?;
-        on_shard_leader(&self.inner.channels, &candidates, move |mut c| {
-            Box::pin(async move {
-                // Only the leader acts; a forwarded call must not bounce on.
-                let mut r = Request::new(TransferShardLeaderRequest { shard_id, to_node });
-                r.metadata_mut()
-                    .insert(FORWARDED, MetadataValue::from_static("1"));
-                c.transfer_shard_leader(r).await.map(|r| r.into_inner())
-            })
-        })
-        .await
-        .map(Response::new)
+        transfer_on_leader(&self.inner.channels, &candidates, shard_id, to_node)
+            .await
+            .map(|()| Response::new(TransferShardLeaderResponse {}))
     }
 
     async fn verify_shard(

@@ -12,10 +12,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use cairn_proto::cluster::cluster_client::ClusterClient;
 use cairn_proto::cluster::MetaCallRequest;
-use tonic::transport::{Channel, Endpoint};
 
+use crate::cluster_service::NodeChannels;
 use crate::meta_state::{
     Directory, MetaAnswer, MetaCall, MetaQuery, MetaReply, MetaRequest, MetaResponse, NodeRecord,
     NodeState, WorkspaceRecord, NOT_BOOTSTRAPPED,
@@ -50,7 +49,7 @@ enum Target {
 /// The directory as this node reaches it.
 pub struct MetaClient {
     host: Arc<ShardHost>,
-    channels: Mutex<HashMap<String, Channel>>,
+    channels: NodeChannels,
     placements: Mutex<HashMap<String, WorkspaceRecord>>,
     /// Highest map epoch this node has read.
     epoch: AtomicU64,
@@ -71,7 +70,7 @@ impl MetaClient {
     pub fn new(host: Arc<ShardHost>) -> Arc<Self> {
         Arc::new(MetaClient {
             host,
-            channels: Mutex::new(HashMap::new()),
+            channels: NodeChannels::default(),
             placements: Mutex::new(HashMap::new()),
             epoch: AtomicU64::new(0),
         })
@@ -104,30 +103,17 @@ impl MetaClient {
         }
     }
 
-    fn channel(&self, addr: &str) -> Result<Channel, DirectoryError> {
-        let mut map = self.channels.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some(c) = map.get(addr) {
-            return Ok(c.clone());
-        }
-        let channel = Endpoint::from_shared(format!("http://{addr}"))
-            .map_err(|e| DirectoryError::Unavailable(format!("bad address {addr}: {e}")))?
-            .connect_timeout(Duration::from_millis(500))
-            .timeout(CALL_TIMEOUT)
-            .connect_lazy();
-        map.insert(addr.to_owned(), channel.clone());
-        Ok(channel)
-    }
-
     async fn remote(&self, addr: &str, call: &MetaCall) -> Result<MetaReply, tonic::Status> {
         let request = postcard::to_allocvec(call)
             .map_err(|e| tonic::Status::internal(format!("encoding a directory call: {e}")))?;
-        let channel = self
-            .channel(addr)
-            .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
-        let reply = ClusterClient::new(channel)
-            .meta_call(MetaCallRequest {
-                request: request.into(),
-            })
+        let mut call = tonic::Request::new(MetaCallRequest {
+            request: request.into(),
+        });
+        call.set_timeout(CALL_TIMEOUT);
+        let reply = self
+            .channels
+            .cluster(addr)?
+            .meta_call(call)
             .await?
             .into_inner();
         postcard::from_bytes(&reply.response)

@@ -27,12 +27,12 @@ use cairn_proto::admin::ShardStatusRequest;
 use cairn_proto::cluster::change_replicas_request::Change;
 use cairn_proto::cluster::{
     ChangeReplicasRequest, CloseReplicaRequest, MoveProgress, Node, OpenReplicaRequest,
-    ReplicaChecksum, ReplicationProgressRequest, ReplicationProgressResponse,
-    TransferShardLeaderRequest, VerifyShardRequest, VerifyShardResponse, VoterSet,
+    ReplicaChecksum, ReplicationProgressRequest, ReplicationProgressResponse, VerifyShardRequest,
+    VerifyShardResponse, VoterSet,
 };
 use tonic::{Request, Status};
 
-use crate::cluster_service::{directory_status, on_shard_leader, NodeChannels};
+use crate::cluster_service::{directory_status, on_shard_leader, transfer_on_leader, NodeChannels};
 use crate::directory::MetaClient;
 use crate::meta_state::{Directory, MetaRequest, MoveRecord, NodeState};
 use crate::shard_host::ShardHost;
@@ -477,20 +477,7 @@ impl Mover {
                     "node {from} still leads shard {shard}; run the move again"
                 )));
             }
-            let transferred = on_shard_leader(&self.channels, candidates, move |mut c| {
-                Box::pin(async move {
-                    let mut r = Request::new(TransferShardLeaderRequest {
-                        shard_id: shard,
-                        to_node: to,
-                    });
-                    r.metadata_mut().insert(
-                        "x-cairn-forwarded",
-                        tonic::metadata::MetadataValue::from_static("1"),
-                    );
-                    c.transfer_shard_leader(r).await.map(|_| ())
-                })
-            })
-            .await;
+            let transferred = transfer_on_leader(&self.channels, candidates, shard, to).await;
             if let Err(e) = transferred {
                 tracing::debug!(shard, error = %e.message(), "leader transfer not taken yet");
             }

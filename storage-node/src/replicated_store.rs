@@ -33,7 +33,8 @@ use crate::pack_transfer::{stage_pack, StagingArea};
 use crate::repo_store::{validate_name, RepoRecord, RepoSnapshot, StoreError};
 use crate::shard_host::{ProposeError, ShardHost, ShardHostConfig};
 use crate::shard_state::{
-    keys, refs_from_rows, LoggedUpdate, PackRef, Refusal, ShardRequest, ShardResponse,
+    keys, refs_from_rows, shard_of_repo, LoggedUpdate, PackRef, Refusal, ShardRequest,
+    ShardResponse,
 };
 
 /// How long a push whose entry's fate is unknown waits for a linearizable
@@ -105,11 +106,6 @@ impl From<ProposeError> for ReplicatedError {
             ProposeError::Raft(m) => ReplicatedError::Raft(m),
         }
     }
-}
-
-/// The shard a repository lives on: its id carries it in the high bits.
-pub fn shard_of_repo(repo_id: u64) -> u64 {
-    repo_id >> 40
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

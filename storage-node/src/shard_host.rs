@@ -1390,7 +1390,7 @@ fn remove_shard_files(data_dir: &Path, area: &StagingArea, shard: u64) -> std::i
         else {
             continue;
         };
-        if repo_id >> 40 == shard {
+        if crate::shard_state::shard_of_repo(repo_id) == shard {
             std::fs::remove_dir_all(entry.path())?;
         }
     }

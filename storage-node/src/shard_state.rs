@@ -30,6 +30,20 @@ use crate::repo_store::{validate_name, RepoRecord};
 
 pub const DEFAULT_HEAD: &str = "refs/heads/main";
 
+/// Bits of a repository id below its shard's.
+const REPO_ID_SHARD_SHIFT: u32 = 40;
+
+/// Repository ids are unique across shards: the shard id in the high bits,
+/// the shard's own counter below.
+fn repo_id(shard: u64, counter: u64) -> u64 {
+    (shard << REPO_ID_SHARD_SHIFT) | counter
+}
+
+/// The shard a repository lives on, from its id.
+pub fn shard_of_repo(repo_id: u64) -> u64 {
+    repo_id >> REPO_ID_SHARD_SHIFT
+}
+
 /// Row keys, relative to the shard (the raft layer adds the shard prefix).
 pub mod keys {
     pub const NEXT_REPO: &[u8] = b"n";
@@ -317,8 +331,7 @@ impl<P: PackPlacer> ShardLogic<P> {
             ),
             None => 1,
         };
-        // Ids are unique across shards: the shard id in the high bits.
-        let id = (state.group().0 << 40) | counter;
+        let id = repo_id(state.group().0, counter);
         let record = RepoRecord {
             id,
             workspace,
