@@ -367,7 +367,7 @@ async fn a_restarted_follower_fetches_the_pack_it_missed() {
 
     // Same data dir, same address: it catches up on the log and, applying
     // the push, fetches the pack from a peer.
-    let Node { dir, .. } = nodes.remove(&down).expect("node");
+    let dir = nodes.remove(&down).expect("node").into_dir().await;
     let pack_id = ObjectId::from_hex(pack.as_bytes()).expect("id");
     let (staged_path, _) =
         StagingArea::at(dir.path()).staged_paths(SHARD, snap.record.id, &pack_id);

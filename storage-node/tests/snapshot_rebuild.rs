@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use cairn_packfile::receive::{self, Command, Limits, PushRequest, ReceiveCaps, StagedPack};
 use cairn_packfile::store::PackSet;
 use cairn_packfile::ObjectId;
-use cairn_raft::{RaftDb, StateView, TransportFilter};
+use cairn_raft::{StateView, TransportFilter};
 use cairn_storage_node::pack_transfer::StagingArea;
 use cairn_storage_node::shard_host::{ShardHostConfig, ShardSpec};
 use cairn_storage_node::shard_state::{keys, PackRef};
@@ -97,20 +97,9 @@ impl Cluster {
         Node::start(config, listener, dir, TransportFilter::new()).await
     }
 
-    /// Stops node `id` and hands back its data dir once nothing of the old
-    /// instance holds its raft database any more.
+    /// Stops node `id` and hands back its data dir once released.
     async fn stop(&mut self, id: u64) -> tempfile::TempDir {
-        let mut node = self.nodes.remove(&id).expect("node");
-        node.stop().await;
-        // Moved out whole: a partial move would keep the host (and its
-        // database) alive until the end of this function.
-        let Node {
-            dir, host, store, ..
-        } = node;
-        drop(store);
-        drop(host);
-        wait_until_db_released(dir.path()).await;
-        dir
+        self.nodes.remove(&id).expect("node").into_dir().await
     }
 
     /// Starts node `id` again at its address, with data in `dir`.
@@ -158,29 +147,6 @@ impl Cluster {
     async fn shutdown(mut self) {
         for node in self.nodes.values_mut() {
             node.stop().await;
-        }
-    }
-}
-
-/// openraft's tasks of a stopped instance may drop their database handle a
-/// moment after shutdown returns; a restarted process never sees that, a
-/// test restarting in-process waits for RocksDB's lock.
-async fn wait_until_db_released(dir: &Path) {
-    let raft = dir.join("raft");
-    if !raft.exists() {
-        return;
-    }
-    let deadline = Instant::now() + WAIT;
-    loop {
-        match RaftDb::open(&raft.join("rocksdb"), &raft.join("snapshots")) {
-            Ok(db) => {
-                drop(db);
-                return;
-            }
-            Err(e) => {
-                assert!(Instant::now() < deadline, "raft database stays locked: {e}");
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
         }
     }
 }

@@ -59,6 +59,27 @@ pub struct Node {
     pub dir: tempfile::TempDir,
 }
 
+/// Waits until the raft database under `dir` can be opened again.
+async fn wait_until_db_released(dir: &Path) {
+    let raft = dir.join("raft");
+    if !raft.exists() {
+        return;
+    }
+    let deadline = Instant::now() + NODE_STOP_WAIT;
+    loop {
+        match cairn_raft::RaftDb::open(&raft.join("rocksdb"), &raft.join("snapshots")) {
+            Ok(db) => {
+                drop(db);
+                return;
+            }
+            Err(e) => {
+                assert!(Instant::now() < deadline, "raft database stays locked: {e}");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    }
+}
+
 /// How long a stopping node's server may take to wind down.
 const NODE_STOP_WAIT: Duration = Duration::from_secs(30);
 
@@ -114,6 +135,23 @@ impl Node {
             server: Some(server),
             dir,
         }
+    }
+
+    /// Stops the node and hands back its data dir once nothing of the old
+    /// instance holds its raft database. In one process openraft's tasks
+    /// may drop their handle a moment after shutdown returns; a restarted
+    /// process never sees that.
+    pub async fn into_dir(mut self) -> tempfile::TempDir {
+        self.stop().await;
+        // Moved out whole: a partial move would keep the host (and its
+        // database) alive until the end of this function.
+        let Node {
+            dir, host, store, ..
+        } = self;
+        drop(store);
+        drop(host);
+        wait_until_db_released(dir.path()).await;
+        dir
     }
 
     /// Stops the raft groups, then the server; idempotent.
