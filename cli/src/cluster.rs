@@ -47,7 +47,11 @@ pub struct ClusterArgs {
 #[derive(Subcommand)]
 enum ClusterCommand {
     /// Nodes, shards, leaders, applied index and lag per replica, bytes.
-    Status,
+    Status {
+        /// Print JSON (for tools) instead of tables.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Args)]
@@ -160,13 +164,17 @@ fn fail(s: tonic::Status) -> anyhow::Error {
 pub async fn run_cluster(args: ClusterArgs) -> Result<()> {
     let mut client = connect(&node_urls(&args.target)?).await?;
     match args.command {
-        ClusterCommand::Status => {
+        ClusterCommand::Status { json } => {
             let status = client
                 .cluster_status(ClusterStatusRequest {})
                 .await
                 .map_err(fail)?
                 .into_inner();
-            print!("{}", render_status(&status));
+            if json {
+                println!("{:#}", status_json(&status));
+            } else {
+                print!("{}", render_status(&status));
+            }
             Ok(())
         }
     }
@@ -479,6 +487,55 @@ fn ids(v: &[u64]) -> String {
 }
 
 /// The `cairn cluster status` tables.
+/// The status as JSON, with the same names the tables use.
+pub fn status_json(s: &ClusterStatusResponse) -> serde_json::Value {
+    use serde_json::json;
+    let nodes: Vec<_> = s
+        .nodes
+        .iter()
+        .map(|n| json!({"id": n.id, "addr": n.addr, "state": state_name(n.state)}))
+        .collect();
+    let shards: Vec<_> = s
+        .shards
+        .iter()
+        .map(|sh| {
+            let p = sh.placement.clone().unwrap_or_default();
+            let replicas: Vec<_> = sh
+                .replicas
+                .iter()
+                .map(|r| {
+                    json!({"node": r.node_id, "role": r.role, "applied": r.applied_index,
+                           "lag": r.lag, "error": r.error})
+                })
+                .collect();
+            let repos: Vec<_> = sh
+                .repos
+                .iter()
+                .map(|r| json!({"workspace": r.workspace, "slug": r.slug, "bytes": r.bytes}))
+                .collect();
+            json!({
+                "shard": p.shard_id,
+                "epoch": p.epoch,
+                // null when no replica knows a leader
+                "leader": (sh.leader_id != 0).then_some(sh.leader_id),
+                "voters": sh.voters,
+                "learners": sh.learners,
+                "bytes": sh.bytes,
+                "moving": sh.moving,
+                "replicas": replicas,
+                "repos": repos,
+            })
+        })
+        .collect();
+    json!({
+        "map_epoch": s.map_epoch,
+        "meta_voters": s.meta_voters,
+        "meta_leader": (s.meta_leader != 0).then_some(s.meta_leader),
+        "nodes": nodes,
+        "shards": shards,
+    })
+}
+
 pub fn render_status(s: &ClusterStatusResponse) -> String {
     use std::fmt::Write as _;
     let mut out = String::new();

@@ -562,6 +562,40 @@ fn draining_a_node_moves_everything_away_and_removing_it_loses_nothing() -> Resu
     );
     c.kill_node(2)?;
 
+    // The same status for tools: node 2 removed, no shard lists it, and
+    // every repository is on one shard.
+    let json: serde_json::Value =
+        serde_json::from_str(&cli_ok(&c, &["cluster", "status", "--json"])?)
+            .context("cluster status --json is JSON")?;
+    let node2 = json["nodes"]
+        .as_array()
+        .and_then(|n| n.iter().find(|n| n["id"] == 2))
+        .ok_or_else(|| anyhow!("node 2 missing from {json}"))?;
+    ensure!(node2["state"] == "removed", "node 2 in JSON: {node2}");
+    let shards = json["shards"]
+        .as_array()
+        .ok_or_else(|| anyhow!("no shards: {json}"))?;
+    ensure!(shards.len() == SHARDS as usize, "shards in JSON: {json}");
+    for sh in shards {
+        let voters = sh["voters"]
+            .as_array()
+            .ok_or_else(|| anyhow!("voters: {sh}"))?;
+        ensure!(
+            voters.len() == 3 && !voters.contains(&2.into()),
+            "shard after drain: {sh}"
+        );
+        ensure!(sh["leader"].is_u64(), "shard without leader: {sh}");
+    }
+    let listed: usize = shards
+        .iter()
+        .map(|sh| sh["repos"].as_array().map_or(0, Vec::len))
+        .sum();
+    ensure!(
+        listed == repos.len(),
+        "{listed} repositories in JSON, {} created",
+        repos.len()
+    );
+
     check_repos(&c, &git, &repos)?;
     // A new push to every workspace's repository, with node 2 gone.
     for (full, refs) in &mut repos {
