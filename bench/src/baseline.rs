@@ -88,6 +88,15 @@ impl Baseline {
     /// a free port, with repositories under `<work>/repos`. Waits until it
     /// answers HTTP. Pid/log/temp paths all under `work`.
     pub fn start(work: &Path, workers: u32) -> Result<Baseline> {
+        Self::start_with(work, workers, None)
+    }
+
+    /// Like [`Baseline::start`]; with `meter`, a second route
+    /// (`/metered/<repo>.git`) runs `git http-backend` under that program,
+    /// which records the CPU time of the backend and its git children (see
+    /// [`Baseline::metered_cpu`]). fcgiwrap's workers ignore SIGCHLD, so the
+    /// kernel discards that time otherwise.
+    pub fn start_with(work: &Path, workers: u32, meter: Option<&Path>) -> Result<Baseline> {
         let nginx_bin = find_program("nginx")
             .ok_or_else(|| anyhow!("nginx not found; run baseline::setup() first"))?;
         let fcgiwrap_bin = find_program("fcgiwrap")
@@ -146,7 +155,7 @@ impl Baseline {
             let port = free_port()?;
             fs::write(
                 &conf,
-                nginx_conf(&me, port, cores, &backend, &path_env, workers),
+                nginx_conf(&me, port, cores, &backend, &path_env, workers, meter),
             )?;
             let stderr = fs::File::create(&stderr_path)?;
             let nginx = Command::new(&nginx_bin)
@@ -182,6 +191,21 @@ impl Baseline {
     /// http://127.0.0.1:PORT/bench/small.git).
     pub fn url(&self, name: &str) -> String {
         format!("http://127.0.0.1:{}/{}.git", self.port, name)
+    }
+
+    /// The URL of `name` through the metered route (started with a meter).
+    pub fn metered_url(&self, name: &str) -> String {
+        format!("http://127.0.0.1:{}/metered/{}.git", self.port, name)
+    }
+
+    /// CPU seconds the metered route's backends (with their children) have
+    /// used so far.
+    pub fn metered_cpu(&self) -> f64 {
+        fs::read_to_string(self.work.join(METER_LOG))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.trim().parse::<f64>().ok())
+            .sum()
     }
 
     /// Puts a copy of the bare repository `from` at `name` (a local
@@ -366,6 +390,9 @@ impl Drop for Baseline {
     }
 }
 
+/// Where the meter appends one line of CPU seconds per request.
+pub const METER_LOG: &str = "meter.log";
+
 fn nginx_conf(
     b: &Baseline,
     port: u16,
@@ -373,6 +400,7 @@ fn nginx_conf(
     backend: &Path,
     path_env: &str,
     workers: u32,
+    meter: Option<&Path>,
 ) -> String {
     let w = b.work.display();
     let tmp = b.work.join("nginx-tmp");
@@ -383,6 +411,67 @@ fn nginx_conf(
     // Room for every concurrent client twice over (client side plus the
     // FastCGI connection), well above the fcgiwrap worker count.
     let connections = (workers as usize * 4).max(1024);
+    let params = format!(
+        r#"            fastcgi_param GIT_PROJECT_ROOT "{repos}";
+            fastcgi_param GIT_HTTP_EXPORT_ALL "";
+            # Protocol v2 is negotiated through this header.
+            fastcgi_param GIT_PROTOCOL $http_git_protocol;
+            fastcgi_param QUERY_STRING $query_string;
+            fastcgi_param REQUEST_METHOD $request_method;
+            fastcgi_param REQUEST_URI $request_uri;
+            fastcgi_param CONTENT_TYPE $content_type;
+            fastcgi_param CONTENT_LENGTH $content_length;
+            fastcgi_param SERVER_PROTOCOL $server_protocol;
+            fastcgi_param SERVER_NAME $server_name;
+            fastcgi_param SERVER_PORT $server_port;
+            fastcgi_param GATEWAY_INTERFACE CGI/1.1;
+            fastcgi_param REMOTE_ADDR $remote_addr;
+            fastcgi_param REMOTE_USER $remote_user;
+            # fcgiwrap hands the CGI only these parameters as its
+            # environment, nothing of its own.
+            fastcgi_param PATH "{path_env}";
+            fastcgi_param HOME "{w}";
+            fastcgi_param GIT_CONFIG_COUNT 1;
+            fastcgi_param GIT_CONFIG_KEY_0 safe.directory;
+            fastcgi_param GIT_CONFIG_VALUE_0 "*";
+"#,
+        w = w,
+        path_env = path_env,
+        repos = b.repos.display(),
+    );
+    let head = r#"        location ~ ^/.+\.git/(info/refs|git-upload-pack|git-receive-pack)$ {
+            fastcgi_pass "unix:{sock}";
+            # Stream packs both ways instead of spooling them to disk.
+            fastcgi_buffering off;
+            fastcgi_request_buffering off;
+            # Large repositories can spend minutes counting objects before
+            # the first byte of a pack.
+            fastcgi_read_timeout 3600s;
+            fastcgi_send_timeout 3600s;
+            client_body_timeout 3600s;
+            send_timeout 3600s;
+
+"#
+    .replace("{sock}", &b.socket.display().to_string());
+    let main = format!(
+        "{head}            fastcgi_param SCRIPT_FILENAME \"{backend}\";\n            fastcgi_param PATH_INFO $uri;\n{params}        }}\n",
+        backend = backend.display(),
+    );
+    // Before the main route, whose pattern matches its paths too: nginx
+    // takes the first regex location that matches.
+    let metered = match meter {
+        None => String::new(),
+        Some(m) => format!(
+            "{head}            fastcgi_param SCRIPT_FILENAME \"{m}\";\n            fastcgi_param PATH_INFO $1;\n            fastcgi_param CAIRN_BENCH_METER_LOG \"{log}\";\n            fastcgi_param CAIRN_BENCH_METER_EXEC \"{backend}\";\n{params}        }}\n",
+            head = head.replace(
+                "location ~ ^/.+\\.git/(info/refs|git-upload-pack|git-receive-pack)$",
+                "location ~ ^/metered(/.+\\.git/(info/refs|git-upload-pack|git-receive-pack))$"
+            ),
+            m = m.display(),
+            log = b.work.join(METER_LOG).display(),
+            backend = backend.display(),
+        ),
+    };
     format!(
         r#"# Generated by cairn-bench; regenerated on every start.
 {user}worker_processes {cores};
@@ -411,44 +500,7 @@ http {{
         server_name localhost;
         client_max_body_size 0;
 
-        location ~ ^/.+\.git/(info/refs|git-upload-pack|git-receive-pack)$ {{
-            fastcgi_pass "unix:{sock}";
-            # Stream packs both ways instead of spooling them to disk.
-            fastcgi_buffering off;
-            fastcgi_request_buffering off;
-            # Large repositories can spend minutes counting objects before
-            # the first byte of a pack.
-            fastcgi_read_timeout 3600s;
-            fastcgi_send_timeout 3600s;
-            client_body_timeout 3600s;
-            send_timeout 3600s;
-
-            fastcgi_param SCRIPT_FILENAME "{backend}";
-            fastcgi_param GIT_PROJECT_ROOT "{repos}";
-            fastcgi_param GIT_HTTP_EXPORT_ALL "";
-            # Protocol v2 is negotiated through this header.
-            fastcgi_param GIT_PROTOCOL $http_git_protocol;
-            fastcgi_param PATH_INFO $uri;
-            fastcgi_param QUERY_STRING $query_string;
-            fastcgi_param REQUEST_METHOD $request_method;
-            fastcgi_param REQUEST_URI $request_uri;
-            fastcgi_param CONTENT_TYPE $content_type;
-            fastcgi_param CONTENT_LENGTH $content_length;
-            fastcgi_param SERVER_PROTOCOL $server_protocol;
-            fastcgi_param SERVER_NAME $server_name;
-            fastcgi_param SERVER_PORT $server_port;
-            fastcgi_param GATEWAY_INTERFACE CGI/1.1;
-            fastcgi_param REMOTE_ADDR $remote_addr;
-            fastcgi_param REMOTE_USER $remote_user;
-            # fcgiwrap hands the CGI only these parameters as its
-            # environment, nothing of its own.
-            fastcgi_param PATH "{path_env}";
-            fastcgi_param HOME "{w}";
-            fastcgi_param GIT_CONFIG_COUNT 1;
-            fastcgi_param GIT_CONFIG_KEY_0 safe.directory;
-            fastcgi_param GIT_CONFIG_VALUE_0 "*";
-        }}
-
+{metered}{main}
         location / {{
             return 404;
         }}
@@ -456,9 +508,6 @@ http {{
 }}
 "#,
         nofile = connections * 2 + 64,
-        sock = b.socket.display(),
-        backend = backend.display(),
-        repos = b.repos.display(),
     )
 }
 

@@ -186,7 +186,36 @@ fn default_cache() -> PathBuf {
         .join("cairn-bench")
 }
 
+/// Run by fcgiwrap in place of `git http-backend` on the baseline's
+/// metered route: runs the backend, waits for it (so its CPU time and its
+/// children's reach this process), and appends that time to the log.
+fn meter(log: &std::ffi::OsStr) -> Result<()> {
+    let exec = std::env::var_os("CAIRN_BENCH_METER_EXEC").context("CAIRN_BENCH_METER_EXEC")?;
+    let status = std::process::Command::new(exec).status()?;
+    let stat = std::fs::read_to_string("/proc/self/stat")?;
+    let fields: Vec<&str> = stat[stat.rfind(')').map_or(0, |i| i + 1)..]
+        .split_whitespace()
+        .collect();
+    // cutime and cstime, in clock ticks.
+    let ticks: u64 = fields
+        .iter()
+        .skip(13)
+        .take(2)
+        .filter_map(|v| v.parse::<u64>().ok())
+        .sum();
+    use std::io::Write as _;
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)?;
+    f.write_all(format!("{}\n", ticks as f64 / 100.0).as_bytes())?;
+    std::process::exit(status.code().unwrap_or(1));
+}
+
 fn main() -> Result<()> {
+    if let Some(log) = std::env::var_os("CAIRN_BENCH_METER_LOG") {
+        return meter(&log);
+    }
     let args = Args::parse();
     let started = Instant::now();
     let profile = if args.quick { &QUICK } else { &FULL };
@@ -258,9 +287,10 @@ fn main() -> Result<()> {
         work.display()
     );
     let targets = vec![
-        Target::Baseline(Baseline::start(
+        Target::Baseline(Baseline::start_with(
             &work.join("baseline"),
             CONCURRENT_CLIENTS as u32,
+            Some(&std::env::current_exe()?),
         )?),
         Target::Cairn(Cairn::start(&cairn_bin, &work.join("cairn-1"), 1)?),
         Target::Cairn(Cairn::start(&cairn_bin, &work.join("cairn-3"), 3)?),

@@ -98,6 +98,12 @@ pub fn describe(pid: u32) -> String {
     let Some(first) = words.first() else {
         return format!("pid {pid}");
     };
+    // nginx rewrites its command line: "nginx: master process /usr/sbin/…".
+    if let Some((title, _)) = first.split_once(" /") {
+        if title.contains(": ") {
+            return title.to_owned();
+        }
+    }
     let prog = Path::new(first)
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())

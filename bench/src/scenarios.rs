@@ -12,7 +12,7 @@ use cairn_bench::repogen::{self, Generated};
 
 use crate::git;
 use crate::net::{self, CountingProxy, Url};
-use crate::procs::{self, RssSampler};
+use crate::procs::RssSampler;
 use crate::report::{median, Row};
 use crate::target::{Kind, Target};
 
@@ -150,15 +150,15 @@ impl Bench {
             for ti in order(self.targets.len(), i) {
                 let t = &self.targets[ti];
                 let pids = t.server_pids();
-                let before = procs::total_cpu(&pids);
-                let fetch = net::discard_clone(&t.url(repo))
+                let before = t.cpu_seconds(&pids);
+                let fetch = net::discard_clone(&t.metered_url(repo))
                     .with_context(|| format!("discard clone from {}", t.kind().key()))?;
                 if fetch.objects == 0 {
                     bail!("{} served an empty pack", t.kind().key());
                 }
                 // The baseline's git processes are counted once reaped.
                 std::thread::sleep(Duration::from_millis(150));
-                let after = procs::total_cpu(&pids);
+                let after = t.cpu_seconds(&pids);
                 mbps.entry(t.kind())
                     .or_default()
                     .push(fetch.pack_bytes as f64 / 1e6 / fetch.seconds);

@@ -104,6 +104,25 @@ impl Target {
         }
     }
 
+    /// The URL whose requests are metered for CPU time: on the baseline,
+    /// the route that records its CGI processes' time.
+    pub fn metered_url(&self, repo: &str) -> String {
+        match self {
+            Target::Baseline(b) => b.metered_url(repo),
+            Target::Cairn(c) => c.url(repo),
+        }
+    }
+
+    /// CPU seconds used so far by the server processes `pids` and, on the
+    /// baseline, by the metered route's short-lived git processes.
+    pub fn cpu_seconds(&self, pids: &[u32]) -> f64 {
+        let own = crate::procs::total_cpu(pids);
+        match self {
+            Target::Baseline(b) => own + b.metered_cpu(),
+            Target::Cairn(_) => own,
+        }
+    }
+
     pub fn server_pids(&self) -> Vec<u32> {
         self.server_processes()
             .into_iter()

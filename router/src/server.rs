@@ -8,6 +8,7 @@ use axum::http::{header, HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use axum::serve::ListenerExt as _;
 use tokio::net::TcpListener;
 
 use crate::auth::{self, AuthFailure};
@@ -112,6 +113,14 @@ impl Router {
             .local_addr()
             .map_err(|source| StartError::Bind { addr, source })?;
         let app = app(state);
+        // TCP_NODELAY on every accepted stream: under Nagle the small
+        // answers of a fetch's negotiation wait out the client's delayed
+        // ACK (40 ms each); axum does not set it.
+        let listener = listener.tap_io(|tcp| {
+            if let Err(e) = tcp.set_nodelay(true) {
+                tracing::debug!(error = %e, "TCP_NODELAY not set");
+            }
+        });
         let task = tokio::spawn(async move { axum::serve(listener, app).await });
         tracing::info!(addr = %http_addr, "router serving");
         Ok(Router { http_addr, task })

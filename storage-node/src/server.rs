@@ -8,7 +8,6 @@ use cairn_proto::admin::admin_server::AdminServer;
 use cairn_proto::git::git_server::GitServer;
 use cairn_proto::pack::pack_transfer_server::PackTransferServer;
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 
 use crate::admin_service::AdminService;
 use crate::backend::RepoBackend;
@@ -138,7 +137,11 @@ impl StorageNode {
                 .add_service(cluster)
                 .add_service(PackTransferServer::new(pack_transfer))
                 .add_optional_service(raft)
-                .serve_with_incoming(TcpListenerStream::new(listener)),
+                // Accepted streams get TCP_NODELAY: under Nagle a response's
+                // small HTTP/2 frames wait out the peer's delayed ACK (40 ms).
+                .serve_with_incoming(
+                    tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
+                ),
         );
         tracing::info!(addr = %grpc_addr, data_dir = %config.data_dir.display(), "storage node serving");
         Ok(StorageNode {
