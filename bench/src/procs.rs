@@ -182,6 +182,10 @@ impl RssSampler {
         let map = self.peaks.lock().unwrap_or_else(PoisonError::into_inner);
         let mut out: BTreeMap<String, u64> = BTreeMap::new();
         for (name, bytes) in map.values() {
+            // A process that exited between listing and reading.
+            if *bytes == 0 {
+                continue;
+            }
             let e = out.entry(name.clone()).or_insert(0);
             *e = (*e).max(*bytes);
         }
