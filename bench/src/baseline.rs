@@ -18,6 +18,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 
+use crate::procs;
+
 /// How long the servers get to come up, and to go away, before we give up.
 const STARTUP_TIMEOUT: Duration = Duration::from_secs(20);
 const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(10);
@@ -266,11 +268,11 @@ impl Baseline {
         let mut pids = Vec::new();
         if let Some(nginx) = &self.nginx {
             pids.push(nginx.id());
-            pids.extend(children_of(nginx.id()));
+            pids.extend(procs::children_of(nginx.id()));
         }
         if self.fcgiwrap.is_some() {
             pids.push(self.fcgiwrap_pid);
-            pids.extend(children_of(self.fcgiwrap_pid));
+            pids.extend(procs::children_of(self.fcgiwrap_pid));
         }
         pids
     }
@@ -294,7 +296,7 @@ impl Baseline {
             return;
         };
         let master = nginx.id();
-        let workers = children_of(master);
+        let workers = procs::children_of(master);
         // TERM is nginx's fast shutdown: the master stops its workers and
         // waits for them before exiting.
         signal("TERM", &[master]);
@@ -314,7 +316,7 @@ impl Baseline {
         // when it dies (and re-forks any that die while it lives), so the
         // parent goes first and the rest of the tree, including any
         // in-flight git processes, is signalled by pid.
-        let tree = descendants_of(parent);
+        let tree = procs::descendants(&[parent]);
         let mut all = vec![parent];
         all.extend(&tree);
         signal("TERM", &all);
@@ -642,45 +644,6 @@ fn http_answers(port: u16) -> bool {
 }
 
 /// (ppid, state) of a live process, from /proc/<pid>/stat.
-fn proc_stat(pid: u32) -> Option<(u32, char)> {
-    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The command name is parenthesised and may itself contain spaces or
-    // parentheses, so fields are counted from the last ')'.
-    let rest = &stat[stat.rfind(')')? + 1..];
-    let mut fields = rest.split_whitespace();
-    let state = fields.next()?.chars().next()?;
-    let ppid = fields.next()?.parse().ok()?;
-    Some((ppid, state))
-}
-
-fn alive(pid: u32) -> bool {
-    matches!(proc_stat(pid), Some((_, s)) if s != 'Z' && s != 'X')
-}
-
-fn children_of(parent: u32) -> Vec<u32> {
-    let Ok(dir) = fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    let mut pids: Vec<u32> = dir
-        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
-        .filter(|&pid| matches!(proc_stat(pid), Some((pp, s)) if pp == parent && s != 'Z'))
-        .collect();
-    pids.sort_unstable();
-    pids
-}
-
-fn descendants_of(root: u32) -> Vec<u32> {
-    let mut out = Vec::new();
-    let mut frontier = vec![root];
-    while let Some(p) = frontier.pop() {
-        for c in children_of(p) {
-            out.push(c);
-            frontier.push(c);
-        }
-    }
-    out
-}
-
 /// Sends `sig` through kill(1): the workspace forbids the unsafe libc call,
 /// and these processes are not all our children.
 fn signal(sig: &str, pids: &[u32]) {
@@ -711,7 +674,7 @@ fn wait_child(child: &mut Child, timeout: Duration) -> bool {
 fn reap_strays(pids: &[u32]) {
     let deadline = Instant::now() + SHUTDOWN_TIMEOUT;
     loop {
-        let left: Vec<u32> = pids.iter().copied().filter(|&p| alive(p)).collect();
+        let left: Vec<u32> = pids.iter().copied().filter(|&p| procs::alive(p)).collect();
         if left.is_empty() {
             break;
         }
@@ -725,7 +688,7 @@ fn reap_strays(pids: &[u32]) {
     // which can take a moment; waiting keeps a following process listing
     // clean. Init's pace is not ours, so this gives up quietly.
     let deadline = Instant::now() + ZOMBIE_GRACE;
-    while pids.iter().any(|&p| proc_stat(p).is_some()) && Instant::now() < deadline {
+    while pids.iter().any(|&p| procs::stat(p).is_some()) && Instant::now() < deadline {
         thread::sleep(Duration::from_millis(20));
     }
 }

@@ -6,4 +6,5 @@
 //! that stand alone.
 
 pub mod baseline;
+pub mod procs;
 pub mod repogen;

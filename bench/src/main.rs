@@ -5,7 +5,6 @@
 
 mod git;
 mod net;
-mod procs;
 mod report;
 mod scenarios;
 mod target;
@@ -16,6 +15,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use cairn_bench::baseline::{self, Baseline};
+use cairn_bench::procs;
 use cairn_bench::repogen::{self, Generated, Size};
 use clap::Parser;
 use serde::Serialize;
@@ -192,23 +192,13 @@ fn default_cache() -> PathBuf {
 fn meter(log: &std::ffi::OsStr) -> Result<()> {
     let exec = std::env::var_os("CAIRN_BENCH_METER_EXEC").context("CAIRN_BENCH_METER_EXEC")?;
     let status = std::process::Command::new(exec).status()?;
-    let stat = std::fs::read_to_string("/proc/self/stat")?;
-    let fields: Vec<&str> = stat[stat.rfind(')').map_or(0, |i| i + 1)..]
-        .split_whitespace()
-        .collect();
-    // cutime and cstime, in clock ticks.
-    let ticks: u64 = fields
-        .iter()
-        .skip(13)
-        .take(2)
-        .filter_map(|v| v.parse::<u64>().ok())
-        .sum();
+    let seconds = procs::waited_children_cpu(std::process::id());
     use std::io::Write as _;
     let mut f = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(log)?;
-    f.write_all(format!("{}\n", ticks as f64 / 100.0).as_bytes())?;
+    f.write_all(format!("{seconds}\n").as_bytes())?;
     std::process::exit(status.code().unwrap_or(1));
 }
 

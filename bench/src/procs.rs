@@ -12,29 +12,55 @@ use std::time::Duration;
 /// build that matters here (`getconf CLK_TCK`).
 const TICKS_PER_SECOND: f64 = 100.0;
 
-/// Fields of /proc/<pid>/stat after the command name.
-fn stat_fields(pid: u32) -> Option<Vec<String>> {
+/// What /proc/<pid>/stat says of a process.
+#[derive(Debug, Clone, Copy)]
+pub struct Stat {
+    pub state: char,
+    pub ppid: u32,
+    /// utime, stime, cutime, cstime, in clock ticks.
+    pub ticks: [u64; 4],
+}
+
+impl Stat {
+    /// Not exited: neither a zombie nor dead.
+    pub fn live(&self) -> bool {
+        self.state != 'Z' && self.state != 'X'
+    }
+}
+
+/// /proc/<pid>/stat of `pid`, if it exists.
+pub fn stat(pid: u32) -> Option<Stat> {
     let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // The name may hold spaces and parentheses: split after the last ')'.
-    let rest = &text[text.rfind(')')? + 1..];
-    Some(rest.split_whitespace().map(str::to_owned).collect())
+    // After it: state(0) ppid(1) … utime(11) stime(12) cutime(13) cstime(14).
+    let fields: Vec<&str> = text[text.rfind(')')? + 1..].split_whitespace().collect();
+    let mut ticks = [0u64; 4];
+    for (t, v) in ticks.iter_mut().zip(fields.iter().skip(11)) {
+        *t = v.parse().ok()?;
+    }
+    Some(Stat {
+        state: fields.first()?.chars().next()?,
+        ppid: fields.get(1)?.parse().ok()?,
+        ticks,
+    })
+}
+
+/// Whether `pid` runs (exists and has not exited).
+pub fn alive(pid: u32) -> bool {
+    stat(pid).is_some_and(|s| s.live())
 }
 
 /// CPU seconds of `pid` including children it has waited for (utime,
-/// stime, cutime, cstime): the baseline's git processes are children of
-/// fcgiwrap's workers and are counted once reaped.
+/// stime, cutime, cstime).
 pub fn cpu_seconds(pid: u32) -> f64 {
-    // After the name: state(0) ppid(1) … utime(11) stime(12) cutime(13) cstime(14).
-    let Some(f) = stat_fields(pid) else {
-        return 0.0;
-    };
-    let ticks: u64 = f
-        .iter()
-        .skip(11)
-        .take(4)
-        .filter_map(|v| v.parse::<u64>().ok())
-        .sum();
-    ticks as f64 / TICKS_PER_SECOND
+    stat(pid).map_or(0.0, |s| {
+        s.ticks.iter().sum::<u64>() as f64 / TICKS_PER_SECOND
+    })
+}
+
+/// CPU seconds of the children `pid` has waited for (cutime, cstime).
+pub fn waited_children_cpu(pid: u32) -> f64 {
+    stat(pid).map_or(0.0, |s| (s.ticks[2] + s.ticks[3]) as f64 / TICKS_PER_SECOND)
 }
 
 /// Total CPU seconds of `pids` (duplicates counted once).
@@ -43,39 +69,50 @@ pub fn total_cpu(pids: &[u32]) -> f64 {
     unique.into_iter().map(cpu_seconds).sum()
 }
 
-fn parent_of(pid: u32) -> Option<u32> {
-    stat_fields(pid)?.get(1)?.parse().ok()
-}
-
-/// Every live process whose ancestry includes one of `roots`, roots included.
-pub fn with_descendants(roots: &[u32]) -> Vec<u32> {
-    let mut parents: HashMap<u32, u32> = HashMap::new();
+/// Live processes by parent, from one pass over /proc.
+fn children_by_parent() -> HashMap<u32, Vec<u32>> {
+    let mut map: HashMap<u32, Vec<u32>> = HashMap::new();
     if let Ok(dir) = std::fs::read_dir("/proc") {
         for entry in dir.flatten() {
-            if let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse().ok()) {
-                if let Some(ppid) = parent_of(pid) {
-                    parents.insert(pid, ppid);
-                }
+            let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse().ok()) else {
+                continue;
+            };
+            if let Some(s) = stat(pid).filter(Stat::live) {
+                map.entry(s.ppid).or_default().push(pid);
             }
         }
     }
-    let roots: HashSet<u32> = roots.iter().copied().collect();
-    let mut out: Vec<u32> = Vec::new();
-    for (&pid, _) in parents.iter() {
-        let mut cur = pid;
-        // Bounded walk: pid 1 ends it, and so does a cycle-free depth cap.
-        for _ in 0..64 {
-            if roots.contains(&cur) {
-                out.push(pid);
-                break;
-            }
-            match parents.get(&cur) {
-                Some(&p) if p != 0 && p != cur => cur = p,
-                _ => break,
-            }
+    map
+}
+
+/// Live children of `parent`.
+pub fn children_of(parent: u32) -> Vec<u32> {
+    let mut pids = children_by_parent().remove(&parent).unwrap_or_default();
+    pids.sort_unstable();
+    pids
+}
+
+/// Every live process below `roots`, the roots themselves not included.
+pub fn descendants(roots: &[u32]) -> Vec<u32> {
+    let children = children_by_parent();
+    let mut out = Vec::new();
+    let mut frontier: Vec<u32> = roots.to_vec();
+    while let Some(p) = frontier.pop() {
+        for &c in children.get(&p).into_iter().flatten() {
+            out.push(c);
+            frontier.push(c);
         }
     }
     out.sort_unstable();
+    out
+}
+
+/// `roots` and every live process below them.
+pub fn with_descendants(roots: &[u32]) -> Vec<u32> {
+    let mut out = descendants(roots);
+    out.extend(roots);
+    out.sort_unstable();
+    out.dedup();
     out
 }
 

@@ -12,9 +12,9 @@ use cairn_bench::repogen::{self, Generated};
 
 use crate::git;
 use crate::net::{self, CountingProxy, Url};
-use crate::procs::RssSampler;
 use crate::report::{median, Row};
 use crate::target::{Kind, Target};
+use cairn_bench::procs::RssSampler;
 
 const CLONE_LIMIT: Duration = Duration::from_secs(1800);
 const OP_LIMIT: Duration = Duration::from_secs(300);
@@ -51,6 +51,15 @@ fn fresh_dir(path: &Path) -> Result<()> {
 
 fn progress(msg: &str) {
     eprintln!("· {msg}");
+}
+
+/// `git fetch` in `reader`, whose origin goes through `proxy`: seconds and
+/// bytes both ways.
+fn counted_fetch(reader: &Path, proxy: &CountingProxy) -> Result<(f64, f64)> {
+    proxy.reset();
+    let s = git::timed(reader, &["fetch", "--quiet", "origin"], OP_LIMIT)?;
+    let (down, up) = proxy.counts();
+    Ok((s, (down + up) as f64))
 }
 
 /// A local clone of `from` (hard links, no transfer) whose origin is `url`.
@@ -218,11 +227,9 @@ impl Bench {
                 let (writer, reader, proxy) = &setup[ti];
                 repogen::add_commits(writer, "main", commits, 1000 + i as u64)?;
                 git::run(writer, &["push", "--quiet", "origin", "main"], OP_LIMIT)?;
-                proxy.reset();
-                let s = git::timed(reader, &["fetch", "--quiet", "origin"], OP_LIMIT)?;
-                let (down, up) = proxy.counts();
+                let (s, b) = counted_fetch(reader, proxy)?;
                 secs.entry(t.kind()).or_default().push(s);
-                bytes.entry(t.kind()).or_default().push((down + up) as f64);
+                bytes.entry(t.kind()).or_default().push(b);
             }
         }
         let label = format!("{} +{commits} commits", gen.name);
@@ -261,11 +268,9 @@ impl Bench {
             for ti in order(self.targets.len(), i) {
                 let t = &self.targets[ti];
                 let (reader, proxy) = &setup[ti];
-                proxy.reset();
-                let s = git::timed(reader, &["fetch", "--quiet", "origin"], OP_LIMIT)?;
-                let (down, up) = proxy.counts();
+                let (s, b) = counted_fetch(reader, proxy)?;
                 secs.entry(t.kind()).or_default().push(s);
-                bytes.entry(t.kind()).or_default().push((down + up) as f64);
+                bytes.entry(t.kind()).or_default().push(b);
             }
         }
         let label = format!("{} refs", gen.refs);
@@ -491,7 +496,7 @@ impl Bench {
                 ) {
                     Ok(()) => break,
                     Err(e) if start.elapsed() < Duration::from_secs(180) => {
-                        tracing_like(&format!("push after the kill failed: {e:#}"));
+                        verbose(&format!("push after the kill failed: {e:#}"));
                         std::thread::sleep(Duration::from_millis(50));
                     }
                     Err(e) => return Err(e.context("no push succeeded within 180 s")),
@@ -521,7 +526,7 @@ impl Bench {
         Ok(())
     }
 
-    /// Collects every repository this run needs on every server.
+    /// Creates the concurrent scenario's empty repositories on every server.
     pub fn concurrent_setup(&self) -> Result<()> {
         let repos = Self::concurrent_repos();
         for t in &self.targets {
@@ -534,7 +539,7 @@ impl Bench {
 }
 
 /// Failed attempts during a failover are expected; shown only when asked.
-fn tracing_like(msg: &str) {
+fn verbose(msg: &str) {
     if std::env::var_os("CAIRN_BENCH_VERBOSE").is_some() {
         eprintln!("  {msg}");
     }

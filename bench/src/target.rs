@@ -94,7 +94,7 @@ impl Target {
                         let name = if p == fcgi {
                             "fcgiwrap".to_owned()
                         } else {
-                            crate::procs::describe(p)
+                            cairn_bench::procs::describe(p)
                         };
                         (p, name)
                     })
@@ -116,7 +116,7 @@ impl Target {
     /// CPU seconds used so far by the server processes `pids` and, on the
     /// baseline, by the metered route's short-lived git processes.
     pub fn cpu_seconds(&self, pids: &[u32]) -> f64 {
-        let own = crate::procs::total_cpu(pids);
+        let own = cairn_bench::procs::total_cpu(pids);
         match self {
             Target::Baseline(b) => own + b.metered_cpu(),
             Target::Cairn(_) => own,
