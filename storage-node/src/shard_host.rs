@@ -546,6 +546,7 @@ impl ShardHost {
         .map_err(|e| start_err(e.to_string()))?;
         self.registry.register(group, raft.clone());
         self.rafts_mut().insert(group_id, raft.clone());
+        self.follow_member_addresses(&raft);
 
         // One replica bootstraps, so two nodes never form competing
         // single-term memberships of the same group.
@@ -569,6 +570,43 @@ impl ShardHost {
             }
         }
         Ok(raft)
+    }
+
+    /// Keeps the address book in step with the group's membership: a
+    /// member added elsewhere (a move run by another node, this node
+    /// elected later) is reached for pack staging and fetches by the
+    /// address its membership records. Ends when the group stops.
+    fn follow_member_addresses(&self, raft: &GroupRaft) {
+        let peers = self.peers.clone();
+        let mut metrics = raft.metrics();
+        let me = self.node_id;
+        tokio::spawn(async move {
+            let mut seen = None;
+            loop {
+                let learnt: Vec<(u64, String)> = {
+                    let m = metrics.borrow_watched();
+                    let config = &m.membership_config;
+                    if seen.as_ref() == Some(config.log_id()) {
+                        Vec::new()
+                    } else {
+                        seen = Some(*config.log_id());
+                        config
+                            .nodes()
+                            .filter(|(id, _)| **id != me)
+                            .map(|(id, node)| (*id, node.addr.clone()))
+                            .collect()
+                    }
+                };
+                for (id, addr) in learnt {
+                    if peers.get(id).as_deref() != Some(addr.as_str()) {
+                        peers.insert(id, addr);
+                    }
+                }
+                if metrics.changed().await.is_err() {
+                    return;
+                }
+            }
+        });
     }
 
     fn rafts_mut(&self) -> std::sync::RwLockWriteGuard<'_, BTreeMap<u64, GroupRaft>> {
