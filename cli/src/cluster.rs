@@ -12,8 +12,8 @@ use anyhow::{bail, Context, Result};
 use cairn_proto::cluster::cluster_client::ClusterClient;
 use cairn_proto::cluster::{
     AddNodeRequest, ClusterStatusRequest, ClusterStatusResponse, DrainNodeRequest,
-    MoveReplicaRequest, NodeState as NodeStateMsg, RemoveNodeRequest, TransferShardLeaderRequest,
-    VerifyShardRequest,
+    MoveReplicaRequest, NodeState as NodeStateMsg, RemoveNodeRequest, ShardReport,
+    TransferShardLeaderRequest, VerifyShardRequest,
 };
 use clap::{Args, Subcommand};
 use tonic::transport::Channel;
@@ -94,10 +94,20 @@ pub struct ShardArgs {
     command: ShardCommand,
 }
 
+/// A shard id, or `meta` (also `0`) for the meta group.
+fn parse_shard(s: &str) -> std::result::Result<u64, String> {
+    if s.eq_ignore_ascii_case("meta") {
+        return Ok(plan::META_SHARD);
+    }
+    s.parse()
+        .map_err(|_| format!("{s:?} is neither a shard id nor `meta`"))
+}
+
 #[derive(Subcommand)]
 enum ShardCommand {
-    /// Move one replica of SHARD, online.
+    /// Move one replica of SHARD (`meta`: of the meta group), online.
     Move {
+        #[arg(value_parser = parse_shard)]
         shard: u64,
         #[arg(long)]
         from: u64,
@@ -110,8 +120,9 @@ enum ShardCommand {
         #[arg(long)]
         dry_run: bool,
     },
-    /// Hand SHARD's leadership to another voter.
+    /// Hand SHARD's (or `meta`'s) leadership to another voter.
     Leader {
+        #[arg(value_parser = parse_shard)]
         shard: u64,
         #[arg(long)]
         to: u64,
@@ -119,6 +130,7 @@ enum ShardCommand {
     /// Compare the state checksums of every replica of SHARD (or of one
     /// repository in it) at one applied index.
     Verify {
+        #[arg(value_parser = parse_shard)]
         shard: u64,
         /// WORKSPACE/REPO to check alone.
         #[arg(long)]
@@ -231,7 +243,10 @@ pub async fn run_shard(args: ShardArgs) -> Result<()> {
                 })
                 .await
                 .map_err(fail)?;
-            println!("asked shard {shard}'s leader to hand over to node {to}");
+            println!(
+                "asked the leader of {} to hand over to node {to}",
+                group_name(shard)
+            );
             Ok(())
         }
         ShardCommand::Verify { shard, repo } => {
@@ -248,7 +263,7 @@ pub async fn run_shard(args: ShardArgs) -> Result<()> {
                 .await
                 .map_err(fail)?
                 .into_inner();
-            let what = repo.map_or(format!("shard {shard}"), |r| format!("{r} (shard {shard})"));
+            let what = repo.map_or(group_name(shard), |r| format!("{r} (shard {shard})"));
             for r in &v.replicas {
                 if r.error.is_empty() {
                     println!(
@@ -308,12 +323,35 @@ async fn move_replica(
         done |= p.step == "done";
     }
     if !done {
-        bail!("the move of shard {shard} stopped before it finished; run it again to resume");
+        bail!(
+            "the move of {} stopped before it finished; run it again to resume",
+            group_name(shard)
+        );
     }
     Ok(())
 }
 
-fn views(status: &ClusterStatusResponse) -> (Vec<NodeView>, Vec<ShardView>) {
+fn shard_view(s: &ShardReport) -> ShardView {
+    ShardView {
+        id: s.placement.as_ref().map_or(0, |p| p.shard_id),
+        // The voters are the truth; the directory's list only while no
+        // replica answered.
+        replicas: if s.voters.is_empty() {
+            s.placement
+                .as_ref()
+                .map(|p| p.replicas.clone())
+                .unwrap_or_default()
+        } else {
+            s.voters.clone()
+        },
+        leader: (s.leader_id != 0).then_some(s.leader_id),
+        bytes: s.bytes,
+    }
+}
+
+/// The planner's view: nodes, data shards, and the meta group if the
+/// directory records its placement.
+fn views(status: &ClusterStatusResponse) -> (Vec<NodeView>, Vec<ShardView>, Option<ShardView>) {
     let nodes = status
         .nodes
         .iter()
@@ -326,26 +364,8 @@ fn views(status: &ClusterStatusResponse) -> (Vec<NodeView>, Vec<ShardView>) {
             },
         })
         .collect();
-    let shards = status
-        .shards
-        .iter()
-        .map(|s| ShardView {
-            id: s.placement.as_ref().map_or(0, |p| p.shard_id),
-            // The voters are the truth; the directory's list only while no
-            // replica answered.
-            replicas: if s.voters.is_empty() {
-                s.placement
-                    .as_ref()
-                    .map(|p| p.replicas.clone())
-                    .unwrap_or_default()
-            } else {
-                s.voters.clone()
-            },
-            leader: (s.leader_id != 0).then_some(s.leader_id),
-            bytes: s.bytes,
-        })
-        .collect();
-    (nodes, shards)
+    let shards = status.shards.iter().map(shard_view).collect();
+    (nodes, shards, status.meta.as_ref().map(shard_view))
 }
 
 fn print_summary(title: &str, nodes: &[NodeView], shards: &[ShardView]) {
@@ -380,6 +400,12 @@ async fn rebalance(client: &mut ClusterClient<Channel>, dry_run: bool) -> Result
         .await
         .map_err(fail)?
         .into_inner();
+    if let Some(m) = status.meta.as_ref().filter(|m| !m.moving.is_empty()) {
+        bail!(
+            "the meta group has a move under way ({}); run `cairn shard move meta` for it first",
+            m.moving
+        );
+    }
     if let Some(s) = status.shards.iter().find(|s| !s.moving.is_empty()) {
         bail!(
             "shard {} has a move under way ({}); run `cairn shard move` for it first",
@@ -387,9 +413,13 @@ async fn rebalance(client: &mut ClusterClient<Channel>, dry_run: bool) -> Result
             s.moving
         );
     }
-    let (nodes, shards) = views(&status);
+    let (nodes, shards, meta) = views(&status);
     print_summary("before:", &nodes, &shards);
-    let steps = plan::plan(&nodes, &shards);
+    // The directory first: it must stay on active nodes whatever else moves.
+    let mut steps = meta
+        .map(|m| plan::plan_meta(&nodes, &m, &shards))
+        .unwrap_or_default();
+    steps.extend(plan::plan(&nodes, &shards));
     if steps.is_empty() {
         println!("nothing to do: replicas and leaders are even");
         return Ok(());
@@ -419,7 +449,7 @@ async fn rebalance(client: &mut ClusterClient<Channel>, dry_run: bool) -> Result
         .await
         .map_err(fail)?
         .into_inner();
-    let (nodes, shards) = views(&status);
+    let (nodes, shards, _) = views(&status);
     print_summary("after:", &nodes, &shards);
     Ok(())
 }
@@ -440,18 +470,30 @@ async fn transfer_and_wait(client: &mut ClusterClient<Channel>, shard: u64, to: 
             .map_err(fail)?
             .into_inner();
         let leader = status
-            .shards
+            .meta
             .iter()
+            .chain(&status.shards)
             .find(|s| s.placement.as_ref().is_some_and(|p| p.shard_id == shard))
             .map(|s| s.leader_id);
         if leader == Some(to) {
-            println!("  leader    node {to} leads shard {shard}");
+            println!("  leader    node {to} leads {}", group_name(shard));
             return Ok(());
         }
     }
     // Leadership is a preference, not a correctness matter.
-    println!("  leader    node {to} did not take shard {shard} over yet; left as is");
+    println!(
+        "  leader    node {to} did not take {} over yet; left as is",
+        group_name(shard)
+    );
     Ok(())
+}
+
+fn group_name(shard: u64) -> String {
+    if shard == plan::META_SHARD {
+        "the meta group".into()
+    } else {
+        format!("shard {shard}")
+    }
 }
 
 fn state_name(state: i32) -> &'static str {
@@ -495,42 +537,41 @@ pub fn status_json(s: &ClusterStatusResponse) -> serde_json::Value {
         .iter()
         .map(|n| json!({"id": n.id, "addr": n.addr, "state": state_name(n.state)}))
         .collect();
-    let shards: Vec<_> = s
-        .shards
-        .iter()
-        .map(|sh| {
-            let p = sh.placement.clone().unwrap_or_default();
-            let replicas: Vec<_> = sh
-                .replicas
-                .iter()
-                .map(|r| {
-                    json!({"node": r.node_id, "role": r.role, "applied": r.applied_index,
+    let shard_json = |sh: &ShardReport| {
+        let p = sh.placement.clone().unwrap_or_default();
+        let replicas: Vec<_> = sh
+            .replicas
+            .iter()
+            .map(|r| {
+                json!({"node": r.node_id, "role": r.role, "applied": r.applied_index,
                            "lag": r.lag, "error": r.error})
-                })
-                .collect();
-            let repos: Vec<_> = sh
-                .repos
-                .iter()
-                .map(|r| json!({"workspace": r.workspace, "slug": r.slug, "bytes": r.bytes}))
-                .collect();
-            json!({
-                "shard": p.shard_id,
-                "epoch": p.epoch,
-                // null when no replica knows a leader
-                "leader": (sh.leader_id != 0).then_some(sh.leader_id),
-                "voters": sh.voters,
-                "learners": sh.learners,
-                "bytes": sh.bytes,
-                "moving": sh.moving,
-                "replicas": replicas,
-                "repos": repos,
             })
+            .collect();
+        let repos: Vec<_> = sh
+            .repos
+            .iter()
+            .map(|r| json!({"workspace": r.workspace, "slug": r.slug, "bytes": r.bytes}))
+            .collect();
+        json!({
+            "shard": p.shard_id,
+            "epoch": p.epoch,
+            // null when no replica knows a leader
+            "leader": (sh.leader_id != 0).then_some(sh.leader_id),
+            "voters": sh.voters,
+            "learners": sh.learners,
+            "bytes": sh.bytes,
+            "moving": sh.moving,
+            "replicas": replicas,
+            "repos": repos,
         })
-        .collect();
+    };
+    let shards: Vec<_> = s.shards.iter().map(shard_json).collect();
     json!({
         "map_epoch": s.map_epoch,
         "meta_voters": s.meta_voters,
         "meta_leader": (s.meta_leader != 0).then_some(s.meta_leader),
+        // The meta group, shaped like a shard (null if not recorded yet).
+        "meta": s.meta.as_ref().map(shard_json),
         "nodes": nodes,
         "shards": shards,
     })
@@ -553,7 +594,7 @@ pub fn render_status(s: &ClusterStatusResponse) -> String {
     let _ = writeln!(out);
     let _ = writeln!(
         out,
-        "{:<5} {:<9} {:<22} {:>8} {:>6} {:>10}",
+        "{:<5} {:<9} {:<22} {:>8} {:>6} {:>10}  META",
         "NODE", "STATE", "ADDRESS", "REPLICAS", "LEADS", "BYTES"
     );
     for n in &s.nodes {
@@ -568,15 +609,21 @@ pub fn render_status(s: &ClusterStatusResponse) -> String {
             .collect();
         let leads = s.shards.iter().filter(|sh| sh.leader_id == n.id).count();
         let bytes: u64 = holds.iter().map(|sh| sh.bytes).sum();
+        let meta = s
+            .meta
+            .as_ref()
+            .and_then(|m| m.replicas.iter().find(|r| r.node_id == n.id))
+            .map_or("-", |r| r.role.as_str());
         let _ = writeln!(
             out,
-            "{:<5} {:<9} {:<22} {:>8} {:>6} {:>10}",
+            "{:<5} {:<9} {:<22} {:>8} {:>6} {:>10}  {}",
             n.id,
             state_name(n.state),
             n.addr,
             holds.len(),
             leads,
-            human_bytes(bytes)
+            human_bytes(bytes),
+            meta
         );
     }
     let _ = writeln!(out);
@@ -585,12 +632,20 @@ pub fn render_status(s: &ClusterStatusResponse) -> String {
         "{:<6} {:>5} {:>6} {:<10} {:<9} {:>10} {:>6}  MOVING",
         "SHARD", "EPOCH", "LEADER", "VOTERS", "LEARNERS", "BYTES", "REPOS"
     );
-    for sh in &s.shards {
+    let label = |sh: &ShardReport| {
+        let id = sh.placement.as_ref().map_or(0, |p| p.shard_id);
+        if id == plan::META_SHARD {
+            "meta".to_owned()
+        } else {
+            id.to_string()
+        }
+    };
+    for sh in s.meta.iter().chain(&s.shards) {
         let p = sh.placement.clone().unwrap_or_default();
         let _ = writeln!(
             out,
             "{:<6} {:>5} {:>6} {:<10} {:<9} {:>10} {:>6}  {}",
-            p.shard_id,
+            label(sh),
             p.epoch,
             if sh.leader_id == 0 {
                 "-".to_owned()
@@ -614,8 +669,8 @@ pub fn render_status(s: &ClusterStatusResponse) -> String {
         "{:<6} {:<5} {:<11} {:>8} {:>6}  ERROR",
         "SHARD", "NODE", "ROLE", "APPLIED", "LAG"
     );
-    for sh in &s.shards {
-        let shard = sh.placement.as_ref().map_or(0, |p| p.shard_id);
+    for sh in s.meta.iter().chain(&s.shards) {
+        let shard = label(sh);
         for r in &sh.replicas {
             let _ = writeln!(
                 out,

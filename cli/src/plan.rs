@@ -36,6 +36,10 @@
 //! Loops are capped at four times the total replica count as a safety net.
 //! Nothing to do yields an empty plan, and planning the resulting layout
 //! again yields an empty plan too.
+//!
+//! The meta group (the directory, [`META_SHARD`]) is planned apart by
+//! [`plan_meta`]: it carries no data and little load, so its replicas only
+//! move off nodes that are not active, never for balance.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -68,6 +72,9 @@ pub struct ShardView {
     pub bytes: u64,
 }
 
+/// The shard id of the meta group in steps and views.
+pub const META_SHARD: u64 = 0;
+
 /// One step of a rebalance plan.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Step {
@@ -82,9 +89,19 @@ pub enum Step {
 impl fmt::Display for Step {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
+            Step::Move {
+                shard: META_SHARD,
+                from,
+                to,
+            } => write!(f, "move the meta group: node {from} -> node {to}"),
             Step::Move { shard, from, to } => {
                 write!(f, "move shard {shard}: node {from} -> node {to}")
             }
+            Step::TransferLeader {
+                shard: META_SHARD,
+                from,
+                to,
+            } => write!(f, "leader of the meta group: node {from} -> node {to}"),
             Step::TransferLeader { shard, from, to } => {
                 write!(f, "leader of shard {shard}: node {from} -> node {to}")
             }
@@ -101,6 +118,67 @@ pub fn plan(nodes: &[NodeView], shards: &[ShardView]) -> Vec<Step> {
     sim.rescue_leaders();
     sim.balance_leaders();
     sim.steps
+}
+
+/// Plans the meta group's steps: each of its replicas on a node that is
+/// not active (in node-id order) moves to the active node without one that
+/// holds the fewest data replicas (then fewest bytes, then lowest id),
+/// carrying leadership along; a leader left on a non-active node (its
+/// replica had nowhere to go) is handed to the active replica with the
+/// lowest id. `shards` (data shards) only weigh the choice of target.
+pub fn plan_meta(nodes: &[NodeView], meta: &ShardView, shards: &[ShardView]) -> Vec<Step> {
+    let load: BTreeMap<u64, (usize, u64)> = summarize(nodes, shards)
+        .into_iter()
+        .map(|(id, replicas, _, bytes)| (id, (replicas, bytes)))
+        .collect();
+    let mut states: BTreeMap<u64, &NodeState> = BTreeMap::new();
+    for node in nodes {
+        states.entry(node.id).or_insert(&node.state);
+    }
+    let is_active = |id: u64| states.get(&id).is_some_and(|s| **s == NodeState::Active);
+    let mut replicas = meta.replicas.clone();
+    let mut leader = meta.leader.filter(|l| replicas.contains(l));
+    let mut stranded: Vec<u64> = replicas
+        .iter()
+        .copied()
+        .filter(|&r| !is_active(r))
+        .collect();
+    stranded.sort_unstable();
+    stranded.dedup();
+    let mut steps = Vec::new();
+    for from in stranded {
+        let target = states
+            .keys()
+            .copied()
+            .filter(|&n| is_active(n) && !replicas.contains(&n))
+            .min_by_key(|&n| {
+                let (r, b) = load.get(&n).copied().unwrap_or_default();
+                (r, b, n)
+            });
+        let Some(to) = target else { break };
+        for slot in replicas.iter_mut().filter(|r| **r == from) {
+            *slot = to;
+        }
+        if leader == Some(from) {
+            leader = Some(to);
+        }
+        steps.push(Step::Move {
+            shard: META_SHARD,
+            from,
+            to,
+        });
+    }
+    if let Some(from) = leader.filter(|&l| !is_active(l)) {
+        let to = replicas.iter().copied().filter(|&r| is_active(r)).min();
+        if let Some(to) = to {
+            steps.push(Step::TransferLeader {
+                shard: META_SHARD,
+                from,
+                to,
+            });
+        }
+    }
+    steps
 }
 
 /// Per node `(id, replicas, leaders, bytes)`, sorted by id, over every node
@@ -818,11 +896,146 @@ mod tests {
     }
 
     #[test]
+    fn meta_group_table() {
+        let three = shard(META_SHARD, &[1, 2, 3], Some(1), 0);
+        struct Case {
+            name: &'static str,
+            nodes: Vec<NodeView>,
+            meta: ShardView,
+            shards: Vec<ShardView>,
+            want: Vec<Step>,
+        }
+        let cases = vec![
+            Case {
+                name: "all active: nothing to do, however uneven",
+                nodes: active(&[1, 2, 3, 4, 5]),
+                meta: three.clone(),
+                shards: vec![shard(1, &[4, 5, 1], Some(4), 10)],
+                want: vec![],
+            },
+            Case {
+                name: "a draining meta node hands its replica to the emptiest active node",
+                nodes: vec![
+                    node(1, NodeState::Active),
+                    node(2, NodeState::Draining),
+                    node(3, NodeState::Active),
+                    node(4, NodeState::Active),
+                    node(5, NodeState::Active),
+                ],
+                meta: three.clone(),
+                // Node 4 holds two replicas, node 5 one.
+                shards: vec![
+                    shard(1, &[1, 3, 4], Some(1), 10),
+                    shard(2, &[3, 4, 5], Some(3), 10),
+                ],
+                want: vec![mv(META_SHARD, 2, 5)],
+            },
+            Case {
+                name: "the leader's replica moves and takes leadership along",
+                nodes: vec![
+                    node(1, NodeState::Draining),
+                    node(2, NodeState::Active),
+                    node(3, NodeState::Active),
+                    node(4, NodeState::Active),
+                ],
+                meta: three.clone(),
+                shards: vec![],
+                want: vec![mv(META_SHARD, 1, 4)],
+            },
+            Case {
+                name: "equal replica counts: fewer bytes, then the lower id",
+                nodes: vec![
+                    node(1, NodeState::Active),
+                    node(2, NodeState::Active),
+                    node(3, NodeState::Removed),
+                    node(4, NodeState::Active),
+                    node(5, NodeState::Active),
+                    node(6, NodeState::Active),
+                ],
+                meta: three.clone(),
+                shards: vec![
+                    shard(1, &[4, 1, 2], None, 100),
+                    shard(2, &[5, 1, 2], None, 10),
+                    shard(3, &[6, 1, 2], None, 10),
+                ],
+                want: vec![mv(META_SHARD, 3, 5)],
+            },
+            Case {
+                name: "two meta nodes leave: two moves, in node order",
+                nodes: vec![
+                    node(1, NodeState::Active),
+                    node(2, NodeState::Draining),
+                    node(3, NodeState::Draining),
+                    node(4, NodeState::Active),
+                    node(5, NodeState::Active),
+                ],
+                meta: shard(META_SHARD, &[1, 2, 3], Some(3), 0),
+                shards: vec![],
+                want: vec![mv(META_SHARD, 2, 4), mv(META_SHARD, 3, 5)],
+            },
+            Case {
+                name: "nowhere to go: the replica stays, its leadership leaves",
+                nodes: vec![
+                    node(1, NodeState::Active),
+                    node(2, NodeState::Draining),
+                    node(3, NodeState::Active),
+                ],
+                meta: shard(META_SHARD, &[1, 2, 3], Some(2), 0),
+                shards: vec![],
+                want: vec![tl(META_SHARD, 2, 1)],
+            },
+            Case {
+                name: "a five-node meta group on six nodes",
+                nodes: vec![
+                    node(1, NodeState::Active),
+                    node(2, NodeState::Active),
+                    node(3, NodeState::Active),
+                    node(4, NodeState::Active),
+                    node(5, NodeState::Draining),
+                    node(6, NodeState::Active),
+                ],
+                meta: shard(META_SHARD, &[1, 2, 3, 4, 5], Some(1), 0),
+                shards: vec![],
+                want: vec![mv(META_SHARD, 5, 6)],
+            },
+        ];
+        for case in cases {
+            let got = plan_meta(&case.nodes, &case.meta, &case.shards);
+            assert_eq!(got, case.want, "{}", case.name);
+            // Planning the result again finds nothing to do.
+            let mut after = case.meta.clone();
+            for step in &got {
+                match *step {
+                    Step::Move { from, to, .. } => {
+                        for r in after.replicas.iter_mut().filter(|r| **r == from) {
+                            *r = to;
+                        }
+                        if after.leader == Some(from) {
+                            after.leader = Some(to);
+                        }
+                    }
+                    Step::TransferLeader { to, .. } => after.leader = Some(to),
+                }
+            }
+            let again = plan_meta(&case.nodes, &after, &case.shards);
+            assert!(again.is_empty(), "{}: planned again: {again:?}", case.name);
+        }
+    }
+
+    #[test]
     fn steps_display() {
         assert_eq!(mv(3, 2, 4).to_string(), "move shard 3: node 2 -> node 4");
         assert_eq!(
             tl(3, 1, 2).to_string(),
             "leader of shard 3: node 1 -> node 2"
+        );
+        assert_eq!(
+            mv(META_SHARD, 2, 4).to_string(),
+            "move the meta group: node 2 -> node 4"
+        );
+        assert_eq!(
+            tl(META_SHARD, 2, 1).to_string(),
+            "leader of the meta group: node 2 -> node 1"
         );
     }
 }

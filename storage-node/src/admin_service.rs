@@ -147,7 +147,11 @@ impl Admin for AdminService {
         let request = request.into_inner();
         let mut ids = request.shard_ids;
         if ids.is_empty() {
-            ids = host.shards();
+            ids = if request.include_meta {
+                host.groups()
+            } else {
+                host.shards()
+            };
         }
         let scope = (!request.workspace.is_empty() && !request.slug.is_empty())
             .then_some((request.workspace, request.slug));

@@ -29,7 +29,7 @@ use crate::backend::{not_leader, LEADER_METADATA};
 use crate::directory::{DirectoryError, MetaClient, META_LEADER_METADATA};
 use crate::meta_state::{
     Directory, MetaAnswer, MetaCall, MetaQuery, MetaRequest, MetaResponse, NodeRecord,
-    NodeState as MetaNodeState, WorkspaceRecord,
+    NodeState as MetaNodeState, ShardRecord, WorkspaceRecord,
 };
 use crate::mover::Mover;
 use crate::shard_host::{ProposeError, ShardHost};
@@ -255,7 +255,10 @@ impl ClusterService {
                 async move {
                     let result = async {
                         let mut client = channels.admin(&addr)?;
-                        let mut request = Request::new(ShardStatusRequest::default());
+                        let mut request = Request::new(ShardStatusRequest {
+                            include_meta: true,
+                            ..Default::default()
+                        });
                         request.set_timeout(Duration::from_secs(5));
                         Ok::<_, Status>(client.shard_status(request).await?.into_inner().replicas)
                     }
@@ -396,104 +399,26 @@ impl Cluster for ClusterService {
         let (host, _) = self.replicated()?;
         let d = self.directory().await?;
         let reports = self.gather(&d).await;
-        let mut shards = Vec::new();
-        for shard in &d.shards {
-            // Every replica this shard has on any node, by node.
-            let mut seen: BTreeMap<u64, &ShardReplicaStatus> = BTreeMap::new();
-            for (node, result) in &reports {
-                if let Ok(list) = result {
-                    if let Some(r) = list.iter().find(|r| r.shard_id == shard.id) {
-                        seen.insert(*node, r);
-                    }
-                }
-            }
-            let leader_id = seen
-                .values()
-                .filter(|r| r.leader_id != 0)
-                .max_by_key(|r| r.term)
-                .map_or(0, |r| r.leader_id);
-            let leader = seen.get(&leader_id).copied();
-            let reference =
-                leader.or_else(|| seen.values().max_by_key(|r| r.applied_index).copied());
-            let (voters, learners) = reference
-                .map(|r| (r.voters.clone(), r.learners.clone()))
-                .unwrap_or_default();
-            let leader_last = leader.map(|r| r.last_log_index);
-            let mut nodes: BTreeSet<u64> = shard.replicas.iter().copied().collect();
-            nodes.extend(voters.iter().copied());
-            nodes.extend(learners.iter().copied());
-            let replicas = nodes
-                .iter()
-                .map(|node| match seen.get(node) {
-                    Some(r) => ReplicaReport {
-                        node_id: *node,
-                        role: if r.leader_id == *node {
-                            "leader"
-                        } else if learners.contains(node) {
-                            "learner"
-                        } else if voters.contains(node) {
-                            "follower"
-                        } else {
-                            "leaving"
-                        }
-                        .into(),
-                        applied_index: r.applied_index,
-                        lag: leader_last.map_or(0, |l| l.saturating_sub(r.applied_index)),
-                        error: String::new(),
-                    },
-                    None => ReplicaReport {
-                        node_id: *node,
-                        role: "unreachable".into(),
-                        applied_index: 0,
-                        lag: 0,
-                        error: match reports.get(node) {
-                            Some(Err(e)) => e.clone(),
-                            Some(Ok(_)) => "replica not open (catching up or moved)".into(),
-                            None => "node not registered".into(),
-                        },
-                    },
-                })
-                .collect();
-            let repos = reference
-                .map(|r| {
-                    r.repos
-                        .iter()
-                        .map(|u| RepoUsage {
-                            repo_id: u.repo_id,
-                            workspace: u.workspace.clone(),
-                            slug: u.slug.clone(),
-                            bytes: u.bytes,
-                        })
-                        .collect()
-                })
-                .unwrap_or_default();
-            shards.push(ShardReport {
-                placement: Some(ShardPlacement {
-                    shard_id: shard.id,
-                    replicas: shard.replicas.clone(),
-                    epoch: shard.epoch,
-                }),
-                leader_id,
-                voters,
-                learners,
-                replicas,
-                bytes: reference.map_or(0, |r| r.bytes),
-                repos,
-                moving: d
-                    .moves
-                    .iter()
-                    .find(|m| m.shard == shard.id)
-                    .map(|m| format!("{} -> {}", m.from, m.to))
-                    .unwrap_or_default(),
-            });
-        }
-        let meta_leader = host.leader(crate::shard_host::META_GROUP).unwrap_or(0);
+        let shards = d
+            .shards
+            .iter()
+            .map(|shard| shard_report(shard, &reports, &d))
+            .collect();
+        let meta = d.meta.as_ref().map(|m| shard_report(m, &reports, &d));
+        let (meta_voters, meta_leader) = match &meta {
+            Some(m) if !m.voters.is_empty() => (m.voters.clone(), m.leader_id),
+            _ => (
+                host.meta_nodes(),
+                host.leader(crate::shard_host::META_GROUP).unwrap_or(0),
+            ),
+        };
         Ok(Response::new(ClusterStatusResponse {
             map_epoch: d.epoch,
             nodes: d.nodes.iter().map(node_msg).collect(),
             shards,
-            meta_voters: host.meta_voters().to_vec(),
+            meta_voters,
             meta_leader,
+            meta,
         }))
     }
 
@@ -698,7 +623,14 @@ impl Cluster for ClusterService {
     ) -> Result<Response<MetaCallResponse>, Status> {
         let (host, dir) = self.replicated()?;
         if !host.hosts(crate::shard_host::META_GROUP) {
-            return Err(Status::failed_precondition("not a meta node"));
+            let mut status = Status::failed_precondition("not a meta node");
+            if let Some(v) = dir
+                .meta_hint()
+                .and_then(|a| MetadataValue::try_from(a).ok())
+            {
+                status.metadata_mut().insert(META_LEADER_METADATA, v);
+            }
+            return Err(status);
         }
         let call: MetaCall = postcard::from_bytes(&request.into_inner().request)
             .map_err(|e| Status::invalid_argument(format!("bad directory call: {e}")))?;
@@ -737,5 +669,100 @@ impl ClusterService {
             MetaResponse::Node(n) => Ok(Response::new(node_msg(&n))),
             other => Err(Status::internal(format!("unexpected answer {other:?}"))),
         }
+    }
+}
+
+/// One shard's (or the meta group's) report from every node's answers.
+fn shard_report(
+    shard: &ShardRecord,
+    reports: &BTreeMap<u64, Result<Vec<ShardReplicaStatus>, String>>,
+    d: &Directory,
+) -> ShardReport {
+    // Every replica this shard has on any node, by node.
+    let mut seen: BTreeMap<u64, &ShardReplicaStatus> = BTreeMap::new();
+    for (node, result) in reports {
+        if let Ok(list) = result {
+            if let Some(r) = list.iter().find(|r| r.shard_id == shard.id) {
+                seen.insert(*node, r);
+            }
+        }
+    }
+    let leader_id = seen
+        .values()
+        .filter(|r| r.leader_id != 0)
+        .max_by_key(|r| r.term)
+        .map_or(0, |r| r.leader_id);
+    let leader = seen.get(&leader_id).copied();
+    let reference = leader.or_else(|| seen.values().max_by_key(|r| r.applied_index).copied());
+    let (voters, learners) = reference
+        .map(|r| (r.voters.clone(), r.learners.clone()))
+        .unwrap_or_default();
+    let leader_last = leader.map(|r| r.last_log_index);
+    let mut nodes: BTreeSet<u64> = shard.replicas.iter().copied().collect();
+    nodes.extend(voters.iter().copied());
+    nodes.extend(learners.iter().copied());
+    let replicas = nodes
+        .iter()
+        .map(|node| match seen.get(node) {
+            Some(r) => ReplicaReport {
+                node_id: *node,
+                role: if r.leader_id == *node {
+                    "leader"
+                } else if learners.contains(node) {
+                    "learner"
+                } else if voters.contains(node) {
+                    "follower"
+                } else {
+                    "leaving"
+                }
+                .into(),
+                applied_index: r.applied_index,
+                lag: leader_last.map_or(0, |l| l.saturating_sub(r.applied_index)),
+                error: String::new(),
+            },
+            None => ReplicaReport {
+                node_id: *node,
+                role: "unreachable".into(),
+                applied_index: 0,
+                lag: 0,
+                error: match reports.get(node) {
+                    Some(Err(e)) => e.clone(),
+                    Some(Ok(_)) => "replica not open (catching up or moved)".into(),
+                    None => "node not registered".into(),
+                },
+            },
+        })
+        .collect();
+    let repos = reference
+        .map(|r| {
+            r.repos
+                .iter()
+                .map(|u| RepoUsage {
+                    repo_id: u.repo_id,
+                    workspace: u.workspace.clone(),
+                    slug: u.slug.clone(),
+                    bytes: u.bytes,
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    ShardReport {
+        placement: Some(ShardPlacement {
+            shard_id: shard.id,
+            replicas: shard.replicas.clone(),
+            epoch: shard.epoch,
+        }),
+        leader_id,
+        voters,
+        learners,
+        replicas,
+        bytes: reference.map_or(0, |r| r.bytes),
+        repos,
+        moving: d
+            .moves
+            .iter()
+            .find(|m| m.shard == shard.id)
+            .map(|m| format!("{} -> {}", m.from, m.to))
+            .unwrap_or_default(),
     }
 }

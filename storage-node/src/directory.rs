@@ -2,7 +2,9 @@
 //!
 //! A meta node reads its own replica after a read barrier and proposes to
 //! the meta leader (forwarding over `Cluster.MetaCall` when that is another
-//! node); any other node asks the meta nodes. Workspace placements are
+//! node); any other node asks the meta nodes — those the directory last
+//! named (the meta group moves like a shard), and failing those any peer,
+//! which points it at a meta node it knows. Workspace placements are
 //! cached for the node's life: once made, a workspace's shard does not
 //! change (moving a workspace between shards is not built), so only the
 //! first request for a workspace costs a directory read.
@@ -17,7 +19,7 @@ use cairn_proto::cluster::MetaCallRequest;
 use crate::cluster_service::NodeChannels;
 use crate::meta_state::{
     Directory, MetaAnswer, MetaCall, MetaQuery, MetaReply, MetaRequest, MetaResponse, NodeRecord,
-    NodeState, WorkspaceRecord, NOT_BOOTSTRAPPED,
+    NodeState, WorkspaceRecord, META_SHARD, NOT_BOOTSTRAPPED,
 };
 use crate::shard_host::{ProposeError, ShardHost, META_GROUP};
 
@@ -121,22 +123,40 @@ impl MetaClient {
     }
 
     /// The targets to try in order: this node first when it holds a meta
-    /// replica, then every meta node.
+    /// replica, then every meta node it knows of, then every other peer (a
+    /// node that is not a meta node answers with a hint to one it knows).
     fn targets(&self) -> Vec<Target> {
         let host = &self.host;
         let mut targets = Vec::new();
-        if host.hosts(META_GROUP) {
+        let meta = host.meta_nodes();
+        if host.serves_meta() {
             targets.push(Target::Local);
         }
-        for id in host.meta_voters() {
-            if *id == host.node_id() {
+        let others = host
+            .peers()
+            .all()
+            .into_iter()
+            .map(|(id, _)| id)
+            .filter(|id| !meta.contains(id));
+        for id in meta.iter().copied().chain(others) {
+            if id == host.node_id() {
                 continue;
             }
-            if let Some(addr) = host.peers().get(*id) {
+            if let Some(addr) = host.peers().get(id) {
                 targets.push(Target::Remote(addr));
             }
         }
         targets
+    }
+
+    /// An address of a meta node other than this one, for a caller that
+    /// asked this node by mistake.
+    pub fn meta_hint(&self) -> Option<String> {
+        let host = &self.host;
+        host.meta_nodes()
+            .into_iter()
+            .filter(|id| *id != host.node_id())
+            .find_map(|id| host.peers().get(id))
     }
 
     /// Runs `call` wherever it can be answered: reads on any meta replica,
@@ -236,6 +256,9 @@ impl MetaClient {
                         self.host.peers().insert(node.id, node.addr.clone());
                     }
                 }
+                if let Some(meta) = &d.meta {
+                    self.host.learn_meta_nodes(&meta.replicas);
+                }
                 self.epoch.fetch_max(d.epoch, Ordering::Relaxed);
                 Ok(d)
             }
@@ -325,19 +348,30 @@ impl MetaClient {
                     state: NodeState::Active,
                 })
                 .collect();
-            let shards: Vec<(u64, Vec<u64>)> = seed
-                .shards
-                .iter()
-                .map(|s| (s.id, s.replicas.clone()))
+            let meta = seed.meta_voters();
+            let shards: Vec<(u64, Vec<u64>)> = std::iter::once((META_SHARD, meta.clone()))
+                .chain(seed.shards.iter().map(|s| (s.id, s.replicas.clone())))
                 .collect();
             loop {
                 let Some(me) = weak.upgrade().filter(|m| !m.host.is_shut_down()) else {
                     return;
                 };
                 match me.directory().await {
-                    Ok(d) if d.bootstrapped => {
+                    Ok(d) if d.bootstrapped && d.meta.is_some() => {
                         tracing::debug!(epoch = d.epoch, "directory bootstrapped");
                         return;
+                    }
+                    Ok(d) if d.bootstrapped => {
+                        // Bootstrapped before the meta group's placement
+                        // was kept: record where it is now.
+                        let replicas = me.host.meta_nodes();
+                        let request = MetaRequest::SetReplicas {
+                            shard: META_SHARD,
+                            replicas,
+                        };
+                        if let Err(e) = me.write(request).await {
+                            tracing::debug!(error = %e, "recording the meta placement deferred");
+                        }
                     }
                     Ok(_) => {
                         let request = MetaRequest::Bootstrap {

@@ -9,7 +9,10 @@
 //! * the repository directory — workspace/slug → repository (its id names
 //!   its shard in the high bits);
 //! * moves under way — one per shard at most, so a move interrupted by a
-//!   crash is found and finished by the next run.
+//!   crash is found and finished by the next run;
+//! * the meta group's own placement, kept as the record of shard 0 (the
+//!   meta group's raft group id): its replicas move like a shard's, and
+//!   nodes outside the group learn from it where the directory lives.
 //!
 //! Like the shard state, applying reads only the group's rows and the
 //! entry, so every meta replica computes the same directory.
@@ -72,6 +75,7 @@ pub struct MoveRecord {
 pub enum MetaRequest {
     /// The first layout, from the nodes' configuration; applied only to an
     /// empty directory, so every meta replica may propose it at start.
+    /// `shards` includes the meta group itself as shard 0.
     Bootstrap {
         nodes: Vec<NodeRecord>,
         shards: Vec<(u64, Vec<u64>)>,
@@ -96,7 +100,8 @@ pub enum MetaRequest {
         workspace: String,
         slug: String,
     },
-    /// Sets the nodes the router sends a shard's traffic to; bumps the
+    /// Sets the nodes the router sends a shard's traffic to (for shard 0:
+    /// the nodes holding the meta group, recorded on first use); bumps the
     /// map epoch.
     SetReplicas {
         shard: u64,
@@ -225,12 +230,16 @@ impl MetaLogic {
         Ok(epoch)
     }
 
+    /// The data shards, sorted (the meta group's record excluded).
     fn shard_ids(state: &GroupState<'_>) -> Result<Vec<u64>, MetaError> {
-        state
-            .scan_prefix(keys::SHARDS)?
-            .iter()
-            .map(|(k, v)| decode::<ShardRecord>(k, v).map(|s| s.id))
-            .collect()
+        let mut ids = Vec::new();
+        for (k, v) in state.scan_prefix(keys::SHARDS)? {
+            let id = decode::<ShardRecord>(&k, &v)?.id;
+            if id != META_SHARD {
+                ids.push(id);
+            }
+        }
+        Ok(ids)
     }
 
     pub fn apply_request(
@@ -287,9 +296,13 @@ impl MetaLogic {
                     for (k, v) in state.scan_prefix(keys::SHARDS)? {
                         let shard: ShardRecord = decode(&k, &v)?;
                         if shard.replicas.contains(&id) {
+                            let what = if shard.id == META_SHARD {
+                                "the meta group".to_owned()
+                            } else {
+                                format!("shard {}", shard.id)
+                            };
                             return Ok(Refused(format!(
-                                "node {id} still holds a replica of shard {}; drain it first",
-                                shard.id
+                                "node {id} still holds a replica of {what}; drain it first"
                             )));
                         }
                     }
@@ -347,8 +360,20 @@ impl MetaLogic {
             }
             MetaRequest::SetReplicas { shard, replicas } => {
                 let key = keys::shard(shard);
-                let Some(mut record) = Self::get::<ShardRecord>(state, &key)? else {
-                    return Ok(Refused(format!("shard {shard} does not exist")));
+                if replicas.is_empty() {
+                    return Ok(Refused(format!("shard {shard} needs a replica")));
+                }
+                let existing = Self::get::<ShardRecord>(state, &key)?;
+                // The meta group's record is written on first use: a
+                // directory bootstrapped before it was kept starts without.
+                let mut record = match existing {
+                    Some(r) => r,
+                    None if shard == META_SHARD => ShardRecord {
+                        id: META_SHARD,
+                        replicas: Vec::new(),
+                        epoch: 0,
+                    },
+                    None => return Ok(Refused(format!("shard {shard} does not exist"))),
                 };
                 if record.replicas != replicas {
                     record.replicas = replicas;
@@ -393,6 +418,10 @@ impl cairn_raft::ApplyLogic for MetaLogic {
     }
 }
 
+/// The shard id under which the meta group's placement is kept (its raft
+/// group id); never a data shard.
+pub const META_SHARD: u64 = 0;
+
 /// The directory as one replica has applied it; linearizable only after a
 /// read barrier on the meta group.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -400,7 +429,10 @@ pub struct Directory {
     pub bootstrapped: bool,
     pub epoch: u64,
     pub nodes: Vec<NodeRecord>,
+    /// Data shards only.
     pub shards: Vec<ShardRecord>,
+    /// The meta group's placement (absent until first recorded).
+    pub meta: Option<ShardRecord>,
     pub moves: Vec<MoveRecord>,
 }
 
@@ -409,7 +441,11 @@ impl Directory {
         self.nodes.iter().find(|n| n.id == id)
     }
 
+    /// A data shard's record, or the meta group's for [`META_SHARD`].
     pub fn shard(&self, id: u64) -> Option<&ShardRecord> {
+        if id == META_SHARD {
+            return self.meta.as_ref();
+        }
         self.shards.iter().find(|s| s.id == id)
     }
 
@@ -433,11 +469,15 @@ pub mod read {
     }
 
     pub fn directory(view: &StateView) -> Result<Directory, MetaError> {
+        let (meta, shards): (Vec<ShardRecord>, Vec<ShardRecord>) = all(view, keys::SHARDS)?
+            .into_iter()
+            .partition(|s: &ShardRecord| s.id == META_SHARD);
         Ok(Directory {
             bootstrapped: view.get(keys::BOOTSTRAPPED)?.is_some(),
             epoch: decode_u64(keys::EPOCH, view.get(keys::EPOCH)?)?,
             nodes: all(view, keys::NODES)?,
-            shards: all(view, keys::SHARDS)?,
+            shards,
+            meta: meta.into_iter().next(),
             moves: all(view, keys::MOVES)?,
         })
     }

@@ -17,7 +17,10 @@
 //! 7. list the new voters in the directory, delete the source's replica,
 //!    clear the move record.
 //!
-//! The shard never has fewer voters than it started with.
+//! The shard never has fewer voters than it started with. The meta group
+//! (the directory itself, shard id 0) moves the same way: its placement is
+//! kept as shard 0's record, and it stays writable throughout (a joint
+//! configuration commits with a majority of both voter sets).
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -34,7 +37,7 @@ use tonic::{Request, Status};
 
 use crate::cluster_service::{directory_status, on_shard_leader, transfer_on_leader, NodeChannels};
 use crate::directory::MetaClient;
-use crate::meta_state::{Directory, MetaRequest, MoveRecord, NodeState};
+use crate::meta_state::{Directory, MetaRequest, MoveRecord, NodeState, META_SHARD};
 use crate::shard_host::ShardHost;
 
 /// How long catch-up may go without the target's matched index moving
@@ -50,6 +53,15 @@ pub struct Mover {
     dir: Arc<MetaClient>,
     channels: NodeChannels,
     step_pause: Duration,
+}
+
+/// "shard N", or "the meta group" for its id.
+fn group_name(shard: u64) -> String {
+    if shard == META_SHARD {
+        "the meta group".into()
+    } else {
+        format!("shard {shard}")
+    }
 }
 
 fn set(ids: &[u64]) -> BTreeSet<u64> {
@@ -92,7 +104,7 @@ impl Mover {
         let d = self.directory().await?;
         let record = d
             .shard(shard)
-            .ok_or_else(|| Status::not_found(format!("shard {shard} does not exist")))?;
+            .ok_or_else(|| Status::not_found(format!("{} does not exist", group_name(shard))))?;
         let mut nodes: BTreeSet<u64> = set(&record.replicas);
         if let Some(m) = d.moves.iter().find(|m| m.shard == shard) {
             nodes.insert(m.to);
@@ -197,16 +209,18 @@ impl Mover {
         let d = self.directory().await?;
         let record = d
             .shard(shard)
-            .ok_or_else(|| Status::not_found(format!("shard {shard} does not exist")))?
+            .ok_or_else(|| Status::not_found(format!("{} does not exist", group_name(shard))))?
             .clone();
         let this_move = MoveRecord { shard, from, to };
         let resuming = match d.moves.iter().find(|m| m.shard == shard) {
             Some(m) if *m == this_move => true,
             Some(m) => {
                 return Err(Status::failed_precondition(format!(
-                    "shard {shard} is already moving from node {} to node {}; run that move again to finish it",
-                    m.from, m.to
-                )))
+                "{} is already moving from node {} to node {}; run that move again to finish it",
+                group_name(shard),
+                m.from,
+                m.to
+            )))
             }
             None => false,
         };
@@ -230,7 +244,8 @@ impl Mover {
             voters.contains(&to) && !voters.contains(&from) && !learners.contains(&from);
         if !raft_done && !voters.contains(&from) {
             return Err(Status::failed_precondition(format!(
-                "node {from} is not a voter of shard {shard} (voters {})",
+                "node {from} is not a voter of {} (voters {})",
+                group_name(shard),
                 list(&voters)
             )));
         }
@@ -243,12 +258,13 @@ impl Mover {
         step(
             "start",
             format!(
-                "{} shard {shard}: node {from} -> node {to} (voters {})",
+                "{} {}: node {from} -> node {to} (voters {})",
                 if resuming {
                     "resuming move of"
                 } else {
                     "moving"
                 },
+                group_name(shard),
                 list(&voters)
             ),
         );
@@ -342,7 +358,10 @@ impl Mover {
             .write(MetaRequest::EndMove { shard })
             .await
             .map_err(directory_status)?;
-        step("done", format!("shard {shard} is on {}", list(&voters)));
+        step(
+            "done",
+            format!("{} is on {}", group_name(shard), list(&voters)),
+        );
         Ok(())
     }
 
@@ -426,7 +445,8 @@ impl Mover {
                 (best, since) = (matched, Instant::now());
             } else if since.elapsed() > STALL_TIMEOUT {
                 return Err(Status::deadline_exceeded(format!(
-                    "node {to} made no progress catching up shard {shard} for {STALL_TIMEOUT:?}; run the move again"
+                    "node {to} made no progress catching up {} for {STALL_TIMEOUT:?}; run the move again",
+                    group_name(shard)
                 )));
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
@@ -468,13 +488,14 @@ impl Mover {
             let p = self.progress(candidates, shard).await?;
             if p.leader_id != from {
                 if p.leader_id == to {
-                    step("leader", format!("node {to} leads shard {shard}"));
+                    step("leader", format!("node {to} leads {}", group_name(shard)));
                 }
                 return Ok(());
             }
             if Instant::now() > deadline {
                 return Err(Status::deadline_exceeded(format!(
-                    "node {from} still leads shard {shard}; run the move again"
+                    "node {from} still leads {}; run the move again",
+                    group_name(shard)
                 )));
             }
             let transferred = transfer_on_leader(&self.channels, candidates, shard, to).await;
@@ -503,6 +524,7 @@ impl Mover {
                         shard_ids: vec![shard],
                         workspace: request.workspace.clone(),
                         slug: request.slug.clone(),
+                        include_meta: false,
                     });
                     req.set_timeout(Duration::from_secs(5));
                     let r = self.channels.admin(&addr)?.shard_status(req).await?;

@@ -7,8 +7,9 @@
 //! for all of its groups, one channel pool to the peers (shared by every
 //! group, so many shards multiplex over one connection per peer) and the
 //! registry the node's `Raft` gRPC service dispatches to. Replicas come and
-//! go while the node runs (a shard moving in or out); the list of shards
-//! it holds is kept on disk so a restart opens the same ones.
+//! go while the node runs (a shard or the meta group moving in or out); the
+//! list of groups it holds, and the meta nodes it last knew of, are kept on
+//! disk so a restart opens the same ones and finds the directory.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -59,9 +60,11 @@ pub struct ShardHostConfig {
     /// from then on the directory and each group's membership are the truth.
     #[serde(default)]
     pub shards: Vec<ShardSpec>,
-    /// Nodes holding the meta group (the directory). Empty: the three
-    /// lowest peer ids (fewer if the cluster has fewer nodes). A node that
-    /// joins later lists the meta nodes among its peers to reach them.
+    /// Nodes holding the meta group (the directory) at the cluster's first
+    /// start. Empty: the three lowest peer ids (fewer if the cluster has
+    /// fewer nodes). A node that joins later lists meta nodes among its
+    /// peers to reach them; once running, each node follows the meta
+    /// group's placement in the directory instead (it moves like a shard).
     #[serde(default)]
     pub meta: Vec<u64>,
     /// Replicas every shard must list. 3 in production (a push is durable
@@ -351,10 +354,32 @@ const PROPOSE_TIMEOUT: Duration = Duration::from_secs(10);
 /// a heartbeat behind; one this far behind should not serve.
 const FOLLOWER_APPLY_TIMEOUT: Duration = Duration::from_secs(3);
 
-/// The shards this node holds a replica of, kept next to the raft
-/// database: written when a replica is opened or closed, read at start.
-/// Absent on a node's first start, which takes the configured layout.
+/// The groups this node holds a replica of and the meta nodes it knows,
+/// kept next to the raft database: written when a replica is opened or
+/// closed or the meta group moves, read at start. Absent on a node's first
+/// start, which takes the configured layout.
 const HOSTED_FILE: &str = "hosted-shards.json";
+
+/// What [`HOSTED_FILE`] holds.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+struct Hosted {
+    /// Groups with a replica here, the meta group (0) included.
+    groups: Vec<u64>,
+    /// The meta group's nodes and addresses as last read from the
+    /// directory (how a node outside the group finds it after a restart).
+    #[serde(default)]
+    meta_nodes: Vec<(u64, String)>,
+}
+
+/// The file's two forms: the current one, and the bare list of shard ids
+/// written before the meta group could move (meta membership then came
+/// from the configuration).
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum HostedFile {
+    Current(Hosted),
+    ShardsOnly(Vec<u64>),
+}
 
 /// This node's replicas — shards and, on meta nodes, the directory — each
 /// a running raft group.
@@ -370,7 +395,11 @@ pub struct ShardHost {
     raft_config: Arc<openraft::Config>,
     area: StagingArea,
     data_dir: PathBuf,
-    meta_voters: Vec<u64>,
+    /// The meta group's nodes as this node last learnt them (the
+    /// configuration's on a first start).
+    known_meta: std::sync::RwLock<Vec<u64>>,
+    /// Serializes writes of the hosted file.
+    hosted_write: std::sync::Mutex<()>,
     /// The configured first layout, proposed to an empty directory.
     seed: ShardHostConfig,
     /// Orders opening and closing replicas (and writing the hosted list).
@@ -389,7 +418,7 @@ impl std::fmt::Debug for ShardHost {
     }
 }
 
-fn read_hosted(path: &Path) -> Result<Option<Vec<u64>>, ShardHostError> {
+fn read_hosted(path: &Path) -> Result<Option<HostedFile>, ShardHostError> {
     match std::fs::read(path) {
         Ok(bytes) => serde_json::from_slice(&bytes)
             .map(Some)
@@ -399,11 +428,11 @@ fn read_hosted(path: &Path) -> Result<Option<Vec<u64>>, ShardHostError> {
     }
 }
 
-fn write_hosted(path: &Path, ids: &[u64]) -> std::io::Result<()> {
+fn write_hosted(path: &Path, hosted: &Hosted) -> std::io::Result<()> {
     use std::io::Write as _;
     let tmp = path.with_extension("json.tmp");
     let mut file = std::fs::File::create(&tmp)?;
-    file.write_all(&serde_json::to_vec(ids).map_err(std::io::Error::other)?)?;
+    file.write_all(&serde_json::to_vec(hosted).map_err(std::io::Error::other)?)?;
     file.sync_all()?;
     std::fs::rename(&tmp, path)?;
     if let Some(dir) = path.parent() {
@@ -425,10 +454,10 @@ impl ShardHost {
         Self::start_with_area(config, data_dir, area, filter).await
     }
 
-    /// Opens the raft database and starts the meta group (on meta nodes)
-    /// and every shard this node holds: on its first start the configured
-    /// shards that list it, afterwards the ones it recorded. On a first
-    /// start the lowest-id member initializes each group.
+    /// Opens the raft database and starts every group this node holds: on
+    /// its first start the meta group (if configured here) and the
+    /// configured shards that list it, afterwards the ones it recorded. On
+    /// a first start the lowest-id member initializes each group.
     pub async fn start_with_area(
         config: ShardHostConfig,
         data_dir: &Path,
@@ -453,18 +482,40 @@ impl ShardHost {
             let me = config.node_id;
             let hosted = read_hosted(&raft_dir.join(HOSTED_FILE))?;
             let first_start = hosted.is_none();
-            let shard_ids: Vec<u64> = match hosted {
-                Some(ids) => ids,
-                None => config
-                    .shards
-                    .iter()
-                    .filter(|s| s.replicas.contains(&me))
-                    .map(|s| s.id)
+            let configured_meta = config.meta_voters();
+            let meta_here = configured_meta.contains(&me);
+            let peers = PeerBook::from_map(config.peers.clone());
+            let mut known_meta = configured_meta.clone();
+            let group_ids: Vec<u64> = match hosted {
+                Some(HostedFile::Current(h)) => {
+                    if !h.meta_nodes.is_empty() {
+                        known_meta = h.meta_nodes.iter().map(|(id, _)| *id).collect();
+                        for (id, addr) in h.meta_nodes {
+                            peers.insert(id, addr);
+                        }
+                    }
+                    h.groups
+                }
+                Some(HostedFile::ShardsOnly(ids)) => meta_here
+                    .then_some(META_GROUP)
+                    .into_iter()
+                    .chain(ids)
+                    .collect(),
+                None => meta_here
+                    .then_some(META_GROUP)
+                    .into_iter()
+                    .chain(
+                        config
+                            .shards
+                            .iter()
+                            .filter(|s| s.replicas.contains(&me))
+                            .map(|s| s.id),
+                    )
                     .collect(),
             };
             let host = ShardHost {
                 node_id: me,
-                peers: PeerBook::from_map(config.peers.clone()),
+                peers,
                 db,
                 registry: GroupRegistry::new(),
                 pool: PeerPool::default(),
@@ -473,7 +524,8 @@ impl ShardHost {
                 raft_config,
                 area,
                 data_dir: data_dir.to_path_buf(),
-                meta_voters: config.meta_voters(),
+                known_meta: std::sync::RwLock::new(known_meta),
+                hosted_write: std::sync::Mutex::new(()),
                 seed: config,
                 membership_lock: tokio::sync::Mutex::new(()),
                 packs_fetched: Arc::default(),
@@ -487,13 +539,13 @@ impl ShardHost {
                         .collect()
                 })
             };
-            if host.meta_voters.contains(&me) {
-                host.start_group(META_GROUP, initial(&host.meta_voters))
-                    .await?;
-            }
-            for id in &shard_ids {
-                let spec = host.seed.shards.iter().find(|s| s.id == *id);
-                let members = spec.and_then(|s| initial(&s.replicas));
+            for id in &group_ids {
+                let members = if *id == META_GROUP {
+                    initial(&configured_meta)
+                } else {
+                    let spec = host.seed.shards.iter().find(|s| s.id == *id);
+                    spec.and_then(|s| initial(&s.replicas))
+                };
                 host.start_group(*id, members).await?;
             }
             if first_start {
@@ -622,9 +674,47 @@ impl ShardHost {
     }
 
     fn persist_hosted(&self) -> Result<(), ShardHostError> {
+        let _guard = self
+            .hosted_write
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let hosted = Hosted {
+            groups: self.groups(),
+            meta_nodes: self
+                .known_meta()
+                .into_iter()
+                .filter_map(|id| self.peers.get(id).map(|addr| (id, addr)))
+                .collect(),
+        };
         let path = self.data_dir.join("raft").join(HOSTED_FILE);
-        write_hosted(&path, &self.shards())
+        write_hosted(&path, &hosted)
             .map_err(|e| ShardHostError::Hosted(format!("{}: {e}", path.display())))
+    }
+
+    fn known_meta(&self) -> Vec<u64> {
+        self.known_meta
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Records where the meta group lives, as the directory says (its
+    /// nodes' addresses must be in the address book); kept on disk so a
+    /// restart finds it even if every configured meta node has left.
+    pub fn learn_meta_nodes(&self, nodes: &[u64]) {
+        let mut sorted = nodes.to_vec();
+        sorted.sort_unstable();
+        sorted.dedup();
+        if sorted.is_empty() || sorted == self.known_meta() {
+            return;
+        }
+        *self
+            .known_meta
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = sorted;
+        if let Err(e) = self.persist_hosted() {
+            tracing::warn!(error = %e, "could not record the meta nodes");
+        }
     }
 
     pub fn node_id(&self) -> NodeId {
@@ -655,9 +745,26 @@ impl ShardHost {
         self.rafts_read().contains_key(&shard)
     }
 
-    /// Nodes holding the meta group.
-    pub fn meta_voters(&self) -> &[u64] {
-        &self.meta_voters
+    /// Nodes holding the meta group: what the directory last said, and
+    /// the voters this node's own meta replica knows of (newer while a
+    /// move of the group is under way).
+    pub fn meta_nodes(&self) -> Vec<u64> {
+        let mut nodes = self.known_meta();
+        if let Ok((voters, _)) = self.members(META_GROUP) {
+            nodes.extend(voters);
+        }
+        nodes.sort_unstable();
+        nodes.dedup();
+        nodes
+    }
+
+    /// Whether this node's meta replica may answer directory calls: it is
+    /// running and a voter in its own view of the group. (A replica moved
+    /// away while this node was down may not have seen its removal; its
+    /// reads then time out rather than answer, and callers go elsewhere.)
+    pub fn serves_meta(&self) -> bool {
+        self.members(META_GROUP)
+            .is_ok_and(|(voters, _)| voters.contains(&self.node_id))
     }
 
     /// The configured first layout.
@@ -970,7 +1077,13 @@ impl ShardHost {
         let (applied_index, rows) = consistent.ok_or_else(|| {
             ProposeError::Raft("the shard kept applying; no consistent read".into())
         })?;
-        let usage = repo_usage(&rows);
+        // The meta group's rows name repositories too (the directory), but
+        // hold none of their data.
+        let usage = if shard == META_GROUP {
+            Vec::new()
+        } else {
+            repo_usage(&rows)
+        };
         let scope: Option<Vec<Vec<u8>>> = match repo {
             None => None,
             Some((workspace, slug)) => {
@@ -1023,10 +1136,13 @@ impl ShardHost {
             last_log_index: metrics.last_log_index.unwrap_or(0),
             voters: metrics.membership_config.membership().voter_ids().collect(),
             state_checksum,
-            repositories: rows
-                .iter()
-                .filter(|(k, _)| k.starts_with(&repo_rows))
-                .count() as u64,
+            repositories: if shard == META_GROUP {
+                0
+            } else {
+                rows.iter()
+                    .filter(|(k, _)| k.starts_with(&repo_rows))
+                    .count() as u64
+            },
             snapshot_index: metrics.snapshot.map(|s| s.index),
             purged_index: metrics.purged.map(|p| p.index),
             learners: metrics
@@ -1276,9 +1392,6 @@ impl ShardHost {
         shard: u64,
         members: &[(u64, String)],
     ) -> Result<(), ShardHostError> {
-        if shard == META_GROUP {
-            return Err(ShardHostError::Config(ShardConfigError::ReservedShard));
-        }
         let _guard = self.membership_lock.lock().await;
         for (id, addr) in members {
             self.peers.insert(*id, addr.clone());
@@ -1292,14 +1405,11 @@ impl ShardHost {
         Ok(())
     }
 
-    /// Stops this node's replica of `shard` and deletes its log, rows,
-    /// snapshots and the packs of its repositories. Only for a replica
-    /// that is no longer a member (the caller checked with the leader).
-    /// Idempotent.
+    /// Stops this node's replica of `shard` (or of the meta group) and
+    /// deletes its log, rows, snapshots and the packs of its repositories.
+    /// Only for a replica that is no longer a member (the caller checked
+    /// with the leader). Idempotent.
     pub async fn close_replica(&self, shard: u64) -> Result<(), ProposeError> {
-        if shard == META_GROUP {
-            return Err(ProposeError::Raft("the meta group cannot be closed".into()));
-        }
         let _guard = self.membership_lock.lock().await;
         if let Ok(raft) = self.raft(shard) {
             if self.leader(shard) == Some(self.node_id) {
@@ -1320,6 +1430,10 @@ impl ShardHost {
         self.db
             .drop_group(GroupId(shard))
             .map_err(|e| ProposeError::Raft(e.to_string()))?;
+        if shard == META_GROUP {
+            tracing::info!("closed the meta replica and deleted its data");
+            return Ok(());
+        }
         let data_dir = self.data_dir.clone();
         let area = self.area.clone();
         tokio::task::spawn_blocking(move || remove_shard_files(&data_dir, &area, shard))

@@ -8,8 +8,11 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use cairn_raft::TransportFilter;
+use cairn_storage_node::meta_state::{MetaRequest, MetaResponse};
 use cairn_storage_node::repo_store::RepoRecord;
-use cairn_storage_node::shard_host::{ProposeError, ShardHost, ShardHostConfig, ShardSpec};
+use cairn_storage_node::shard_host::{
+    ProposeError, ShardHost, ShardHostConfig, ShardSpec, META_GROUP,
+};
 use cairn_storage_node::shard_state::{keys, Refusal, ShardRequest, ShardResponse};
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
@@ -42,6 +45,10 @@ impl Node {
 
 /// Binds the listeners first: every node's config needs every address.
 async fn start_cluster(ids: &[u64]) -> BTreeMap<u64, Node> {
+    start_cluster_with_meta(ids, &[]).await
+}
+
+async fn start_cluster_with_meta(ids: &[u64], meta: &[u64]) -> BTreeMap<u64, Node> {
     let mut listeners = BTreeMap::new();
     for &id in ids {
         let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
@@ -56,7 +63,7 @@ async fn start_cluster(ids: &[u64]) -> BTreeMap<u64, Node> {
     for (id, listener) in listeners {
         let dir = tempfile::tempdir().expect("tempdir");
         let config = ShardHostConfig {
-            meta: Vec::new(),
+            meta: meta.to_vec(),
             node_id: id,
             peers: peers.clone(),
             shards: vec![ShardSpec {
@@ -147,6 +154,77 @@ async fn propose_via_leader(
             Err(ProposeError::NotLeader { .. }) if Instant::now() < deadline => {}
             Err(e) => panic!("proposal via {l} failed: {e}"),
         }
+    }
+}
+
+/// A directory on five nodes keeps taking writes with two of them down.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_five_node_meta_group_survives_two_failures() {
+    let all = [1, 2, 3, 4, 5];
+    let mut nodes = start_cluster_with_meta(&all, &all).await;
+    let meta_leader = |nodes: &BTreeMap<u64, Node>, among: &[u64]| {
+        let first = nodes[&among[0]].host.leader(META_GROUP)?;
+        (among.contains(&first)
+            && among
+                .iter()
+                .all(|id| nodes[id].host.leader(META_GROUP) == Some(first)))
+        .then_some(first)
+    };
+    let l = wait_until("an agreed meta leader", WAIT, || async {
+        meta_leader(&nodes, &all)
+    })
+    .await;
+    let (voters, _) = nodes[&l].host.members(META_GROUP).expect("meta members");
+    assert_eq!(voters, all.to_vec());
+    for id in all {
+        // A follower may hear of the leader before it has the membership.
+        wait_until("every node a meta voter", WAIT, || async {
+            nodes[&id].host.serves_meta().then_some(())
+        })
+        .await;
+        assert_eq!(nodes[&id].host.meta_nodes(), all.to_vec());
+    }
+    let bootstrap = MetaRequest::Bootstrap {
+        nodes: Vec::new(),
+        shards: vec![(0, all.to_vec()), (SHARD, all.to_vec())],
+    };
+    nodes[&l]
+        .host
+        .propose_meta(bootstrap)
+        .await
+        .expect("bootstrap");
+
+    // Two nodes down, the leader among them: three of five still decide.
+    let down: Vec<u64> = std::iter::once(l)
+        .chain(all.iter().copied().filter(|id| *id != l).take(1))
+        .collect();
+    for id in &down {
+        nodes.get_mut(id).expect("node").stop().await;
+    }
+    let up: Vec<u64> = all
+        .iter()
+        .copied()
+        .filter(|id| !down.contains(id))
+        .collect();
+    let deadline = Instant::now() + WAIT * 2;
+    let record = loop {
+        let l = wait_until("a new meta leader", WAIT * 2, || async {
+            meta_leader(&nodes, &up)
+        })
+        .await;
+        let create = MetaRequest::CreateWorkspace {
+            name: "five".into(),
+        };
+        match nodes[&l].host.propose_meta(create).await {
+            Ok(MetaResponse::Workspace(w)) => break w,
+            Err(ProposeError::NotLeader { .. }) if Instant::now() < deadline => {}
+            other => panic!("create workspace with {down:?} down: {other:?}"),
+        }
+    };
+    // The meta group's own record never hosts a workspace.
+    assert_eq!(record.shard, SHARD);
+    for id in up {
+        nodes.get_mut(&id).expect("node").stop().await;
     }
 }
 

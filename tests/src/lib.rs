@@ -23,7 +23,7 @@
 //!   the harness starts besides `cairn dev` (restarted nodes, extra routers)
 //!   is reaped on drop and known to the watchdog.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 use std::fs;
 use std::io::{Read, Write};
@@ -1264,6 +1264,19 @@ impl Cluster {
                 .await
         })?;
         Ok(resp.replicas)
+    }
+
+    /// The groups node `node` holds a replica of, the meta group (0)
+    /// included.
+    pub fn groups_on_node(&self, node: u64) -> Result<BTreeSet<u64>> {
+        let resp = self.admin_rpc(node, |mut c| async move {
+            c.shard_status(cairn_proto::admin::ShardStatusRequest {
+                include_meta: true,
+                ..Default::default()
+            })
+            .await
+        })?;
+        Ok(resp.replicas.iter().map(|r| r.shard_id).collect())
     }
 
     /// Node `node`'s replica of the dev shard.
@@ -3012,10 +3025,12 @@ mod cluster_directory {
     }
 
     /// The report of shard `shard` in a `ClusterStatus` answer.
+    /// The report of `shard`; shard 0 is the meta group.
     pub fn shard_report(status: &ClusterStatusResponse, shard: u64) -> Result<&ShardReport> {
         status
-            .shards
+            .meta
             .iter()
+            .chain(&status.shards)
             .find(|s| s.placement.as_ref().is_some_and(|p| p.shard_id == shard))
             .ok_or_else(|| anyhow!("ClusterStatus lists no shard {shard}"))
     }
@@ -3083,7 +3098,7 @@ mod cluster_directory {
             status.meta_leader,
             nodes.join(" ")
         );
-        for s in &status.shards {
+        for s in status.meta.iter().chain(&status.shards) {
             let roles: Vec<String> = s
                 .replicas
                 .iter()

@@ -520,6 +520,14 @@ fn draining_a_node_moves_everything_away_and_removing_it_loses_nothing() -> Resu
             "node 2 is {:?}",
             directory_node_state(s, 2)
         );
+        // Node 2 was one of the three meta nodes: the directory moved too.
+        let meta = shard_report(s, 0)?;
+        check_shard_settled(meta)?;
+        let meta_voters: BTreeSet<u64> = meta.voters.iter().copied().collect();
+        ensure!(
+            meta_voters == BTreeSet::from([1, 3, 4]),
+            "meta group on {meta_voters:?}"
+        );
         for shard in &s.shards {
             check_shard_settled(shard)?;
             ensure!(
@@ -531,10 +539,14 @@ fn draining_a_node_moves_everything_away_and_removing_it_loses_nothing() -> Resu
         Ok(())
     })?;
     print!("{}", describe_cluster_status(&status));
-    let held = shards_on_node(&c, 2)?;
+    let held = c.groups_on_node(2)?;
     ensure!(
         held.is_empty(),
-        "drained node 2 still reports replicas of shards {held:?}"
+        "drained node 2 still reports replicas of groups {held:?}"
+    );
+    ensure!(
+        c.groups_on_node(4)?.contains(&0),
+        "node 4 does not report a meta replica"
     );
     check_nodes_hold_their_voters(&c, &status, &[1, 3, 4])?;
 
@@ -576,6 +588,14 @@ fn draining_a_node_moves_everything_away_and_removing_it_loses_nothing() -> Resu
         .as_array()
         .ok_or_else(|| anyhow!("no shards: {json}"))?;
     ensure!(shards.len() == SHARDS as usize, "shards in JSON: {json}");
+    let meta_voters = json["meta"]["voters"]
+        .as_array()
+        .ok_or_else(|| anyhow!("no meta group in JSON: {json}"))?;
+    ensure!(
+        meta_voters.len() == 3 && !meta_voters.contains(&2.into()),
+        "meta group after drain: {}",
+        json["meta"]
+    );
     for sh in shards {
         let voters = sh["voters"]
             .as_array()
@@ -610,6 +630,35 @@ fn draining_a_node_moves_everything_away_and_removing_it_loses_nothing() -> Resu
     }
     check_repos(&c, &git, &repos)?;
     verify_shards(&c, 1..=SHARDS)?;
+
+    // Nothing depends on node 2 any more: with node 1 down as well, the
+    // directory (had it stayed on 1, 2, 3) would have lost its majority.
+    // A new workspace is a directory write; its repository takes a push.
+    c.kill_node(1)?;
+    let full = format!("{}/{}", unique_name("ws"), unique_name("repo"));
+    let refs = seed_repo(&c, &git, &full, 99).context("a new workspace with nodes 1 and 2 down")?;
+    repos.push((full, refs));
+    check_repos(&c, &git, &repos)?;
+    c.restart_node(1)?;
+
+    // Node 4's meta replica came by a move; a restart opens it again.
+    c.kill_node(4)?;
+    c.restart_node(4)?;
+    let status = wait_status(&c, "nodes 1 and 4 back", SETTLE_TIMEOUT, |s| {
+        let meta = shard_report(s, 0)?;
+        check_shard_settled(meta)?;
+        for shard in &s.shards {
+            check_shard_settled(shard)?;
+        }
+        Ok(())
+    })?;
+    print!("{}", describe_cluster_status(&status));
+    ensure!(
+        c.groups_on_node(4)?.contains(&0),
+        "node 4 lost its meta replica in a restart"
+    );
+    check_repos(&c, &git, &repos)?;
+    verify_shards(&c, 0..=SHARDS)?;
     println!("test took {:.1?}", t0.elapsed());
     Ok(())
 }
@@ -794,6 +843,146 @@ fn a_move_interrupted_by_killing_its_mover_completes_when_run_again() -> Result<
     refs.insert("refs/heads/main".into(), tip);
     check_repos(&c, &git, &repos)?;
     verify_shards(&c, [1])?;
+    println!("test took {:.1?}", t0.elapsed());
+    Ok(())
+}
+
+#[test]
+fn a_meta_group_move_interrupted_by_killing_its_leader_finishes_from_another_node() -> Result<()> {
+    let _serial = one_at_a_time();
+    let t0 = Instant::now();
+    let mut c = sharded(
+        true,
+        vec![("CAIRN_MOVE_STEP_PAUSE_MS".into(), "1500".into())],
+    )?;
+    let git = Git::new()?;
+    let mut repos = seed_workspaces(&c, &git, 1, 1)?;
+    c.add_node(4)?;
+
+    // Node 1 runs the move of its own meta replica, which leads the group.
+    let mut mover = c.spawn_cli_at(1, &["shard", "move", "meta", "--from", "1", "--to", "4"])?;
+    let lines = line_reader(mover.stdout.take().ok_or_else(|| anyhow!("no stdout"))?);
+    let mut seen = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match lines.recv_timeout(left) {
+            Ok(line) => {
+                println!("mover: {line}");
+                let halfway = line.contains("learner") || line.contains("catch-up");
+                seen.push(line);
+                if halfway {
+                    break;
+                }
+            }
+            Err(e) => {
+                let _ = mover.kill();
+                let o = mover.wait_with_output()?;
+                bail!(
+                    "the move never reached the learner step ({e}); printed {seen:?}, {}",
+                    text(&o)
+                );
+            }
+        }
+    }
+    c.kill_node(1)?;
+    println!(
+        "killed node 1 (mover and meta leader) at {} UTC",
+        utc_time_of_day()
+    );
+    let exit = wait_until("the move CLI to exit", Duration::from_secs(60), || {
+        Ok(mover.try_wait()?)
+    });
+    if exit.is_err() {
+        let _ = mover.kill();
+    }
+    let _ = mover.wait();
+    seen.extend(lines.try_iter());
+    ensure!(
+        !seen.iter().any(|l| l.trim_start().starts_with("done")),
+        "the move finished although its mover was killed: {seen:?}"
+    );
+
+    // The directory carries on on nodes 2 and 3 and remembers the move.
+    let status = wait_status(
+        &c,
+        "nodes 2 and 3 to lead the directory",
+        SETTLE_TIMEOUT,
+        |s| {
+            let meta = shard_report(s, 0)?;
+            ensure!(
+                meta.leader_id == 2 || meta.leader_id == 3,
+                "meta leader {}",
+                meta.leader_id
+            );
+            ensure!(meta.moving == "1 -> 4", "meta moving {:?}", meta.moving);
+            Ok(())
+        },
+    )?;
+    print!("node 1 down: {}", describe_cluster_status(&status));
+
+    // Run again from node 3 while node 1 is still down: it finishes.
+    let o = c.cli_at(3, &["shard", "move", "meta", "--from", "1", "--to", "4"])?;
+    println!(
+        "$ cairn shard move meta --from 1 --to 4 (on node 3)\n{}",
+        text(&o)
+    );
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
+    ensure!(
+        o.status.success()
+            && out.contains("resuming")
+            && out.lines().any(|l| l.trim_start().starts_with("done")),
+        "the second run did not resume and finish the move:\n{}",
+        text(&o)
+    );
+    let status = wait_status(&c, "the meta group on nodes 2, 3, 4", SETTLE_TIMEOUT, |s| {
+        let meta = shard_report(s, 0)?;
+        check_shard_settled(meta)?;
+        let voters: BTreeSet<u64> = meta.voters.iter().copied().collect();
+        ensure!(
+            voters == BTreeSet::from([2, 3, 4]),
+            "meta voters {voters:?}"
+        );
+        Ok(())
+    })?;
+    print!("{}", describe_cluster_status(&status));
+
+    // Directory writes work in the new membership (a new workspace).
+    let full = format!("{}/{}", unique_name("ws"), unique_name("repo"));
+    let refs = seed_repo(&c, &git, &full, 7)?;
+    repos.push((full, refs));
+    check_repos(&c, &git, &repos)?;
+
+    // Node 1 comes back with a copy it was not there to delete; running
+    // the move once more deletes it.
+    c.restart_node(1)?;
+    wait_until("node 1 to answer", SETTLE_TIMEOUT, || {
+        Ok(c.groups_on_node(1).ok())
+    })?;
+    let out = cli_ok(&c, &["shard", "move", "meta", "--from", "1", "--to", "4"])?;
+    ensure!(
+        out.contains("replica on node 1 deleted"),
+        "the third run did not delete node 1's copy:\n{out}"
+    );
+    let held = c.groups_on_node(1)?;
+    ensure!(
+        !held.contains(&0),
+        "node 1 still holds a meta replica ({held:?})"
+    );
+    ensure!(
+        c.groups_on_node(4)?.contains(&0),
+        "node 4 holds no meta replica"
+    );
+    let status = wait_status(&c, "a settled cluster", SETTLE_TIMEOUT, |s| {
+        check_shard_settled(shard_report(s, 0)?)?;
+        for shard in &s.shards {
+            check_shard_settled(shard)?;
+        }
+        Ok(())
+    })?;
+    print!("{}", describe_cluster_status(&status));
+    check_repos(&c, &git, &repos)?;
+    verify_shards(&c, 0..=SHARDS)?;
     println!("test took {:.1?}", t0.elapsed());
     Ok(())
 }
