@@ -975,7 +975,7 @@ pub struct ReplicaStatus {
     pub snapshot_index: Option<u64>,
     pub purged_index: Option<u64>,
     pub learners: Vec<NodeId>,
-    /// Bytes of the packs the shard's rows name.
+    /// Bytes of the packs the shard's rows name (the meta group: of its rows).
     pub bytes: u64,
     /// Per repository: id, workspace, slug, pack bytes.
     pub repos: Vec<RepoUsage>,
@@ -1150,7 +1150,12 @@ impl ShardHost {
                 .membership()
                 .learner_ids()
                 .collect(),
-            bytes: usage.iter().map(|u| u.bytes).sum(),
+            // The directory's size is its rows'; a shard's, its packs'.
+            bytes: if shard == META_GROUP {
+                rows.iter().map(|(k, v)| (k.len() + v.len()) as u64).sum()
+            } else {
+                usage.iter().map(|u| u.bytes).sum()
+            },
             repos: usage,
         })
     }
