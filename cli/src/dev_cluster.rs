@@ -4,6 +4,11 @@
 //! `cairn router` — each with its own config file, so a test or an operator
 //! can kill one and start it again with the same config. Nothing is
 //! restarted automatically.
+//!
+//! On a data folder that already holds a cluster, a larger `--nodes` grows
+//! it: the new nodes start empty (no shards in their config, the
+//! cluster's meta nodes to reach the directory) and are registered with
+//! `AddNode`; `cairn shard rebalance` then gives them replicas.
 
 use std::fs;
 use std::net::{SocketAddr, TcpListener};
@@ -47,12 +52,40 @@ fn remembered_addr(config: &Path, key: &str) -> Option<SocketAddr> {
     value.get(key)?.as_str()?.parse().ok()
 }
 
+/// Whether node `id` of this folder has started before (it recorded the
+/// groups it holds), so it belongs to the cluster already.
+fn established(data_dir: &Path, id: u64) -> bool {
+    data_dir
+        .join(format!("node-{id}"))
+        .join("raft")
+        .join("hosted-shards.json")
+        .exists()
+}
+
+/// Where an established node last saw the meta group, from the file it
+/// keeps (`{"groups": [..], "meta_nodes": [[id, addr], ..]}`).
+fn known_meta_nodes(data_dir: &Path, id: u64) -> Option<Vec<u64>> {
+    let path = data_dir
+        .join(format!("node-{id}"))
+        .join("raft")
+        .join("hosted-shards.json");
+    let value: serde_json::Value = serde_json::from_slice(&fs::read(path).ok()?).ok()?;
+    let ids: Vec<u64> = value
+        .get("meta_nodes")?
+        .as_array()?
+        .iter()
+        .filter_map(|pair| pair.get(0)?.as_u64())
+        .collect();
+    (!ids.is_empty()).then_some(ids)
+}
+
 pub fn node_config(
     data_dir: &Path,
     id: u64,
     addr: SocketAddr,
     peers: &[(u64, SocketAddr)],
     layout: &[(u64, Vec<u64>)],
+    meta: &[u64],
     fault_injection: bool,
 ) -> String {
     let mut peer_lines = String::new();
@@ -67,11 +100,7 @@ pub fn node_config(
             list.join(", ")
         ));
     }
-    let meta: Vec<String> = peers
-        .iter()
-        .take(DEV_REPLICATION)
-        .map(|(p, _)| p.to_string())
-        .collect();
+    let meta: Vec<String> = meta.iter().map(u64::to_string).collect();
     let rf = DEV_REPLICATION.min(peers.len());
     format!(
         "# Written by `cairn dev`; edit with care, the cluster keeps these addresses.\n\
@@ -159,6 +188,39 @@ impl Drop for Processes {
     }
 }
 
+/// Registers node `id` at `addr` through any of `contacts`, retrying while
+/// the directory elects its leader after the restart.
+async fn register(id: u64, addr: SocketAddr, contacts: &[SocketAddr]) -> Result<()> {
+    use cairn_proto::cluster::cluster_client::ClusterClient;
+    use cairn_proto::cluster::AddNodeRequest;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut last = String::from("no existing node to ask");
+    loop {
+        for contact in contacts {
+            let attempt = async {
+                let mut client = ClusterClient::connect(format!("http://{contact}"))
+                    .await
+                    .map_err(|e| e.to_string())?;
+                client
+                    .add_node(AddNodeRequest {
+                        id,
+                        addr: addr.to_string(),
+                    })
+                    .await
+                    .map_err(|s| s.message().to_owned())
+            };
+            match attempt.await {
+                Ok(_) => return Ok(()),
+                Err(e) => last = format!("{contact}: {e}"),
+            }
+        }
+        if Instant::now() > deadline {
+            bail!("no node accepted it within 60 s ({last})");
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
 /// Starts the processes, writes `dev-cluster.json`, waits for Ctrl-C.
 pub async fn run(
     data_dir: &Path,
@@ -190,16 +252,56 @@ pub async fn run(
     };
 
     let ids: Vec<u64> = addrs.iter().map(|(id, _)| *id).collect();
+    let old: Vec<u64> = ids
+        .iter()
+        .copied()
+        .filter(|id| established(data_dir, *id))
+        .collect();
+    // A grown cluster: the nodes that never ran join the existing one.
+    let joining: Vec<u64> = if old.is_empty() {
+        Vec::new()
+    } else {
+        ids.iter().copied().filter(|id| !old.contains(id)).collect()
+    };
+    let left_out: Vec<u64> = (nodes + 1..)
+        .take_while(|id| data_dir.join(format!("node-{id}.toml")).exists())
+        .collect();
+    if !left_out.is_empty() {
+        eprintln!(
+            "warning: nodes {left_out:?} of this folder are not started (--nodes {nodes});              replicas they hold are unavailable"
+        );
+    }
     let layout = dev_layout(&ids, shards);
+    let first_meta: Vec<u64> = ids.iter().copied().take(DEV_REPLICATION).collect();
+    let joiner_meta: Vec<u64> = old
+        .iter()
+        .find_map(|id| known_meta_nodes(data_dir, *id))
+        .unwrap_or_else(|| old.iter().copied().take(DEV_REPLICATION).collect());
     let mut children = Processes(Vec::new());
     let mut dev_nodes = Vec::new();
     for &(id, addr) in &addrs {
         let node_dir = data_dir.join(format!("node-{id}"));
         let cfg: PathBuf = data_dir.join(format!("node-{id}.toml"));
-        write_private(
-            &cfg,
-            node_config(&node_dir, id, addr, &addrs, &layout, fault_injection).as_bytes(),
-        )?;
+        let config = if joining.contains(&id) {
+            // Empty: no first layout, and never a meta member of its own.
+            let meta: Vec<u64> = joiner_meta
+                .iter()
+                .copied()
+                .filter(|m| *m != id && ids.contains(m))
+                .collect();
+            node_config(&node_dir, id, addr, &addrs, &[], &meta, fault_injection)
+        } else {
+            node_config(
+                &node_dir,
+                id,
+                addr,
+                &addrs,
+                &layout,
+                &first_meta,
+                fault_injection,
+            )
+        };
+        write_private(&cfg, config.as_bytes())?;
         let log = logs.join(format!("node-{id}.log"));
         let child = spawn(&exe, &["node", "--config", &cfg.to_string_lossy()], &log)?;
         dev_nodes.push(DevNode {
@@ -227,6 +329,26 @@ pub async fn run(
     }
     let last = children.0.len() - 1;
     wait_listening(http, &mut children.0[last], &router_log)?;
+
+    for id in &joining {
+        let addr = addrs
+            .iter()
+            .find(|(i, _)| i == id)
+            .map(|(_, a)| *a)
+            .context("joining node's address")?;
+        let contacts: Vec<SocketAddr> = addrs
+            .iter()
+            .filter(|(i, _)| old.contains(i))
+            .map(|(_, a)| *a)
+            .collect();
+        register(*id, addr, &contacts)
+            .await
+            .with_context(|| format!("registering node {id} with the cluster"))?;
+        println!(
+            "node {id} joined the cluster empty; `cairn shard rebalance --data-dir {}` gives it replicas",
+            data_dir.display()
+        );
+    }
 
     let http_url = format!("http://{http}");
     let cluster = DevCluster {
@@ -287,11 +409,35 @@ mod tests {
             .map(|i| (i, SocketAddr::from(([127, 0, 0, 1], 7400 + i as u16))))
             .collect();
         let layout = dev_layout(&[1, 2, 3, 4], 4);
-        let text = node_config(Path::new("/tmp/n"), 2, peers[1].1, &peers, &layout, false);
+        let text = node_config(
+            Path::new("/tmp/n"),
+            2,
+            peers[1].1,
+            &peers,
+            &layout,
+            &[1, 2, 3],
+            false,
+        );
         let cfg: cairn_storage_node::Config = toml::from_str(&text).expect("parses");
         cfg.validate().expect("valid");
         let shards = cfg.shards.expect("shards");
         assert_eq!(shards.meta_voters(), vec![1, 2, 3]);
         assert_eq!(shards.shards.len(), 4);
+
+        // A node joining a running cluster: no layout, not a meta node.
+        let text = node_config(
+            Path::new("/tmp/n"),
+            4,
+            peers[3].1,
+            &peers,
+            &[],
+            &[1, 3],
+            false,
+        );
+        let cfg: cairn_storage_node::Config = toml::from_str(&text).expect("parses");
+        cfg.validate().expect("valid");
+        let shards = cfg.shards.expect("shards");
+        assert!(shards.shards.is_empty());
+        assert_eq!(shards.meta_voters(), vec![1, 3]);
     }
 }

@@ -833,6 +833,14 @@ if [ -n "$2" ]; then rm -rf "$2"; fi
         self.spawn()
     }
 
+    /// Stops `cairn dev` and starts it again on the same data dir with
+    /// `--nodes nodes`: the nodes beyond the old count join the cluster.
+    pub fn restart_with_nodes(&mut self, nodes: u64) -> Result<()> {
+        self.stop_processes();
+        self.node_count = nodes;
+        self.spawn()
+    }
+
     /// Whether the `cairn dev` process is still running.
     pub fn is_running(&mut self) -> bool {
         match self.child.as_mut() {

@@ -986,3 +986,78 @@ fn a_meta_group_move_interrupted_by_killing_its_leader_finishes_from_another_nod
     println!("test took {:.1?}", t0.elapsed());
     Ok(())
 }
+
+#[test]
+fn cairn_dev_with_more_nodes_grows_the_local_cluster() -> Result<()> {
+    let _serial = one_at_a_time();
+    let t0 = Instant::now();
+    let mut c = sharded(false, Vec::new())?;
+    let git = Git::new()?;
+    let repos = seed_workspaces(&c, &git, 2, 1)?;
+
+    // The same folder with `--nodes 4`: node 4 starts empty and joins.
+    c.restart_with_nodes(4)?;
+    ensure!(
+        c.log_tail().contains("node 4 joined the cluster"),
+        "cairn dev did not report node 4 joining:\n{}",
+        c.log_tail()
+    );
+    let status = wait_status(&c, "node 4 registered", SETTLE_TIMEOUT, |s| {
+        ensure!(
+            directory_node_state(s, 4) == Some(DirectoryNodeState::Active),
+            "node 4 is {:?}",
+            directory_node_state(s, 4)
+        );
+        for shard in &s.shards {
+            check_shard_settled(shard)?;
+        }
+        Ok(())
+    })?;
+    ensure!(
+        c.groups_on_node(4)?.is_empty(),
+        "the joining node opened replicas of its own"
+    );
+    print!("{}", describe_cluster_status(&status));
+
+    let out = cli_ok(&c, &["shard", "rebalance"])?;
+    ensure!(
+        out.contains("node 4"),
+        "rebalance gave node 4 nothing:\n{out}"
+    );
+    let status = wait_status(&c, "the rebalanced layout", SETTLE_TIMEOUT, |s| {
+        for shard in &s.shards {
+            check_shard_settled(shard)?;
+        }
+        let per_node = voters_per_node(s);
+        ensure!(
+            per_node == (1..=4).map(|n| (n, 3)).collect(),
+            "voters per node {per_node:?}, expected 3 on each of nodes 1-4"
+        );
+        Ok(())
+    })?;
+    check_nodes_hold_their_voters(&c, &status, &[1, 2, 3, 4])?;
+    check_repos(&c, &git, &repos)?;
+
+    // Restarted once more, node 4 is a member like the others.
+    c.restart_with_nodes(4)?;
+    wait_status(
+        &c,
+        "the cluster back after a restart",
+        SETTLE_TIMEOUT,
+        |s| {
+            for shard in &s.shards {
+                check_shard_settled(shard)?;
+            }
+            ensure!(
+                voters_per_node(s) == (1..=4).map(|n| (n, 3)).collect(),
+                "voters per node {:?}",
+                voters_per_node(s)
+            );
+            Ok(())
+        },
+    )?;
+    check_repos(&c, &git, &repos)?;
+    verify_shards(&c, 0..=SHARDS)?;
+    println!("test took {:.1?}", t0.elapsed());
+    Ok(())
+}
