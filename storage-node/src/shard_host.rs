@@ -1553,3 +1553,35 @@ fn remove_shard_files(data_dir: &Path, area: &StagingArea, shard: u64) -> std::i
     }
     area.remove_shard(shard)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hosted_file_reads_both_forms_and_round_trips() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join(HOSTED_FILE);
+        assert!(read_hosted(&path).expect("absent is fine").is_none());
+
+        // Written before the meta group could move: shard ids only.
+        std::fs::write(&path, b"[1,3]").expect("write");
+        match read_hosted(&path).expect("reads") {
+            Some(HostedFile::ShardsOnly(ids)) => assert_eq!(ids, vec![1, 3]),
+            other => panic!("old form read as {other:?}"),
+        }
+
+        let hosted = Hosted {
+            groups: vec![META_GROUP, 2, 4],
+            meta_nodes: vec![(1, "127.0.0.1:7410".into()), (4, "127.0.0.1:7413".into())],
+        };
+        write_hosted(&path, &hosted).expect("write");
+        match read_hosted(&path).expect("reads") {
+            Some(HostedFile::Current(h)) => assert_eq!(h, hosted),
+            other => panic!("current form read as {other:?}"),
+        }
+
+        std::fs::write(&path, b"{\"groups\": \"nope\"}").expect("write");
+        assert!(read_hosted(&path).is_err(), "a corrupt file is an error");
+    }
+}
