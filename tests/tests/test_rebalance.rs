@@ -677,30 +677,15 @@ fn line_reader(stdout: std::process::ChildStdout) -> mpsc::Receiver<String> {
     rx
 }
 
-#[test]
-fn a_move_interrupted_by_killing_its_mover_completes_when_run_again() -> Result<()> {
-    let _serial = one_at_a_time();
-    let t0 = Instant::now();
-    let mut c = sharded(
-        true,
-        vec![("CAIRN_MOVE_STEP_PAUSE_MS".into(), "1500".into())],
-    )?;
-    let git = Git::new()?;
-    // The first workspace created lands on shard 1.
-    let mut repos = seed_workspaces(&c, &git, 1, 2)?;
-    let status = c.cluster_status_any()?;
-    for (full, _) in &repos {
-        ensure!(
-            shard_of_repo(&status, full) == Some(1),
-            "{full} is on shard {:?}, expected 1\n{}",
-            shard_of_repo(&status, full),
-            describe_cluster_status(&status)
-        );
-    }
-    c.add_node(4)?;
-
-    // Node 1 runs the move (it also leads the meta group and the shards).
-    let mut mover = c.spawn_cli_at(1, &["shard", "move", "1", "--from", "2", "--to", "4"])?;
+/// Runs `cairn ARGS` on node `node` (which runs the move there), SIGKILLs
+/// that node once the move prints its learner step, and waits for the CLI
+/// to exit; returns its exit status and every line it printed.
+fn kill_mover_halfway(
+    c: &mut Cluster,
+    node: u64,
+    args: &[&str],
+) -> Result<(std::process::ExitStatus, Vec<String>)> {
+    let mut mover = c.spawn_cli_at(node, args)?;
     let lines = line_reader(mover.stdout.take().ok_or_else(|| anyhow!("no stdout"))?);
     let mut seen = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -725,8 +710,11 @@ fn a_move_interrupted_by_killing_its_mover_completes_when_run_again() -> Result<
             }
         }
     }
-    c.kill_node(1)?;
-    println!("killed node 1 (the mover) at {} UTC", utc_time_of_day());
+    c.kill_node(node)?;
+    println!(
+        "killed node {node} (the mover) at {} UTC",
+        utc_time_of_day()
+    );
     let exited = wait_until("the move CLI to exit", Duration::from_secs(60), || {
         Ok(mover.try_wait()?)
     });
@@ -747,6 +735,37 @@ fn a_move_interrupted_by_killing_its_mover_completes_when_run_again() -> Result<
         "interrupted move exited with {exit}: {seen:?}\n{}",
         without_backtrace(&stderr)
     );
+    Ok((exit, seen))
+}
+
+#[test]
+fn a_move_interrupted_by_killing_its_mover_completes_when_run_again() -> Result<()> {
+    let _serial = one_at_a_time();
+    let t0 = Instant::now();
+    let mut c = sharded(
+        true,
+        vec![("CAIRN_MOVE_STEP_PAUSE_MS".into(), "1500".into())],
+    )?;
+    let git = Git::new()?;
+    // The first workspace created lands on shard 1.
+    let mut repos = seed_workspaces(&c, &git, 1, 2)?;
+    let status = c.cluster_status_any()?;
+    for (full, _) in &repos {
+        ensure!(
+            shard_of_repo(&status, full) == Some(1),
+            "{full} is on shard {:?}, expected 1\n{}",
+            shard_of_repo(&status, full),
+            describe_cluster_status(&status)
+        );
+    }
+    c.add_node(4)?;
+
+    // Node 1 runs the move (it also leads the meta group and the shards).
+    let (exit, seen) = kill_mover_halfway(
+        &mut c,
+        1,
+        &["shard", "move", "1", "--from", "2", "--to", "4"],
+    )?;
     ensure!(
         !exit.success() || !seen.iter().any(|l| l.trim_start().starts_with("done")),
         "the move finished although its mover was killed: {seen:?}"
@@ -860,44 +879,11 @@ fn a_meta_group_move_interrupted_by_killing_its_leader_finishes_from_another_nod
     c.add_node(4)?;
 
     // Node 1 runs the move of its own meta replica, which leads the group.
-    let mut mover = c.spawn_cli_at(1, &["shard", "move", "meta", "--from", "1", "--to", "4"])?;
-    let lines = line_reader(mover.stdout.take().ok_or_else(|| anyhow!("no stdout"))?);
-    let mut seen = Vec::new();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        match lines.recv_timeout(left) {
-            Ok(line) => {
-                println!("mover: {line}");
-                let halfway = line.contains("learner") || line.contains("catch-up");
-                seen.push(line);
-                if halfway {
-                    break;
-                }
-            }
-            Err(e) => {
-                let _ = mover.kill();
-                let o = mover.wait_with_output()?;
-                bail!(
-                    "the move never reached the learner step ({e}); printed {seen:?}, {}",
-                    text(&o)
-                );
-            }
-        }
-    }
-    c.kill_node(1)?;
-    println!(
-        "killed node 1 (mover and meta leader) at {} UTC",
-        utc_time_of_day()
-    );
-    let exit = wait_until("the move CLI to exit", Duration::from_secs(60), || {
-        Ok(mover.try_wait()?)
-    });
-    if exit.is_err() {
-        let _ = mover.kill();
-    }
-    let _ = mover.wait();
-    seen.extend(lines.try_iter());
+    let (_, seen) = kill_mover_halfway(
+        &mut c,
+        1,
+        &["shard", "move", "meta", "--from", "1", "--to", "4"],
+    )?;
     ensure!(
         !seen.iter().any(|l| l.trim_start().starts_with("done")),
         "the move finished although its mover was killed: {seen:?}"
