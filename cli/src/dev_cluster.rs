@@ -52,31 +52,12 @@ fn remembered_addr(config: &Path, key: &str) -> Option<SocketAddr> {
     value.get(key)?.as_str()?.parse().ok()
 }
 
-/// Whether node `id` of this folder has started before (it recorded the
-/// groups it holds), so it belongs to the cluster already.
-fn established(data_dir: &Path, id: u64) -> bool {
-    data_dir
-        .join(format!("node-{id}"))
-        .join("raft")
-        .join("hosted-shards.json")
-        .exists()
-}
-
-/// Where an established node last saw the meta group, from the file it
-/// keeps (`{"groups": [..], "meta_nodes": [[id, addr], ..]}`).
-fn known_meta_nodes(data_dir: &Path, id: u64) -> Option<Vec<u64>> {
-    let path = data_dir
-        .join(format!("node-{id}"))
-        .join("raft")
-        .join("hosted-shards.json");
-    let value: serde_json::Value = serde_json::from_slice(&fs::read(path).ok()?).ok()?;
-    let ids: Vec<u64> = value
-        .get("meta_nodes")?
-        .as_array()?
-        .iter()
-        .filter_map(|pair| pair.get(0)?.as_u64())
-        .collect();
-    (!ids.is_empty()).then_some(ids)
+/// What node `id` of this folder recorded: `None` if it never ran (or its
+/// record is unreadable), else the meta nodes it last knew (may be empty).
+fn recorded_meta(data_dir: &Path, id: u64) -> Option<Vec<u64>> {
+    cairn_storage_node::shard_host::recorded_meta_nodes(&data_dir.join(format!("node-{id}")))
+        .ok()
+        .flatten()
 }
 
 pub fn node_config(
@@ -255,7 +236,7 @@ pub async fn run(
     let old: Vec<u64> = ids
         .iter()
         .copied()
-        .filter(|id| established(data_dir, *id))
+        .filter(|id| recorded_meta(data_dir, *id).is_some())
         .collect();
     // A grown cluster: the nodes that never ran join the existing one.
     let joining: Vec<u64> = if old.is_empty() {
@@ -268,14 +249,15 @@ pub async fn run(
         .collect();
     if !left_out.is_empty() {
         eprintln!(
-            "warning: nodes {left_out:?} of this folder are not started (--nodes {nodes});              replicas they hold are unavailable"
+            "warning: nodes {left_out:?} of this folder are not started (--nodes {nodes}); \
+             replicas they hold are unavailable"
         );
     }
     let layout = dev_layout(&ids, shards);
     let first_meta: Vec<u64> = ids.iter().copied().take(DEV_REPLICATION).collect();
     let joiner_meta: Vec<u64> = old
         .iter()
-        .find_map(|id| known_meta_nodes(data_dir, *id))
+        .find_map(|id| recorded_meta(data_dir, *id).filter(|m| !m.is_empty()))
         .unwrap_or_else(|| old.iter().copied().take(DEV_REPLICATION).collect());
     let mut children = Processes(Vec::new());
     let mut dev_nodes = Vec::new();

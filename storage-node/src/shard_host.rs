@@ -418,6 +418,17 @@ impl std::fmt::Debug for ShardHost {
     }
 }
 
+/// What a node with data folder `data_dir` recorded of its groups: `None`
+/// if it never started with shards; otherwise the meta nodes it last knew
+/// (empty if the file predates that record).
+pub fn recorded_meta_nodes(data_dir: &Path) -> Result<Option<Vec<u64>>, ShardHostError> {
+    let path = data_dir.join("raft").join(HOSTED_FILE);
+    Ok(read_hosted(&path)?.map(|file| match file {
+        HostedFile::Current(h) => h.meta_nodes.iter().map(|(id, _)| *id).collect(),
+        HostedFile::ShardsOnly(_) => Vec::new(),
+    }))
+}
+
 fn read_hosted(path: &Path) -> Result<Option<HostedFile>, ShardHostError> {
     match std::fs::read(path) {
         Ok(bytes) => serde_json::from_slice(&bytes)
