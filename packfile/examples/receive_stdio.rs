@@ -12,6 +12,14 @@
 //!   advertisement, simulating a concurrent writer so the client's `old`
 //!   values go stale.
 //! - Push options are written one per line to `<store>/last-push-options`.
+//! - `RECEIVE_STDIO_UPLOAD=1` serves upload-pack from the same store
+//!   instead (v2 when `GIT_PROTOCOL` asks for it, else v0), so tests can
+//!   clone and `ls-remote` what was pushed:
+//!   `git clone --no-local --upload-pack=/path/to/receive_stdio <store> dest`.
+//!
+//! Tests may seed refs that the push path would refuse (e.g. names longer
+//! than the length cap, stored before it existed) by writing the `refs`
+//! file directly.
 
 use std::fs;
 use std::io::{self, BufReader, BufWriter, Write};
@@ -24,6 +32,7 @@ use cairn_packfile::receive::{
 };
 use cairn_packfile::refs::{RefRecord, RepoRefs};
 use cairn_packfile::store::PackSet;
+use cairn_packfile::upload::{advertise_v0, advertise_v2, serve_v0, serve_v2, UploadContext};
 use cairn_packfile::ObjectId;
 
 type BoxError = Box<dyn std::error::Error>;
@@ -100,7 +109,32 @@ fn pack_indices(store: &Path) -> io::Result<Vec<PathBuf>> {
     Ok(out)
 }
 
+fn serve_upload(store: &Path) -> Result<(), BoxError> {
+    let refs = read_refs(store)?;
+    let packs = PackSet::open(&pack_indices(store)?)?;
+    let ctx = UploadContext {
+        refs: &refs,
+        packs: &packs,
+        agent: "cairn-test/0.1",
+    };
+    let proto = std::env::var("GIT_PROTOCOL").unwrap_or_default();
+    let mut input = io::stdin().lock();
+    let mut out = BufWriter::new(io::stdout().lock());
+    if proto.split(':').any(|p| p == "version=2") {
+        advertise_v2(&ctx, &mut out)?;
+        serve_v2(&ctx, &mut input, &mut out, false)?;
+    } else {
+        advertise_v0(&ctx, proto.split(':').any(|p| p == "version=1"), &mut out)?;
+        serve_v0(&ctx, &mut input, &mut out, false)?;
+    }
+    out.flush()?;
+    Ok(())
+}
+
 fn serve(store: &Path) -> Result<(), BoxError> {
+    if std::env::var_os("RECEIVE_STDIO_UPLOAD").is_some() {
+        return serve_upload(store);
+    }
     let limits = Limits::default();
     let mut refs = read_refs(store)?;
     let repo = PackSet::open(&pack_indices(store)?)?;
@@ -142,7 +176,7 @@ fn serve(store: &Path) -> Result<(), BoxError> {
             let reason = e.unpack_reason();
             let results: Vec<_> = names
                 .into_iter()
-                .map(|n| (n, Err("unpacker error".to_owned())))
+                .map(|n| (n, Err(e.ref_reason())))
                 .collect();
             write_report(&mut out, &request.caps, Err(&reason), &results)?;
             out.flush()?;

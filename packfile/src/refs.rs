@@ -2,6 +2,13 @@
 
 use gix_hash::ObjectId;
 
+/// Longest ref name (in bytes) accepted for a new or updated ref, and
+/// advertised by upload-pack. It is `PATH_MAX`: no longer name can be a
+/// loose ref on a client, and it keeps every advertisement line far below
+/// the pkt-line limit. Older stores may hold longer names (anything a
+/// pkt-line command could carry); they stay readable and deletable.
+pub const MAX_REF_NAME_LEN: usize = 4096;
+
 /// One ref: a full name (`refs/heads/main`) and the object it points to.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RefRecord {

@@ -13,6 +13,7 @@ use std::sync::{Arc, OnceLock};
 use gix_hash::{oid, ObjectId};
 use gix_object::Kind;
 use gix_pack::cache::lru::StaticLinkedList;
+use gix_pack::data::decode::header::ResolvedBase;
 
 /// Errors opening or reading packs.
 #[derive(Debug, thiserror::Error)]
@@ -184,6 +185,41 @@ impl<'a> ObjectReader<'a> {
     pub fn get<'b>(&self, id: &oid, buf: &'b mut Vec<u8>) -> Result<(Kind, &'b [u8]), StoreError> {
         self.find(id, buf)?
             .ok_or_else(|| StoreError::Missing { id: id.to_owned() })
+    }
+
+    /// The kind and size of `id` read from pack entry headers, without
+    /// inflating the object (a delta's result size is in its first bytes);
+    /// `Ok(None)` if no pack has it.
+    pub fn header(&self, id: &oid) -> Result<Option<(Kind, u64)>, StoreError> {
+        let decode_err = |e: gix_error::Error| StoreError::Decode {
+            id: id.to_owned(),
+            message: e.to_string(),
+        };
+        for b in &self.packs.bundles {
+            let Some(idx) = b.index.lookup(id) else {
+                continue;
+            };
+            let entry = b
+                .pack
+                .entry(b.index.pack_offset_at_index(idx))
+                .map_err(decode_err)?;
+            // Every pack is self-contained, so ref-delta bases are in it.
+            let resolve = |base: &oid| -> gix_error::Result<Option<ResolvedBase>> {
+                match b.index.lookup(base) {
+                    Some(i) => Ok(Some(ResolvedBase::InPack(
+                        b.pack.entry(b.index.pack_offset_at_index(i))?,
+                    ))),
+                    None => Ok(None),
+                }
+            };
+            let mut st = self.state.borrow_mut();
+            let header = b
+                .pack
+                .decode_header(entry, &mut st.inflate, &resolve)
+                .map_err(decode_err)?;
+            return Ok(Some((header.kind, header.object_size)));
+        }
+        Ok(None)
     }
 
     /// The kind of `id` without keeping its data.

@@ -11,7 +11,8 @@ use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
-use cairn_packfile::pktline::{Pkt, PktReader, PktWriter};
+use cairn_packfile::pktline::{Pkt, PktReader, PktWriter, MAX_DATA_LEN};
+use cairn_packfile::receive::MAX_REF_NAME_LEN;
 use cairn_packfile::store::PackSet;
 use cairn_packfile::ObjectId;
 
@@ -294,6 +295,37 @@ impl Fixture {
             list.push('\n');
         }
         self.git_stdin(&["pack-objects", "-q", "--stdout"], list.as_bytes())
+    }
+
+    /// Adds a ref to the store's refs file directly, bypassing the push
+    /// path (as a ref written before some check existed would be).
+    fn seed_ref(&self, name: &str, id: &str) {
+        let mut text = self.refs_text();
+        text.push_str(&format!("{id} {name}\n"));
+        fs::write(self.store.join("refs"), text).unwrap();
+    }
+
+    fn unseed_ref(&self, name: &str) {
+        let text: String = self
+            .refs_text()
+            .lines()
+            .filter(|l| l.split_once(' ').is_none_or(|(_, n)| n != name))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        fs::write(self.store.join("refs"), text).unwrap();
+    }
+
+    /// A git command that reads the store through the harness's
+    /// upload-pack mode; `url` is the store as a `file://` url (a bare
+    /// path would make git look for a repository there itself).
+    fn upload_cmd(&self, dir: &Path, args: &[&str]) -> Command {
+        let mut c = self.cmd(dir, args);
+        c.env("RECEIVE_STDIO_UPLOAD", "1");
+        c
+    }
+
+    fn store_url(&self) -> String {
+        format!("file://{}", self.store.display())
     }
 
     fn write_literally(&self, kind: &str, data: &[u8]) -> String {
@@ -644,6 +676,17 @@ fn truncated_and_corrupted_packs_fail_cleanly() {
         "{report:?}"
     );
 
+    let mut junk = pack.clone();
+    junk.extend_from_slice(&[b'j'; 70]);
+    let report = f.raw_push(&cmd, "report-status", &junk);
+    assert_eq!(
+        report,
+        vec![
+            "unpack pack has junk at the end",
+            "ng refs/heads/main unpacker error"
+        ]
+    );
+
     let report = f.raw_push(&cmd, "report-status", b"");
     assert_eq!(report[0], "unpack no pack data received");
     let report = f.raw_push(&cmd, "report-status", b"JUNKJUNKJUNKJUNK");
@@ -683,5 +726,268 @@ fn ref_delta_against_a_base_both_sent_and_stored() {
     );
     assert_eq!(report, vec!["unpack ok", "ok refs/heads/main"]);
     f.assert_store_has(&["main"]);
+    f.fsck_store();
+}
+
+/// `prefix` padded with `x` to `len` bytes.
+fn long_name(prefix: &str, len: usize) -> String {
+    format!("{prefix}{}", "x".repeat(len - prefix.len()))
+}
+
+fn run(mut c: Command) -> Output {
+    c.output().expect("run git")
+}
+
+fn ok_stdout(out: Output, what: &str) -> String {
+    assert!(
+        out.status.success(),
+        "{what} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+#[test]
+fn over_long_refs_stored_earlier_break_nothing() {
+    let f = Fixture::new();
+    f.commit("a.txt", "a\n", "one");
+    f.git(&["tag", "-a", "v1", "-m", "release one"]);
+    f.push_ok(&["main", "v1"]);
+    let tag = f.git(&["rev-parse", "v1"]);
+    let main = f.git(&["rev-parse", "main"]);
+
+    // Stored before the cap existed, bypassing the push path: the longest
+    // name a command pkt-line can carry, sorting before every other ref,
+    // and an annotated tag one byte over the cap (with a peeled line).
+    let huge = long_name("refs/a/", 65_430);
+    let over = long_name("refs/tags/over-", MAX_REF_NAME_LEN + 1);
+    f.seed_ref(&huge, &main);
+    f.seed_ref(&over, &tag);
+
+    // A push still gets a usable advertisement.
+    let c2 = f.commit("b.txt", "b\n", "two");
+    let out = f.push_ok(&["main"]);
+    assert!(out.contains("main -> main"), "{out}");
+    assert_eq!(f.store_ref("refs/heads/main"), Some(c2.clone()));
+
+    // ls-remote and clones, v0 and v2, work and never show the long refs.
+    let url = f.store_url();
+    let bin = example_bin();
+    let up = format!("--upload-pack={}", bin.display());
+    let want = format!(
+        "{c2}\tHEAD\n{c2}\trefs/heads/main\n{tag}\trefs/tags/v1\n{main}\trefs/tags/v1^{{}}\n"
+    );
+    for proto in ["0", "2"] {
+        let cfg = format!("protocol.version={proto}");
+        let trace = f.root.join(format!("trace-v{proto}"));
+        let listed = ok_stdout(
+            run({
+                let mut c = f.upload_cmd(&f.root, &["-c", &cfg, "ls-remote", &up, &url]);
+                c.env("GIT_TRACE_PACKET", &trace);
+                c
+            }),
+            "ls-remote",
+        );
+        assert_eq!(listed, want, "protocol {proto}");
+        let traced = fs::read_to_string(&trace).unwrap();
+        assert_eq!(traced.contains("ls-refs"), proto == "2", "protocol {proto}");
+
+        let dest = format!("clone-v{proto}");
+        ok_stdout(
+            run(f.upload_cmd(&f.root, &["-c", &cfg, "clone", "-q", &up, &url, &dest])),
+            "clone",
+        );
+        let dest = f.root.join(&dest);
+        let refs = f.git_in(&dest, &["for-each-ref", "--format=%(refname)"]);
+        assert_eq!(
+            refs,
+            "refs/heads/main\nrefs/remotes/origin/HEAD\nrefs/remotes/origin/main\nrefs/tags/v1",
+            "protocol {proto}"
+        );
+        f.git_in(&dest, &["fsck", "--full", "--strict", "--no-dangling"]);
+    }
+
+    // A plain `git push --delete` removes an over-long ref, up to the
+    // longest name git's client can send: its first command line carries
+    // its capabilities too, so that is a little under what the
+    // advertisement can show. Find that length.
+    let try_delete = |len: usize| -> bool {
+        let name = long_name("refs/heads/d", len);
+        f.seed_ref(&name, &main);
+        let out = f.push(&["--delete", &name]);
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        f.assert_staging_empty();
+        if out.status.success() {
+            assert_eq!(f.store_ref(&name), None, "deleted at {len}");
+            true
+        } else {
+            // Refused by the client itself, never by us.
+            assert!(
+                stderr.contains("impossibly long line"),
+                "{len}: {stderr:.300}"
+            );
+            assert_eq!(f.store_ref(&name), Some(main.clone()));
+            f.unseed_ref(&name);
+            false
+        }
+    };
+    let (mut good, mut bad) = (65_000, MAX_DATA_LEN - 42);
+    assert!(try_delete(good));
+    assert!(
+        !try_delete(bad),
+        "the longest advertised name cannot be sent back"
+    );
+    while bad - good > 1 {
+        let mid = (good + bad) / 2;
+        if try_delete(mid) {
+            good = mid;
+        } else {
+            bad = mid;
+        }
+    }
+    eprintln!("longest ref name git's client can delete: {good} bytes");
+    assert!(good > 65_300, "{good}");
+    let out = f.push_ok(&["--delete", &over]);
+    assert!(out.contains("[deleted]"), "{out}");
+    assert_eq!(f.store_ref(&over), None);
+    // The one too long for any client stays, harmless.
+    assert_eq!(f.store_ref(&huge), Some(main.clone()));
+
+    // New refs over the cap are refused with the reason; at the cap is fine.
+    let refs_before = f.refs_text();
+    let too_long = long_name("refs/heads/n", MAX_REF_NAME_LEN + 1);
+    let err = f.push_err(&[&format!("HEAD:{too_long}")]);
+    assert!(
+        err.contains("(ref name too long (4097 bytes, limit 4096))"),
+        "{err}"
+    );
+    assert_eq!(f.refs_text(), refs_before);
+    let at_cap = long_name("refs/heads/n", MAX_REF_NAME_LEN);
+    f.push_ok(&[&format!("HEAD:{at_cap}")]);
+    assert_eq!(f.store_ref(&at_cap), Some(c2));
+}
+
+/// A commit on top of `main` whose tree also holds `.gitmodules` with
+/// `content`, as branch `branch`.
+fn with_gitmodules(f: &Fixture, branch: &str, content: &[u8]) -> String {
+    let blob = f.write_literally("blob", content);
+    let mut listing = f.git(&["ls-tree", "main"]);
+    listing.push_str(&format!("\n100644 blob {blob}\t.gitmodules\n"));
+    let tree = String::from_utf8(f.git_stdin(&["mktree"], listing.as_bytes())).unwrap();
+    let commit = f.git(&["commit-tree", tree.trim(), "-p", "main", "-m", branch]);
+    f.git(&["update-ref", &format!("refs/heads/{branch}"), &commit]);
+    commit
+}
+
+/// Pushes `branch` to a bare git repository with `receive.fsckObjects`;
+/// returns whether git accepted it, and its output.
+fn git_receives(f: &Fixture, reference: &Path, branch: &str) -> (bool, String) {
+    let out = f
+        .cmd(&f.client, &["push", reference.to_str().unwrap(), branch])
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn gitmodules_attacks_are_refused_like_git_does() {
+    let f = Fixture::new();
+    f.commit("a.txt", "a\n", "one");
+    f.push_ok(&["main"]);
+    let reference = f.root.join("reference.git");
+    f.git_in(&f.root, &["init", "-q", "--bare", "reference.git"]);
+    f.git_in(&reference, &["config", "receive.fsckObjects", "true"]);
+    let (accepted, out) = git_receives(&f, &reference, "main");
+    assert!(accepted, "{out}");
+
+    let cases: &[(&str, &str, Option<&str>)] = &[
+        (
+            "fine",
+            "[submodule \"lib\"]\n\tpath = lib\n\turl = https://example.com/lib.git\n",
+            None,
+        ),
+        (
+            "name",
+            "[submodule \"../../../../../hooks\"]\n\tpath = x\n\turl = ./x\n",
+            Some("gitmodulesName: disallowed submodule name: ../../../../../hooks"),
+        ),
+        (
+            "path",
+            "[submodule \"evil\"]\n\tpath = -evil\n\turl = ./evil\n",
+            Some("gitmodulesPath: disallowed submodule path: -evil"),
+        ),
+        (
+            "url",
+            "[submodule \"evil\"]\n\tpath = evil\n\turl = -u./payload\n",
+            Some("gitmodulesUrl: disallowed submodule url: -u./payload"),
+        ),
+        (
+            "newline",
+            "[submodule \"evil\"]\n\tpath = evil\n\turl = https://example.com/%0atest\n",
+            Some("gitmodulesUrl: disallowed submodule url: https://example.com/%0atest"),
+        ),
+        (
+            "update",
+            "[submodule \"evil\"]\n\tpath = evil\n\tupdate = !sh -c id\n",
+            Some("gitmodulesUpdate: disallowed submodule update setting: !sh -c id"),
+        ),
+    ];
+    for (branch, content, refusal) in cases {
+        let commit = with_gitmodules(&f, branch, content.as_bytes());
+        let refs_before = f.refs_text();
+        let packs_before = f.pack_indices();
+        let (git_accepted, git_out) = git_receives(&f, &reference, branch);
+        assert_eq!(
+            git_accepted,
+            refusal.is_none(),
+            "git on {branch}: {git_out}"
+        );
+        match refusal {
+            None => {
+                f.push_ok(&[branch]);
+                assert_eq!(f.store_ref(&format!("refs/heads/{branch}")), Some(commit));
+            }
+            Some(text) => {
+                let msg_id = &text[..text.find(':').unwrap()];
+                assert!(git_out.contains(text), "git on {branch}: {git_out}");
+                let err = f.push_err(&[branch]);
+                assert!(err.contains(&format!("({text})")), "{branch}: {err}");
+                assert!(err.contains("remote unpack failed"), "{branch}: {err}");
+                assert!(err.contains(msg_id), "{branch}: {err}");
+                assert_eq!(f.refs_text(), refs_before, "{branch}");
+                assert_eq!(f.pack_indices(), packs_before, "{branch}");
+            }
+        }
+    }
+
+    // A blob the repository already holds under a harmless name becomes
+    // `.gitmodules` in a later push: checked all the same, by both.
+    let evil = b"[submodule \"../../../../../hooks\"]\n\tpath = x\n\turl = ./x\n";
+    let blob = f.write_literally("blob", evil);
+    fs::write(f.client.join("notes.txt"), evil).unwrap();
+    f.git(&["add", "notes.txt"]);
+    f.git(&["commit", "-q", "-m", "harmless name"]);
+    f.push_ok(&["main"]);
+    let (accepted, out) = git_receives(&f, &reference, "main");
+    assert!(accepted, "{out}");
+    let mut listing = f.git(&["ls-tree", "main"]);
+    listing.push_str(&format!("\n100644 blob {blob}\t.gitmodules\n"));
+    let tree = String::from_utf8(f.git_stdin(&["mktree"], listing.as_bytes())).unwrap();
+    let commit = f.git(&["commit-tree", tree.trim(), "-p", "main", "-m", "renamed"]);
+    f.git(&["update-ref", "refs/heads/renamed", &commit]);
+    let refs_before = f.refs_text();
+    let packs_before = f.pack_indices();
+    let (accepted, out) = git_receives(&f, &reference, "renamed");
+    assert!(!accepted && out.contains("gitmodulesName"), "{out}");
+    let err = f.push_err(&["renamed"]);
+    assert!(
+        err.contains("(gitmodulesName: disallowed submodule name: ../../../../../hooks)"),
+        "{err}"
+    );
+    assert_eq!(f.refs_text(), refs_before);
+    assert_eq!(f.pack_indices(), packs_before);
     f.fsck_store();
 }

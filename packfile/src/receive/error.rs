@@ -50,6 +50,15 @@ pub enum FsckId {
     MissingTypeEntry,
     BadType,
     MissingTagEntry,
+    // .gitmodules blobs named by received trees
+    GitmodulesMissing,
+    GitmodulesBlob,
+    GitmodulesLarge,
+    GitmodulesParse,
+    GitmodulesName,
+    GitmodulesPath,
+    GitmodulesUrl,
+    GitmodulesUpdate,
     // connectivity: an object referenced with one type is another
     WrongObjectType,
 }
@@ -94,6 +103,14 @@ impl FsckId {
             MissingTypeEntry => "missingTypeEntry",
             BadType => "badType",
             MissingTagEntry => "missingTagEntry",
+            GitmodulesMissing => "gitmodulesMissing",
+            GitmodulesBlob => "gitmodulesBlob",
+            GitmodulesLarge => "gitmodulesLarge",
+            GitmodulesParse => "gitmodulesParse",
+            GitmodulesName => "gitmodulesName",
+            GitmodulesPath => "gitmodulesPath",
+            GitmodulesUrl => "gitmodulesUrl",
+            GitmodulesUpdate => "gitmodulesUpdate",
             WrongObjectType => "wrongObjectType",
         }
     }
@@ -146,6 +163,9 @@ pub enum ReceiveError {
     PackTruncated,
     #[error("pack checksum mismatch")]
     PackChecksum,
+    /// Bytes follow the pack's trailer (git's index-pack wording).
+    #[error("pack has junk at the end")]
+    PackJunk,
     #[error("pack is corrupt: {detail}")]
     PackCorrupt { detail: String },
     #[error("pack object exceeds the size limit of {limit} bytes")]
@@ -171,22 +191,28 @@ pub enum ReceiveError {
     },
 }
 
+/// Longest `unpack <reason>` text.
+const MAX_UNPACK_REASON: usize = 400;
+/// Longest per-ref reason: it is repeated on every ref's `ng` line.
+const MAX_REF_REASON: usize = 300;
+
 impl ReceiveError {
     /// The reason for git's `unpack <reason>` line: one line, bounded length.
     pub fn unpack_reason(&self) -> String {
-        let mut s: String = self
-            .to_string()
-            .chars()
-            .map(|c| if c.is_control() { ' ' } else { c })
-            .collect();
-        if s.len() > 400 {
-            let mut cut = 400;
-            while !s.is_char_boundary(cut) {
-                cut -= 1;
+        one_line(&self.to_string(), MAX_UNPACK_REASON)
+    }
+
+    /// The reason for each ref's `ng <ref> <reason>` line when the push
+    /// fails as a whole: git's `<msgId>: <message>` for an fsck error (what
+    /// a pusher needs to find the offending object), else git's own
+    /// `unpacker error`. One line, at most a few hundred bytes.
+    pub fn ref_reason(&self) -> String {
+        match self {
+            ReceiveError::Fsck { msg_id, detail, .. } => {
+                one_line(&format!("{msg_id}: {detail}"), MAX_REF_REASON)
             }
-            s.truncate(cut);
+            _ => "unpacker error".to_owned(),
         }
-        s
     }
 
     pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
@@ -194,5 +220,73 @@ impl ReceiveError {
             path: path.into(),
             source,
         }
+    }
+}
+
+/// `text` with control characters made spaces, cut to `max` bytes on a
+/// char boundary.
+fn one_line(text: &str, max: usize) -> String {
+    let mut s: String = text
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect();
+    if s.len() > max {
+        let mut cut = max;
+        while !s.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        s.truncate(cut);
+    }
+    s
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn fsck(msg_id: FsckId, detail: &str) -> ReceiveError {
+        ReceiveError::Fsck {
+            id: gix_hash::Kind::Sha1.null(),
+            kind: gix_object::Kind::Blob,
+            msg_id,
+            detail: detail.to_owned(),
+        }
+    }
+
+    #[test]
+    fn ref_reason_names_the_fsck_problem_on_one_bounded_line() {
+        let e = fsck(
+            FsckId::GitmodulesName,
+            "disallowed submodule name: ../../../../../hooks",
+        );
+        assert_eq!(
+            e.ref_reason(),
+            "gitmodulesName: disallowed submodule name: ../../../../../hooks"
+        );
+        assert!(e.unpack_reason().starts_with("fsck error in blob 0000000"));
+
+        // A url with a newline, then more multi-byte text than fits.
+        let long = format!("disallowed submodule url: ./a\nb{}", "é".repeat(400));
+        let e = fsck(FsckId::GitmodulesUrl, &long);
+        let r = e.ref_reason();
+        assert!(
+            r.starts_with("gitmodulesUrl: disallowed submodule url: ./a b"),
+            "{r}"
+        );
+        assert!(r.len() <= MAX_REF_REASON && r.len() >= MAX_REF_REASON - 1);
+        assert!(!r.contains('\n'));
+
+        for other in [
+            ReceiveError::PackJunk,
+            ReceiveError::PackTruncated,
+            ReceiveError::MissingPack,
+        ] {
+            assert_eq!(other.ref_reason(), "unpacker error");
+        }
+        assert_eq!(
+            ReceiveError::PackJunk.unpack_reason(),
+            "pack has junk at the end"
+        );
     }
 }

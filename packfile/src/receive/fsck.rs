@@ -7,7 +7,7 @@
 //! anything a lenient parser would paper over (odd modes, stray bytes in
 //! headers) is still seen.
 
-use std::collections::HashSet;
+use std::collections::{BTreeSet, HashSet};
 
 use gix_hash::ObjectId;
 use gix_object::Kind;
@@ -45,11 +45,23 @@ const MODE_SYMLINK: u32 = 0o120000;
 const MODE_DIR: u32 = 0o40000;
 const MODE_GITLINK: u32 = 0o160000;
 
-/// Checks one object; blobs always pass.
+/// Checks one object; blobs always pass here (a blob named `.gitmodules`
+/// is checked once the whole pack is known, see [`check_object_marking`]).
 pub fn check_object(kind: Kind, data: &[u8]) -> Result<(), FsckError> {
+    check_object_marking(kind, data, &mut BTreeSet::new())
+}
+
+/// [`check_object`], also adding to `gitmodules` the id of every entry a
+/// tree names `.gitmodules` (or an HFS+/NTFS alias of it): those blobs must
+/// pass git's `.gitmodules` checks wherever they are stored.
+pub(crate) fn check_object_marking(
+    kind: Kind,
+    data: &[u8],
+    gitmodules: &mut BTreeSet<ObjectId>,
+) -> Result<(), FsckError> {
     match kind {
         Kind::Blob => Ok(()),
-        Kind::Tree => check_tree(data),
+        Kind::Tree => check_tree(data, gitmodules),
         Kind::Commit => check_commit(data),
         Kind::Tag => check_tag(data),
     }
@@ -108,7 +120,7 @@ fn tree_entries(data: &[u8]) -> impl Iterator<Item = Result<TreeEntry<'_>, FsckE
     })
 }
 
-fn check_tree(data: &[u8]) -> Result<(), FsckError> {
+fn check_tree(data: &[u8], gitmodules: &mut BTreeSet<ObjectId>) -> Result<(), FsckError> {
     let mut names: HashSet<&[u8]> = HashSet::new();
     let mut prev: Option<(Vec<u8>, &[u8])> = None;
     for entry in tree_entries(data) {
@@ -150,11 +162,18 @@ fn check_tree(data: &[u8]) -> Result<(), FsckError> {
                 format!("entry {shown:?} would be read as .git"),
             ));
         }
-        if e.mode == MODE_SYMLINK && is_gitmodules(e.name) {
-            return Err(err(
-                FsckId::GitmodulesSymlink,
-                format!("entry {shown:?} is a symlink named like .gitmodules"),
-            ));
+        if is_gitmodules(e.name) {
+            if e.mode == MODE_SYMLINK {
+                // git's wording; a symlink would make clients read a file
+                // outside the repository as their submodule config.
+                return Err(err(
+                    FsckId::GitmodulesSymlink,
+                    ".gitmodules is a symbolic link",
+                ));
+            }
+            if let Ok(id) = gix_hash::oid::try_from_bytes(e.id) {
+                gitmodules.insert(id.to_owned());
+            }
         }
         if e.id.iter().all(|&b| b == 0) {
             return Err(err(
@@ -236,7 +255,67 @@ fn is_dotgit(name: &[u8]) -> bool {
 }
 
 fn is_gitmodules(name: &[u8]) -> bool {
-    hfs_equals(name, ".gitmodules") || ntfs_equals(name, ".gitmodules", "gitmod~1")
+    // As in git, what follows each backslash is checked too, since it is a
+    // directory separator on Windows.
+    hfs_equals(name, ".gitmodules")
+        || ntfs_is_dot_name(name, "gitmodules", "gi7eba")
+        || name
+            .iter()
+            .enumerate()
+            .any(|(i, &b)| b == b'\\' && ntfs_is_dot_name(&name[i + 1..], "gitmodules", "gi7eba"))
+}
+
+/// Whether NTFS may open `name` as `.<dot_name>` (git's
+/// `is_ntfs_dot_generic`): case-insensitively, with trailing spaces and
+/// dots ignored, a `:stream` suffix ignored, or as an 8.3 short name,
+/// either the usual `<first six>~1`..`~4` or the hashed fallback
+/// `<short_prefix>~<digits>` (git precomputed that prefix per name).
+fn ntfs_is_dot_name(name: &[u8], dot_name: &str, short_prefix: &str) -> bool {
+    let only_spaces_and_dots = |rest: &[u8]| {
+        rest.iter()
+            .take_while(|&&c| c != b':')
+            .all(|&c| c == b' ' || c == b'.')
+    };
+    let long = dot_name.as_bytes();
+    if let Some(after) = name.strip_prefix(b".").and_then(|r| {
+        r.get(..long.len())
+            .filter(|p| p.eq_ignore_ascii_case(long))
+            .map(|_| &r[long.len()..])
+    }) {
+        return only_spaces_and_dots(after);
+    }
+    if name.len() >= 8
+        && name[..6].eq_ignore_ascii_case(&long[..6])
+        && name[6] == b'~'
+        && (b'1'..=b'4').contains(&name[7])
+    {
+        return only_spaces_and_dots(&name[8..]);
+    }
+    // The fallback: up to six prefix characters, `~`, then digits (the
+    // first not 0), eight characters in all.
+    let prefix = short_prefix.as_bytes();
+    let mut saw_tilde = false;
+    let mut i = 0;
+    while i < 8 {
+        let Some(&c) = name.get(i) else {
+            return false;
+        };
+        if saw_tilde {
+            if !c.is_ascii_digit() {
+                return false;
+            }
+        } else if c == b'~' {
+            i += 1;
+            if !name.get(i).is_some_and(|d| (b'1'..=b'9').contains(d)) {
+                return false;
+            }
+            saw_tilde = true;
+        } else if i >= 6 || !c.is_ascii() || c.to_ascii_lowercase() != prefix[i] {
+            return false;
+        }
+        i += 1;
+    }
+    only_spaces_and_dots(&name[8..])
 }
 
 /// The header part of a commit or tag: must hold no NUL and end in a
@@ -548,11 +627,53 @@ mod tests {
             (vec![("100644", b"x.git")], None),
             (vec![("120000", b".gitmodules")], Some(GitmodulesSymlink)),
             (vec![("120000", b".GITMODULES ")], Some(GitmodulesSymlink)),
+            (
+                vec![("120000", b".gitmodules::$DATA")],
+                Some(GitmodulesSymlink),
+            ),
+            (vec![("120000", b"gitmod~1")], Some(GitmodulesSymlink)),
+            (vec![("120000", b"GITMOD~4")], Some(GitmodulesSymlink)),
+            (vec![("120000", b"gi7eba~1")], Some(GitmodulesSymlink)),
+            (vec![("120000", b"GI7EB~12")], Some(GitmodulesSymlink)),
+            (
+                vec![("120000", b"sub\\.gitmodules")],
+                Some(GitmodulesSymlink),
+            ),
+            (
+                vec![("120000", ".gitmodules\u{200d}".as_bytes())],
+                Some(GitmodulesSymlink),
+            ),
+            (vec![("120000", b"gitmod~5")], None),
+            (vec![("120000", b"gi7eba~0")], None),
+            (vec![("120000", b".gitmodulesx")], None),
+            (vec![("120000", b"x.gitmodules")], None),
             (vec![("100644", b".gitmodules")], None),
         ];
         for (entries, want) in cases {
             assert_eq!(tree_id(&entries), want, "{entries:?}");
         }
+    }
+
+    #[test]
+    fn gitmodules_entries_are_marked() {
+        let mut marked = BTreeSet::new();
+        let data = tree(&[
+            ("100644", b".GitModules"),
+            ("100644", b"a"),
+            ("40000", b"gitmod~1"),
+            ("160000", b"sub"),
+        ]);
+        check_object_marking(Kind::Tree, &data, &mut marked).unwrap();
+        assert_eq!(
+            marked.into_iter().collect::<Vec<_>>(),
+            vec![ObjectId::from_bytes_or_panic(&ID)]
+        );
+
+        let e = check_object(Kind::Tree, &tree(&[("120000", b".gitmodules")])).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "gitmodulesSymlink: .gitmodules is a symbolic link"
+        );
     }
 
     #[test]

@@ -13,7 +13,7 @@
 //! is inflated twice. gix still does the stream parsing, trailer check and
 //! delta application.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufRead, BufWriter, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
@@ -27,7 +27,9 @@ use gix_pack::data::entry::Header;
 use gix_pack::data::input;
 
 use super::connectivity;
-use super::fsck::check_object;
+use super::fsck::check_object_marking;
+use super::gitmodules;
+use super::refname::check_ref_name_length;
 use super::{Limits, PushRequest, ReceiveError};
 use crate::store::PackSet;
 
@@ -75,34 +77,46 @@ pub fn ingest(
     } else {
         None
     };
-    let Some((staged, kinds, files)) = staged else {
+    let Some(Received {
+        staged,
+        kinds,
+        gitmodules,
+        cleanup,
+    }) = staged
+    else {
         let command_errors = connectivity::check(request, repo, None, &HashMap::new())?;
         return Ok(Ingested {
             pack: None,
-            command_errors,
+            command_errors: with_name_errors(request, command_errors),
         });
     };
-    // From here on the files exist; remove them if anything fails.
-    let result = (|| {
-        let bundle =
-            gix_pack::Bundle::at(&staged.index_path, gix_hash::Kind::Sha1).map_err(|e| {
-                ReceiveError::PackCorrupt {
-                    detail: format!("cannot open staged pack: {}", flatten(&e)),
-                }
-            })?;
-        let new = PackSet::default().with_bundle(Arc::new(bundle));
-        connectivity::check(request, repo, Some(&new), &kinds)
-    })();
-    match result {
-        Ok(command_errors) => {
-            files.disarm();
-            Ok(Ingested {
-                pack: Some(staged),
-                command_errors,
-            })
+    // From here on the files exist; `cleanup` removes them if anything fails.
+    let bundle = gix_pack::Bundle::at(&staged.index_path, gix_hash::Kind::Sha1).map_err(|e| {
+        ReceiveError::PackCorrupt {
+            detail: format!("cannot open staged pack: {}", flatten(&e)),
         }
-        Err(e) => Err(e),
+    })?;
+    let new = PackSet::default().with_bundle(Arc::new(bundle));
+    // Only now is every object known: a new tree may name a blob sent
+    // later in the pack, or one the repository already has.
+    gitmodules::check_marked(&gitmodules, &new, repo)?;
+    let command_errors = connectivity::check(request, repo, Some(&new), &kinds)?;
+    cleanup.disarm();
+    Ok(Ingested {
+        pack: Some(staged),
+        command_errors: with_name_errors(request, command_errors),
+    })
+}
+
+/// Adds the refusals of over-long names to the per-command errors.
+fn with_name_errors(request: &PushRequest, mut errors: Vec<Option<String>>) -> Vec<Option<String>> {
+    errors.resize(request.commands.len(), None);
+    for (cmd, err) in request.commands.iter().zip(errors.iter_mut()) {
+        if err.is_none() {
+            *err = check_ref_name_length(cmd);
+        }
     }
+    errors
 }
 
 /// Deletes its paths on drop unless disarmed.
@@ -194,7 +208,37 @@ impl<R: BufRead> BufRead for Limited<'_, R> {
 const HEADER_LEN: usize = 12;
 const HASH_LEN: usize = 20;
 
-type Received = (StagedPack, HashMap<ObjectId, Kind>, Cleanup);
+/// A staged pack whose objects are all resolved and fsck-clean.
+struct Received {
+    staged: StagedPack,
+    kinds: HashMap<ObjectId, Kind>,
+    /// Blobs received trees name `.gitmodules`, still to be checked.
+    gitmodules: BTreeSet<ObjectId>,
+    /// Removes the staged files unless disarmed.
+    cleanup: Cleanup,
+}
+
+/// Fails with [`ReceiveError::PackJunk`] if anything follows the pack and
+/// `limits` asks for the end of input there.
+fn expect_end<R: BufRead>(
+    limited: &mut Limited<'_, R>,
+    limits: &Limits,
+) -> Result<(), ReceiveError> {
+    if !limits.require_eof_after_pack {
+        return Ok(());
+    }
+    // Peek at the client's stream itself: the pack is complete, so neither
+    // the size limit nor the copy into staging apply to what follows.
+    let rest = limited
+        .inner
+        .fill_buf()
+        .map_err(|e| ReceiveError::io("<client>", e))?;
+    if rest.is_empty() {
+        Ok(())
+    } else {
+        Err(ReceiveError::PackJunk)
+    }
+}
 
 fn receive_pack(
     pack: &mut impl BufRead,
@@ -241,6 +285,7 @@ fn receive_pack(
         if want.as_slice() != trailer {
             return Err(ReceiveError::PackChecksum);
         }
+        expect_end(&mut limited, limits)?;
         return Ok(None);
     }
 
@@ -270,6 +315,8 @@ fn receive_pack(
         Some(Err(e)) => return Err(io_err(e.into_error())),
         None => return Err(io_err(io::Error::other("staged pack file went missing"))),
     };
+    // The trailer is verified; the pack must be all there is.
+    expect_end(&mut limited, limits)?;
 
     let resolved = resolve_objects(&tmp_path, file, &mut entries, repo, limits)?;
 
@@ -292,7 +339,12 @@ fn receive_pack(
         objects: resolved.entries.len() as u64,
         bytes: resolved.bytes,
     };
-    Ok(Some((staged, resolved.kinds, cleanup)))
+    Ok(Some(Received {
+        staged,
+        kinds: resolved.kinds,
+        gitmodules: resolved.gitmodules,
+        cleanup,
+    }))
 }
 
 fn unique_suffix() -> String {
@@ -402,6 +454,8 @@ struct Resolved {
     /// Sorted by id.
     entries: Vec<(ObjectId, PackEntry)>,
     kinds: HashMap<ObjectId, Kind>,
+    /// Blobs the pack's trees name `.gitmodules`.
+    gitmodules: BTreeSet<ObjectId>,
     checksum: ObjectId,
     bytes: u64,
 }
@@ -442,6 +496,7 @@ fn resolve_objects(
     let mut buf = Vec::new();
     let mut pending: Vec<usize> = (0..entries.len()).collect();
     let mut deferred = Vec::new();
+    let mut gitmodules = BTreeSet::new();
     let reader = repo.reader();
 
     // Offset deltas always point backwards, so one pass in pack order
@@ -469,7 +524,7 @@ fn resolve_objects(
             let kind = outcome.kind;
             let id = gix_object::compute_hash(gix_hash::Kind::Sha1, kind, &buf)
                 .map_err(|e| corrupt(&e))?;
-            check_object(kind, &buf).map_err(|e| ReceiveError::Fsck {
+            check_object_marking(kind, &buf, &mut gitmodules).map_err(|e| ReceiveError::Fsck {
                 id,
                 kind,
                 msg_id: e.msg_id,
@@ -571,6 +626,7 @@ fn resolve_objects(
     Ok(Resolved {
         entries: sorted,
         kinds,
+        gitmodules,
         checksum,
         bytes,
     })
@@ -715,16 +771,28 @@ impl<W: Write> Write for HashingWriter<W> {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
-    use crate::receive::Command;
+    use crate::receive::{Command, FsckId};
 
     /// A pack of full blobs, built by hand.
     fn pack_of_blobs(blobs: &[&[u8]]) -> Vec<u8> {
+        let objects: Vec<(Kind, &[u8])> = blobs.iter().map(|b| (Kind::Blob, *b)).collect();
+        pack_of(&objects)
+    }
+
+    /// A pack of whole (undeltified) objects, built by hand.
+    fn pack_of(objects: &[(Kind, &[u8])]) -> Vec<u8> {
         let mut out = b"PACK".to_vec();
         out.extend_from_slice(&2u32.to_be_bytes());
-        out.extend_from_slice(&(blobs.len() as u32).to_be_bytes());
-        for blob in blobs {
+        out.extend_from_slice(&(objects.len() as u32).to_be_bytes());
+        for (kind, blob) in objects {
+            let code: u8 = match kind {
+                Kind::Commit => 1,
+                Kind::Tree => 2,
+                Kind::Blob => 3,
+                Kind::Tag => 4,
+            };
             let mut size = blob.len();
-            let mut byte = (3u8 << 4) | (size & 0x0f) as u8;
+            let mut byte = (code << 4) | (size & 0x0f) as u8;
             size >>= 4;
             while size > 0 {
                 out.push(byte | 0x80);
@@ -763,15 +831,39 @@ mod tests {
         new: ObjectId,
         limits: &Limits,
     ) -> (Result<Ingested, ReceiveError>, tempfile::TempDir) {
+        run_in(pack, new, limits, &PackSet::default())
+    }
+
+    fn run_in(
+        pack: &[u8],
+        new: ObjectId,
+        limits: &Limits,
+        repo: &PackSet,
+    ) -> (Result<Ingested, ReceiveError>, tempfile::TempDir) {
         let dir = tempfile::tempdir().unwrap();
-        let res = ingest(
-            &request(new),
-            &mut &pack[..],
-            &PackSet::default(),
-            dir.path(),
-            limits,
-        );
+        let res = ingest(&request(new), &mut &pack[..], repo, dir.path(), limits);
         (res, dir)
+    }
+
+    fn id_of(kind: Kind, data: &[u8]) -> ObjectId {
+        gix_object::compute_hash(gix_hash::Kind::Sha1, kind, data).unwrap()
+    }
+
+    /// A tree of `(mode, name, id)` entries, given in git's order.
+    fn tree(entries: &[(&str, &str, ObjectId)]) -> Vec<u8> {
+        let mut out = Vec::new();
+        for (mode, name, id) in entries {
+            out.extend_from_slice(format!("{mode} {name}\0").as_bytes());
+            out.extend_from_slice(id.as_slice());
+        }
+        out
+    }
+
+    fn fsck_id(res: &Result<Ingested, ReceiveError>) -> Option<(FsckId, String)> {
+        match res {
+            Err(ReceiveError::Fsck { msg_id, detail, .. }) => Some((*msg_id, detail.clone())),
+            _ => None,
+        }
     }
 
     fn files_in(dir: &Path) -> Vec<String> {
@@ -900,5 +992,202 @@ mod tests {
             "{res:?}"
         );
         assert!(files_in(dir.path()).is_empty());
+    }
+
+    #[test]
+    fn junk_after_the_trailer_is_refused() {
+        let blob: &[u8] = b"hello\n";
+        for pack in [pack_of_blobs(&[blob]), pack_of_blobs(&[])] {
+            for junk in [&b"x"[..], &[0x5a; 70]] {
+                let mut sent = pack.clone();
+                sent.extend_from_slice(junk);
+                let (res, dir) = run(&sent, blob_id(blob), &Limits::default());
+                assert!(matches!(res, Err(ReceiveError::PackJunk)), "{res:?}");
+                assert!(files_in(dir.path()).is_empty());
+            }
+            // Exactly at the end: accepted.
+            let (res, _dir) = run(&pack, blob_id(blob), &Limits::default());
+            assert!(res.is_ok(), "{res:?}");
+        }
+
+        // A bidirectional session does not look past the pack; the rest of
+        // the stream stays unread.
+        let mut sent = pack_of_blobs(&[blob]);
+        let len = sent.len();
+        sent.extend_from_slice(b"more");
+        let open = Limits {
+            require_eof_after_pack: false,
+            ..Limits::default()
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let mut input = &sent[..];
+        let res = ingest(
+            &request(blob_id(blob)),
+            &mut input,
+            &PackSet::default(),
+            dir.path(),
+            &open,
+        );
+        assert_eq!(res.unwrap().command_errors, vec![None]);
+        assert_eq!(input, b"more");
+        assert_eq!(sent.len() - input.len(), len);
+    }
+
+    const GOOD_GITMODULES: &[u8] =
+        b"[submodule \"lib\"]\n\tpath = lib\n\turl = https://example.com/lib.git\n";
+    const EVIL_GITMODULES: &[u8] =
+        b"[submodule \"../../../../../hooks\"]\n\tpath = -evil\n\turl = -u./payload\n";
+
+    #[test]
+    fn gitmodules_blobs_in_the_pack_are_checked() {
+        // Ok: the per-command errors; Err: the fsck problem.
+        let check = |objects: &[(Kind, &[u8])], tip: ObjectId| {
+            let (res, dir) = run(&pack_of(objects), tip, &Limits::default());
+            match res {
+                Ok(ingested) => Ok(ingested.command_errors),
+                Err(ReceiveError::Fsck { msg_id, detail, .. }) => {
+                    assert!(files_in(dir.path()).is_empty());
+                    Err((msg_id, detail))
+                }
+                Err(e) => panic!("{e}"),
+            }
+        };
+        let blob = |data: &'static [u8]| (Kind::Blob, data, id_of(Kind::Blob, data));
+
+        // Fine, with the blob after the tree that names it.
+        let (k, good, good_id) = blob(GOOD_GITMODULES);
+        let t = tree(&[("100644", ".gitmodules", good_id)]);
+        let got = check(&[(Kind::Tree, &t), (k, good)], id_of(Kind::Tree, &t));
+        assert_eq!(got, Ok(vec![None]));
+
+        // The attack, named through an NTFS alias: the name is the first
+        // problem git reports too.
+        let (k, evil, evil_id) = blob(EVIL_GITMODULES);
+        let t = tree(&[("100644", "GITMOD~1", evil_id)]);
+        let got = check(&[(k, evil), (Kind::Tree, &t)], id_of(Kind::Tree, &t)).unwrap_err();
+        assert_eq!(
+            got,
+            (
+                FsckId::GitmodulesName,
+                "disallowed submodule name: ../../../../../hooks".into()
+            )
+        );
+
+        // Not git-config syntax.
+        let (k, bad, bad_id) = blob(b"[submodule \"x\"\n\tpath = x\n");
+        let t = tree(&[("100644", ".gitmodules", bad_id)]);
+        let got = check(&[(k, bad), (Kind::Tree, &t)], id_of(Kind::Tree, &t)).unwrap_err();
+        assert_eq!(
+            got,
+            (
+                FsckId::GitmodulesParse,
+                "could not parse gitmodules blob".into()
+            )
+        );
+
+        // Too large to parse, decided before inflating it.
+        let mut big = b"[submodule \"x\"]\n\tpath = x\n#".to_vec();
+        big.resize(gitmodules::MAX_GITMODULES_SIZE as usize + 1, b'#');
+        let big_id = id_of(Kind::Blob, &big);
+        let t = tree(&[("100644", ".gitmodules", big_id)]);
+        let got = check(
+            &[(Kind::Blob, &big), (Kind::Tree, &t)],
+            id_of(Kind::Tree, &t),
+        )
+        .unwrap_err();
+        assert_eq!(
+            got,
+            (
+                FsckId::GitmodulesLarge,
+                ".gitmodules too large to parse".into()
+            )
+        );
+
+        // A symlink of that name.
+        let (k, target, target_id) = blob(b"../../.git/config");
+        let t = tree(&[("120000", ".gitmodules", target_id)]);
+        let got = check(&[(k, target), (Kind::Tree, &t)], id_of(Kind::Tree, &t)).unwrap_err();
+        assert_eq!(
+            got,
+            (
+                FsckId::GitmodulesSymlink,
+                ".gitmodules is a symbolic link".into()
+            )
+        );
+
+        // Not a blob, and nowhere at all.
+        let inner = tree(&[("100644", "a", good_id)]);
+        let inner_id = id_of(Kind::Tree, &inner);
+        let t = tree(&[("100644", ".gitmodules", inner_id)]);
+        let got = check(
+            &[
+                (Kind::Blob, GOOD_GITMODULES),
+                (Kind::Tree, &inner),
+                (Kind::Tree, &t),
+            ],
+            id_of(Kind::Tree, &t),
+        )
+        .unwrap_err();
+        assert_eq!(
+            got,
+            (
+                FsckId::GitmodulesBlob,
+                "non-blob found at .gitmodules".into()
+            )
+        );
+        let t = tree(&[("100644", ".gitmodules", id_of(Kind::Blob, b"absent"))]);
+        let got = check(&[(Kind::Tree, &t)], id_of(Kind::Tree, &t)).unwrap_err();
+        assert_eq!(
+            got,
+            (
+                FsckId::GitmodulesMissing,
+                "unable to read .gitmodules blob".into()
+            )
+        );
+    }
+
+    #[test]
+    fn gitmodules_blob_already_stored_is_checked_when_newly_named() {
+        // The repository got the blobs earlier under innocent names.
+        let store = tempfile::tempdir().unwrap();
+        let ingested = ingest(
+            &request(id_of(Kind::Blob, EVIL_GITMODULES)),
+            &mut &pack_of_blobs(&[EVIL_GITMODULES, GOOD_GITMODULES])[..],
+            &PackSet::default(),
+            store.path(),
+            &Limits::default(),
+        )
+        .unwrap();
+        let repo = PackSet::open(&[ingested.pack.unwrap().index_path]).unwrap();
+
+        let t = tree(&[("100644", ".gitmodules", id_of(Kind::Blob, EVIL_GITMODULES))]);
+        let (res, dir) = run_in(
+            &pack_of(&[(Kind::Tree, &t)]),
+            id_of(Kind::Tree, &t),
+            &Limits::default(),
+            &repo,
+        );
+        assert_eq!(
+            fsck_id(&res),
+            Some((
+                FsckId::GitmodulesName,
+                "disallowed submodule name: ../../../../../hooks".into()
+            ))
+        );
+        assert!(files_in(dir.path()).is_empty());
+        let Err(e) = res else { unreachable!() };
+        assert_eq!(
+            e.ref_reason(),
+            "gitmodulesName: disallowed submodule name: ../../../../../hooks"
+        );
+
+        let t = tree(&[("100644", ".gitmodules", id_of(Kind::Blob, GOOD_GITMODULES))]);
+        let (res, _dir) = run_in(
+            &pack_of(&[(Kind::Tree, &t)]),
+            id_of(Kind::Tree, &t),
+            &Limits::default(),
+            &repo,
+        );
+        assert_eq!(res.unwrap().command_errors, vec![None]);
     }
 }

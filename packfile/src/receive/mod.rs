@@ -14,19 +14,21 @@ mod advertise;
 mod connectivity;
 mod error;
 mod fsck;
+mod gitmodules;
 mod ingest;
 mod plan;
 mod refname;
 mod report;
 mod request;
 
+pub use crate::refs::MAX_REF_NAME_LEN;
 pub use advertise::{advertise, CAPABILITIES};
 pub use connectivity::MISSING_OBJECTS;
 pub use error::{FsckId, ReceiveError};
 pub use fsck::{check_object, FsckError};
 pub use ingest::{ingest, Ingested, StagedPack};
 pub use plan::{plan_updates, ATOMIC_FAILED};
-pub use refname::check_ref_name;
+pub use refname::{check_ref_name, check_ref_name_length};
 pub use report::{write_progress, write_report};
 pub use request::{read_request, Command, PushRequest, ReceiveCaps};
 
@@ -45,6 +47,13 @@ pub struct Limits {
     pub alloc_limit_bytes: usize,
     /// Threads used to resolve deltas while indexing; `None` means all cores.
     pub index_threads: Option<usize>,
+    /// Refuse a push whose pack is followed by more bytes (git's
+    /// index-pack: "pack has junk at the end"). Right where the pack ends
+    /// the client's input, as a smart-HTTP request body does. A
+    /// bidirectional session (SSH, `git://`) must turn it off: the client
+    /// keeps its side open after the pack while it waits for the report,
+    /// so looking for more input would block until it gives up.
+    pub require_eof_after_pack: bool,
 }
 
 impl Default for Limits {
@@ -56,6 +65,7 @@ impl Default for Limits {
             max_objects: 10_000_000,
             alloc_limit_bytes: 512 << 20,
             index_threads: None,
+            require_eof_after_pack: true,
         }
     }
 }

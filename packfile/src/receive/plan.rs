@@ -162,9 +162,18 @@ mod tests {
                     name: "refs/heads/dir".into(),
                     target: id(2),
                 },
+                RefRecord {
+                    name: long_existing(),
+                    target: id(2),
+                },
             ],
             Some("refs/heads/main".into()),
         )
+    }
+
+    /// A ref stored before the length cap existed.
+    fn long_existing() -> String {
+        format!("refs/heads/{}", "l".repeat(65_000 - 11))
     }
 
     fn cmd(old: u8, new: u8, name: &str) -> Command {
@@ -305,6 +314,9 @@ mod tests {
                 vec![],
                 vec![None, None],
             ),
+            // a name of any length stored earlier stays deletable (the
+            // length cap is the leader's, in `ingest`)
+            (vec![cmd(2, 0, &long_existing())], false, vec![], vec![None]),
             // a sibling with a common prefix is no conflict
             (
                 vec![cmd(0, 3, "refs/heads/dir-2"), cmd(0, 3, "refs/heads/di")],

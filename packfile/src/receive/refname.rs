@@ -1,5 +1,24 @@
 //! Ref name validity as `git check-ref-format` defines it, plus the
-//! receive-pack rule that pushed names live under `refs/`.
+//! receive-pack rule that pushed names live under `refs/`, and the length
+//! cap that keeps every advertisement line inside a pkt-line.
+
+use super::Command;
+use crate::refs::MAX_REF_NAME_LEN;
+
+/// Why `cmd` may not create or move a ref of its name's length, if so.
+/// Deletes are exempt, so that refs stored before the cap stay removable.
+///
+/// Not part of [`plan_updates`](super::plan_updates), which replicas run
+/// on logged entries: the cap is decided once, by whoever validates the
+/// push, and travels with it as a rejection.
+pub fn check_ref_name_length(cmd: &Command) -> Option<String> {
+    (!cmd.is_delete() && cmd.name.len() > MAX_REF_NAME_LEN).then(|| {
+        format!(
+            "ref name too long ({} bytes, limit {MAX_REF_NAME_LEN})",
+            cmd.name.len()
+        )
+    })
+}
 
 /// Checks a full ref name; `Err` carries why it is refused.
 pub fn check_ref_name(name: &str) -> Result<(), &'static str> {
@@ -46,6 +65,26 @@ pub fn check_ref_name(name: &str) -> Result<(), &'static str> {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn length_cap_spares_deletes() {
+        let id = |b: u8| gix_hash::ObjectId::from_bytes_or_panic(&[b; 20]);
+        let cmd = |old: u8, new: u8, len: usize| Command {
+            old: id(old),
+            new: id(new),
+            name: format!("refs/heads/{}", "x".repeat(len - 11)),
+        };
+        assert_eq!(check_ref_name_length(&cmd(0, 1, MAX_REF_NAME_LEN)), None);
+        assert_eq!(
+            check_ref_name_length(&cmd(0, 1, MAX_REF_NAME_LEN + 1)).as_deref(),
+            Some("ref name too long (4097 bytes, limit 4096)")
+        );
+        assert_eq!(
+            check_ref_name_length(&cmd(2, 1, 65_000)).as_deref(),
+            Some("ref name too long (65000 bytes, limit 4096)")
+        );
+        assert_eq!(check_ref_name_length(&cmd(2, 0, 65_000)), None);
+    }
 
     #[test]
     fn table() {

@@ -7,7 +7,7 @@
 use std::io::{self, Write};
 
 use super::ReceiveCaps;
-use crate::pktline::{band, PktWriter, Sideband};
+use crate::pktline::{band, PktWriter, Sideband, MAX_DATA_LEN};
 
 /// Writes the status report. Nothing is written if the client asked for no
 /// report, except the final flush that ends a side-band stream.
@@ -22,12 +22,18 @@ pub fn write_report(
         let mut report = PktWriter::new(Vec::new());
         match unpack {
             Ok(()) => report.text("unpack ok")?,
-            Err(reason) => report.text(&format!("unpack {}", one_line(reason)))?,
+            Err(reason) => report.text(&format!("unpack {}", one_line(reason, MAX_REASON)))?,
         }
         for (name, result) in results {
             match result {
                 Ok(()) => report.text(&format!("ok {name}"))?,
-                Err(reason) => report.text(&format!("ng {name} {}", one_line(reason)))?,
+                Err(reason) => {
+                    // Names come from the client's pkt-lines, so with the
+                    // longest of them the reason must give way to fit.
+                    let room = MAX_DATA_LEN.saturating_sub("ng  \n".len() + name.len());
+                    let reason = one_line(reason, room.min(MAX_REASON));
+                    report.text(&format!("ng {name} {reason}"))?
+                }
             }
         }
         report.flush_pkt()?;
@@ -58,14 +64,18 @@ pub fn write_progress(out: &mut impl Write, caps: &ReceiveCaps, message: &str) -
     w.flush()
 }
 
-/// A reason must not break the line-based report, and must fit a pkt-line.
-fn one_line(reason: &str) -> String {
+/// Longest reason sent.
+const MAX_REASON: usize = 1000;
+
+/// A reason must not break the line-based report, and must fit a pkt-line:
+/// control characters become spaces, and it is cut to `max` bytes.
+fn one_line(reason: &str, max: usize) -> String {
     let mut s: String = reason
         .chars()
         .map(|c| if c.is_control() { ' ' } else { c })
         .collect();
-    if s.len() > 1000 {
-        let mut cut = 1000;
+    if s.len() > max {
+        let mut cut = max;
         while !s.is_char_boundary(cut) {
             cut -= 1;
         }
@@ -123,6 +133,38 @@ mod tests {
         let mut out = Vec::new();
         write_report(&mut out, &ReceiveCaps::default(), Ok(()), &results()).unwrap();
         assert!(out.is_empty());
+    }
+
+    #[test]
+    fn reason_gives_way_to_the_longest_ref_name() {
+        let caps = ReceiveCaps {
+            report_status: true,
+            ..ReceiveCaps::default()
+        };
+        // The longest name a command pkt-line can carry.
+        let name = format!("refs/heads/{}", "n".repeat(MAX_DATA_LEN - 82 - 11));
+        let res = vec![(
+            name.clone(),
+            Err(format!("gitmodulesUrl: {}", "é".repeat(200))),
+        )];
+        let mut out = Vec::new();
+        write_report(&mut out, &caps, Err("fsck error"), &res).unwrap();
+        let mut r = PktReader::new(&out[..]);
+        assert_eq!(
+            r.expect_pkt().unwrap().text().unwrap(),
+            b"unpack fsck error"
+        );
+        let Pkt::Data(line) = r.expect_pkt().unwrap() else {
+            panic!("no ng line");
+        };
+        assert!(line.len() == MAX_DATA_LEN || line.len() == MAX_DATA_LEN - 1);
+        let line = String::from_utf8(line).unwrap();
+        assert!(
+            line.starts_with(&format!("ng {name} gitmodulesUrl: é")),
+            "{}",
+            &line[..20]
+        );
+        assert_eq!(r.expect_pkt().unwrap(), Pkt::Flush);
     }
 
     #[test]

@@ -6,7 +6,7 @@ use std::io::{Read, Write};
 
 use gix_hash::ObjectId;
 
-use super::advertise::peeled_tag;
+use super::advertise::{advertised_head, advertised_refs, peeled_tag};
 use super::negotiate::{Have, Negotiation};
 use super::objects::CommitCache;
 use super::request::FetchRequest;
@@ -147,11 +147,9 @@ fn ls_refs<W: Write>(
     let reader = ctx.packs.reader();
 
     if wanted("HEAD") {
+        let head = advertised_head(ctx.refs);
         let target = if symrefs {
-            ctx.refs
-                .head
-                .as_deref()
-                .map(|h| format!(" symref-target:{h}"))
+            head.map(|h| format!(" symref-target:{h}"))
                 .unwrap_or_default()
         } else {
             String::new()
@@ -166,11 +164,13 @@ fn ls_refs<W: Write>(
                 }
                 w.text(&line)?;
             }
-            None if unborn && ctx.refs.head.is_some() => w.text(&format!("unborn HEAD{target}"))?,
+            // An over-long target is not advertised at all, so neither is
+            // the unborn HEAD pointing to it.
+            None if unborn && head.is_some() => w.text(&format!("unborn HEAD{target}"))?,
             None => {}
         }
     }
-    for r in ctx.refs.refs.iter().filter(|r| wanted(&r.name)) {
+    for r in advertised_refs(ctx.refs).filter(|r| wanted(&r.name)) {
         let mut line = format!("{} {}", r.target, r.name);
         if peel {
             if let Some(p) = peeled_tag(&reader, &r.target)? {
