@@ -24,3 +24,18 @@ pub mod raft {
 pub mod cluster {
     tonic::include_proto!("cairn.cluster.v1");
 }
+
+/// Bounds on what clients may store, shared by the router (which answers
+/// with the offending field) and the storage nodes (which enforce them).
+pub mod limits {
+    /// Longest repository description, in bytes.
+    pub const MAX_DESCRIPTION_BYTES: usize = 2048;
+}
+
+/// gRPC metadata with a meaning between Cairn's processes.
+pub mod metadata {
+    /// On an `ALREADY_EXISTS` answer to a create: the name taken differs
+    /// from the requested one only in case (value `case`).
+    pub const NAME_CONFLICT: &str = "x-cairn-name-conflict";
+    pub const NAME_CONFLICT_CASE: &str = "case";
+}

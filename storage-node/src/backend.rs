@@ -11,6 +11,7 @@
 use std::sync::Arc;
 
 use cairn_packfile::receive::{Command, StagedPack};
+use cairn_proto::metadata;
 use cairn_raft::NodeId;
 use tonic::metadata::MetadataValue;
 use tonic::Status;
@@ -278,7 +279,15 @@ pub fn store_status(e: StoreError) -> Status {
     match e {
         StoreError::RepoNotFound { .. } => Status::not_found(e.to_string()),
         StoreError::RepoExists { .. } => Status::already_exists(e.to_string()),
-        StoreError::InvalidName { .. } => Status::invalid_argument(e.to_string()),
+        StoreError::RepoCaseClash { .. } => {
+            let mut status = Status::already_exists(e.to_string());
+            status.metadata_mut().insert(
+                metadata::NAME_CONFLICT,
+                MetadataValue::from_static(metadata::NAME_CONFLICT_CASE),
+            );
+            status
+        }
+        StoreError::InvalidName(_) => Status::invalid_argument(e.to_string()),
         other => {
             tracing::error!(error = %other, "storage failure");
             Status::internal(other.to_string())

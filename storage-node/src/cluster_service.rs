@@ -339,7 +339,7 @@ impl Cluster for ClusterService {
         request: Request<CreateWorkspaceRequest>,
     ) -> Result<Response<Workspace>, Status> {
         let name = request.into_inner().name;
-        crate::repo_store::validate_name("workspace", &name)
+        crate::names::validate("workspace", &crate::names::canonical(&name))
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
         let Some((_, dir)) = &self.inner.replicated else {
             return Ok(Response::new(Workspace {
@@ -359,8 +359,14 @@ impl Cluster for ClusterService {
         &self,
         request: Request<DeleteWorkspaceRequest>,
     ) -> Result<Response<DeleteWorkspaceResponse>, Status> {
-        let name = request.into_inner().name;
+        let asked = request.into_inner().name;
         let (_, dir) = self.replicated()?;
+        // Entries name the workspace by its stored key.
+        let name = match dir.workspace(&asked).await.map_err(directory_status)? {
+            Some(record) => record.name,
+            None => return Err(Status::not_found(format!("workspace {asked} not found"))),
+        };
+        dir.forget(&asked);
         match dir
             .write(MetaRequest::DeleteWorkspace { name: name.clone() })
             .await

@@ -308,14 +308,15 @@ impl MetaClient {
         }
     }
 
-    /// The workspace's entry, placing it first if it is new.
+    /// The workspace's entry, placing it first (under its canonical name)
+    /// if it is new.
     pub async fn create_workspace(&self, name: &str) -> Result<WorkspaceRecord, DirectoryError> {
-        if let Some(record) = self.cached(name) {
+        if let Some(record) = self.workspace(name).await? {
             return Ok(record);
         }
         match self
             .write(MetaRequest::CreateWorkspace {
-                name: name.to_owned(),
+                name: crate::names::canonical(name),
             })
             .await?
         {

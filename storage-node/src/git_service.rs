@@ -258,10 +258,7 @@ fn run_receive_pack(
         }
         Err(e) => {
             tracing::info!(error = %e, "push rejected while unpacking");
-            (
-                Err(e.unpack_reason()),
-                vec![Err("unpacker error".to_owned()); n],
-            )
+            (Err(e.unpack_reason()), vec![Err(e.ref_reason()); n])
         }
     };
     if !request.push_options.is_empty() {

@@ -8,12 +8,14 @@
 pub mod admin_service;
 pub mod backend;
 pub mod bridge;
+pub mod case_migration;
 pub mod cluster_service;
 pub mod config;
 pub mod directory;
 pub mod git_service;
 pub mod meta_state;
 pub mod mover;
+pub mod names;
 pub mod pack_placer;
 pub mod pack_transfer;
 pub mod replicated_store;

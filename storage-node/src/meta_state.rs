@@ -20,7 +20,8 @@
 use cairn_raft::{GroupState, StateView, StoreError};
 use serde::{Deserialize, Serialize};
 
-use crate::repo_store::{validate_name, RepoRecord};
+use crate::names::{self, CasePlan};
+use crate::repo_store::RepoRecord;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum NodeState {
@@ -111,6 +112,11 @@ pub enum MetaRequest {
     EndMove {
         shard: u64,
     },
+    /// Moves workspaces and repository entries stored under a legacy name
+    /// (kept before names were compared without case) to their canonical
+    /// key, and records the workspace names that clash. Deterministic from
+    /// the state alone, idempotent.
+    CanonicalizeNames,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -122,6 +128,13 @@ pub enum MetaResponse {
     Move(MoveRecord),
     /// Refused as a whole, nothing changed; a human reason.
     Refused(String),
+    /// `CanonicalizeNames`: how many rows moved, and the workspace and
+    /// repository names that clash.
+    Canonicalized {
+        renamed: u64,
+        workspace_clashes: Vec<Vec<String>>,
+        repo_clashes: Vec<Vec<String>>,
+    },
 }
 
 /// Row keys of the meta group.
@@ -155,6 +168,16 @@ mod keys {
     pub fn workspace(name: &str) -> Vec<u8> {
         let mut k = WORKSPACES.to_vec();
         k.extend_from_slice(name.as_bytes());
+        k
+    }
+
+    /// Legacy workspace names that differ only in case, by canonical form:
+    /// JSON list of the stored names. While one exists, no workspace of
+    /// that name can be created.
+    pub const WORKSPACE_CLASHES: &[u8] = b"wc/";
+    pub fn workspace_clash(canonical: &str) -> Vec<u8> {
+        let mut k = WORKSPACE_CLASHES.to_vec();
+        k.extend_from_slice(canonical.as_bytes());
         k
     }
 
@@ -312,12 +335,18 @@ impl MetaLogic {
                 MetaResponse::Node(record)
             }
             MetaRequest::CreateWorkspace { name } => {
-                if let Err(e) = validate_name("workspace", &name) {
+                if let Err(e) = names::validate("workspace", &name) {
                     return Ok(Refused(e.to_string()));
                 }
                 let key = keys::workspace(&name);
                 if let Some(existing) = Self::get::<WorkspaceRecord>(state, &key)? {
                     return Ok(MetaResponse::Workspace(existing));
+                }
+                let canonical = names::canonical(&name);
+                if let Some(clash) =
+                    Self::get::<Vec<String>>(state, &keys::workspace_clash(&canonical))?
+                {
+                    return Ok(Refused(names::describe_clash("workspace", &clash)));
                 }
                 if state.get(keys::BOOTSTRAPPED)?.is_none() {
                     return Ok(Refused(NOT_BOOTSTRAPPED.into()));
@@ -348,6 +377,7 @@ impl MetaLogic {
                     return Ok(Refused(format!("workspace {name} still has repositories")));
                 }
                 state.delete(&key);
+                Self::settle_workspace_clash(state, &name)?;
                 Done
             }
             MetaRequest::RecordRepo(record) => {
@@ -400,6 +430,95 @@ impl MetaLogic {
                 state.delete(&keys::move_(shard));
                 Done
             }
+            MetaRequest::CanonicalizeNames => Self::canonicalize_names(state)?,
+        })
+    }
+
+    fn rename_workspace(state: &mut GroupState<'_>, from: &str, to: &str) -> Result<(), MetaError> {
+        let (from_key, to_key) = (keys::workspace(from), keys::workspace(to));
+        // `to` is free: no other stored name has its canonical form (reads
+        // here see the state before the entry, so do not ask the state).
+        if from_key == to_key {
+            return Ok(());
+        }
+        let Some(mut record) = Self::get::<WorkspaceRecord>(state, &from_key)? else {
+            return Ok(());
+        };
+        record.name = to.to_owned();
+        state.delete(&from_key);
+        state.put(&to_key, &json(&record));
+        Ok(())
+    }
+
+    /// After workspace `deleted` is gone: if it was one of a clash, the
+    /// clash shrinks, and its last name takes the canonical key.
+    fn settle_workspace_clash(state: &mut GroupState<'_>, deleted: &str) -> Result<(), MetaError> {
+        let canonical = names::canonical(deleted);
+        let clash_key = keys::workspace_clash(&canonical);
+        let Some(mut left) = Self::get::<Vec<String>>(state, &clash_key)? else {
+            return Ok(());
+        };
+        left.retain(|n| n != deleted);
+        if left.len() > 1 {
+            state.put(&clash_key, &json(&left));
+            return Ok(());
+        }
+        state.delete(&clash_key);
+        if let Some(last) = left.pop() {
+            Self::rename_workspace(state, &last, &canonical)?;
+        }
+        Ok(())
+    }
+
+    fn canonicalize_names(state: &mut GroupState<'_>) -> Result<MetaResponse, MetaError> {
+        let suffix =
+            |prefix: &[u8], k: &[u8]| String::from_utf8_lossy(&k[prefix.len()..]).into_owned();
+        let stored: Vec<String> = state
+            .scan_prefix(keys::WORKSPACES)?
+            .into_iter()
+            .map(|(k, _)| suffix(keys::WORKSPACES, &k))
+            .collect();
+        let CasePlan { renames, clashes } = names::plan_case_migration(stored);
+        for (from, to) in &renames {
+            Self::rename_workspace(state, from, to)?;
+        }
+        for (k, _) in state.scan_prefix(keys::WORKSPACE_CLASHES)? {
+            if !clashes.contains_key(&suffix(keys::WORKSPACE_CLASHES, &k)) {
+                state.delete(&k);
+            }
+        }
+        for (canonical, names) in &clashes {
+            state.put(&keys::workspace_clash(canonical), &json(names));
+        }
+        let mut renamed = renames.len() as u64;
+
+        // Repository entries mirror their shards' records; they move alike.
+        let stored: Vec<String> = state
+            .scan_prefix(keys::REPOS)?
+            .into_iter()
+            .map(|(k, _)| suffix(keys::REPOS, &k))
+            .collect();
+        let repos = names::plan_case_migration(stored);
+        for (from, to) in &repos.renames {
+            let from_key = [keys::REPOS, from.as_bytes()].concat();
+            let to_key = [keys::REPOS, to.as_bytes()].concat();
+            let (Some(mut record), None) = (
+                Self::get::<RepoRecord>(state, &from_key)?,
+                state.get(&to_key)?,
+            ) else {
+                continue;
+            };
+            let (ws, slug) = to.split_once('/').unwrap_or((to, ""));
+            record.workspace = ws.to_owned();
+            record.slug = slug.to_owned();
+            state.delete(&from_key);
+            state.put(&to_key, &json(&record));
+            renamed += 1;
+        }
+        Ok(MetaResponse::Canonicalized {
+            renamed,
+            workspace_clashes: clashes.into_values().collect(),
+            repo_clashes: repos.clashes.into_values().collect(),
         })
     }
 }
@@ -416,6 +535,27 @@ impl cairn_raft::ApplyLogic for MetaLogic {
     ) -> Result<MetaResponse, MetaError> {
         self.apply_request(state, request)
     }
+}
+
+/// The legacy names of one replica's directory (see `names`).
+pub fn case_status(view: &StateView) -> Result<names::CaseStatus, cairn_raft::StoreError> {
+    let tail = |prefix: &[u8], rows: Vec<(Vec<u8>, Vec<u8>)>| -> Vec<String> {
+        rows.into_iter()
+            .map(|(k, _)| String::from_utf8_lossy(&k[prefix.len()..]).into_owned())
+            .collect()
+    };
+    let workspaces = tail(keys::WORKSPACES, view.scan_prefix(keys::WORKSPACES)?);
+    let recorded = tail(
+        keys::WORKSPACE_CLASHES,
+        view.scan_prefix(keys::WORKSPACE_CLASHES)?,
+    );
+    let repos = tail(keys::REPOS, view.scan_prefix(keys::REPOS)?);
+    let mut status = names::CaseStatus::default();
+    status.add("workspace", workspaces, Some(recorded));
+    // Repository clashes are the shards' to report and guard.
+    let repo_part = names::plan_case_migration(repos);
+    status.pending |= !repo_part.renames.is_empty();
+    Ok(status)
 }
 
 /// The shard id under which the meta group's placement is kept (its raft
@@ -482,9 +622,16 @@ pub mod read {
         })
     }
 
+    /// The workspace stored under `name` as given, else under its
+    /// canonical form.
     pub fn workspace(view: &StateView, name: &str) -> Result<Option<WorkspaceRecord>, MetaError> {
-        let key = keys::workspace(name);
-        view.get(&key)?.map(|v| decode(&key, &v)).transpose()
+        for form in names::lookup_forms(name) {
+            let key = keys::workspace(&form);
+            if let Some(v) = view.get(&key)? {
+                return decode(&key, &v).map(Some);
+            }
+        }
+        Ok(None)
     }
 
     pub fn workspaces(view: &StateView) -> Result<Vec<WorkspaceRecord>, MetaError> {
@@ -494,10 +641,13 @@ pub mod read {
     /// Repository entries of `workspace`, or of every workspace when empty.
     pub fn repos(view: &StateView, workspace: &str) -> Result<Vec<RepoRecord>, MetaError> {
         if workspace.is_empty() {
-            all(view, keys::REPOS)
-        } else {
-            all(view, &keys::repos_of(workspace))
+            return all(view, keys::REPOS);
         }
+        let mut out = Vec::new();
+        for form in names::lookup_forms(workspace) {
+            out.extend(all(view, &keys::repos_of(&form))?);
+        }
+        Ok(out)
     }
 }
 

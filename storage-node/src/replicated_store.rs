@@ -27,10 +27,12 @@ use cairn_raft::{NodeId, StateView};
 use tonic::transport::{Channel, Endpoint};
 use tracing::Instrument;
 
+use crate::case_migration::CaseMigrationWorker;
 use crate::directory::{DirectoryError, MetaClient};
 use crate::meta_state::{MetaAnswer, MetaQuery, MetaRequest};
+use crate::names;
 use crate::pack_transfer::{stage_pack, StagingArea};
-use crate::repo_store::{validate_name, RepoRecord, RepoSnapshot, StoreError};
+use crate::repo_store::{exists_error, RepoRecord, RepoSnapshot, StoreError};
 use crate::shard_host::{ProposeError, ShardHost, ShardHostConfig};
 use crate::shard_state::{
     keys, refs_from_rows, shard_of_repo, LoggedUpdate, PackRef, Refusal, ShardRequest,
@@ -165,6 +167,7 @@ impl ReplicatedStore {
     ) -> Result<Self, ReplicatedError> {
         let directory = MetaClient::new(host.clone());
         directory.spawn_bootstrap();
+        CaseMigrationWorker::new(&host).spawn();
         Ok(ReplicatedStore {
             host,
             area,
@@ -241,13 +244,21 @@ impl ReplicatedStore {
         is_private: bool,
         description: &str,
     ) -> Result<RepoRecord, ReplicatedError> {
-        validate_name("workspace", workspace)?;
-        validate_name("repository slug", slug)?;
+        let (ws, sl) = (names::canonical(workspace), names::canonical(slug));
+        names::validate("workspace", &ws).map_err(StoreError::from)?;
+        names::validate("repository slug", &sl).map_err(StoreError::from)?;
+        names::validate_description(description).map_err(StoreError::from)?;
         let placed = self.directory.create_workspace(workspace).await?;
         let shard = self.hosted(placed.shard)?;
+        // A repository stored under a legacy name of another case counts.
+        if let Ok(view) = self.read_view(shard).await {
+            if Self::record_in(&view, workspace, slug).is_ok() {
+                return Err(exists_error(workspace, slug).into());
+            }
+        }
         let req = ShardRequest::CreateRepo {
-            workspace: workspace.to_owned(),
-            slug: slug.to_owned(),
+            workspace: ws.clone(),
+            slug: sl.clone(),
             is_private,
             description: description.to_owned(),
             created_at: now_secs(),
@@ -258,20 +269,16 @@ impl ReplicatedStore {
                 // Also repairs a directory entry lost to a crash between
                 // the shard's create and the directory's record.
                 if let Ok(view) = self.read_view(shard).await {
-                    if let Ok(existing) = Self::record_in(&view, workspace, slug) {
+                    if let Ok(existing) = Self::record_in(&view, &ws, &sl) {
                         let _ = self
                             .directory
                             .write(MetaRequest::RecordRepo(existing))
                             .await;
                     }
                 }
-                return Err(self.refused(
-                    workspace,
-                    slug,
-                    ShardResponse::Refused(Refusal::RepoExists),
-                ));
+                return Err(exists_error(workspace, slug).into());
             }
-            other => return Err(self.refused(workspace, slug, other)),
+            other => return Err(self.refused(&ws, &sl, other)),
         };
         self.directory
             .write(MetaRequest::RecordRepo(record.clone()))
@@ -282,6 +289,9 @@ impl ReplicatedStore {
     #[tracing::instrument(skip(self), fields(node = self.node_id()))]
     pub async fn delete_repo(&self, workspace: &str, slug: &str) -> Result<(), ReplicatedError> {
         let shard = self.shard_of(workspace).await?;
+        // Entries name the repository by its stored key.
+        let stored = Self::record_in(&self.read_view(shard).await?, workspace, slug)?;
+        let (workspace, slug) = (stored.workspace.as_str(), stored.slug.as_str());
         let req = ShardRequest::DeleteRepo {
             workspace: workspace.to_owned(),
             slug: slug.to_owned(),
@@ -310,10 +320,7 @@ impl ReplicatedStore {
     fn refused(&self, workspace: &str, slug: &str, response: ShardResponse) -> ReplicatedError {
         let names = || (workspace.to_owned(), slug.to_owned());
         match response {
-            ShardResponse::Refused(Refusal::RepoExists) => {
-                let (workspace, slug) = names();
-                StoreError::RepoExists { workspace, slug }.into()
-            }
+            ShardResponse::Refused(Refusal::RepoExists) => exists_error(workspace, slug).into(),
             ShardResponse::Refused(Refusal::RepoNotFound) => {
                 let (workspace, slug) = names();
                 StoreError::RepoNotFound { workspace, slug }.into()
@@ -321,12 +328,13 @@ impl ReplicatedStore {
             ShardResponse::Refused(Refusal::InvalidName(reason)) => {
                 // Apply checks names with the same rule; rerun it for the
                 // structured error, which says which of the two it was.
-                validate_name("workspace", workspace)
-                    .and_then(|()| validate_name("repository slug", slug))
+                names::validate("workspace", workspace)
+                    .and_then(|()| names::validate("repository slug", slug))
+                    .map_err(StoreError::from)
                     .err()
-                    .unwrap_or(StoreError::InvalidName {
-                        what: "repository name",
-                        value: reason,
+                    .unwrap_or(StoreError::Corrupt {
+                        key: format!("{workspace}/{slug}"),
+                        message: reason,
                     })
                     .into()
             }
@@ -347,26 +355,34 @@ impl ReplicatedStore {
             };
         }
         let view = self.read_view(self.shard_of(workspace).await?).await?;
-        view.scan_prefix(&keys::repos_of(workspace))?
-            .iter()
-            .map(|(k, v)| decode_record(k, v))
-            .collect()
+        let mut out = Vec::new();
+        for ws in names::lookup_forms(workspace) {
+            for (k, v) in view.scan_prefix(&keys::repos_of(&ws))? {
+                out.push(decode_record(&k, &v)?);
+            }
+        }
+        Ok(out)
     }
 
+    /// The record stored under `workspace/slug` as given, else under its
+    /// canonical form.
     fn record_in(
         view: &StateView,
         workspace: &str,
         slug: &str,
     ) -> Result<RepoRecord, ReplicatedError> {
-        let key = keys::repo(workspace, slug);
-        match view.get(&key)? {
-            Some(v) => decode_record(&key, &v),
-            None => Err(StoreError::RepoNotFound {
-                workspace: workspace.to_owned(),
-                slug: slug.to_owned(),
+        for full in names::lookup_forms(&format!("{workspace}/{slug}")) {
+            let (ws, sl) = full.split_once('/').unwrap_or((&full, ""));
+            let key = keys::repo(ws, sl);
+            if let Some(v) = view.get(&key)? {
+                return decode_record(&key, &v);
             }
-            .into()),
         }
+        Err(StoreError::RepoNotFound {
+            workspace: workspace.to_owned(),
+            slug: slug.to_owned(),
+        }
+        .into())
     }
 
     /// The repository's record, as of a linearizable read.

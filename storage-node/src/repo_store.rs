@@ -21,11 +21,16 @@ use rocksdb::{
 };
 use serde::{Deserialize, Serialize};
 
+use crate::names::{self, NameError};
+
 const CF_REPOS: &str = "repos";
 const CF_REFS: &str = "refs";
 const CF_PACKS: &str = "packs";
 const CF_META: &str = "meta";
 const NEXT_REPO_ID: &[u8] = b"next_repo_id";
+/// In `meta`: legacy names that differ only in case, by canonical form
+/// (see `names`); no repository of that name can be created meanwhile.
+const CASE_CLASH: &[u8] = b"case_clash/";
 const DEFAULT_HEAD: &str = "refs/heads/main";
 
 pub type RepoId = u64;
@@ -55,8 +60,11 @@ pub enum StoreError {
     RepoNotFound { workspace: String, slug: String },
     #[error("repository {workspace}/{slug} already exists")]
     RepoExists { workspace: String, slug: String },
-    #[error("invalid {what} {value:?}: use 1-64 characters of letters, digits, '-', '_' or '.', not starting with '.'")]
-    InvalidName { what: &'static str, value: String },
+    /// The requested name differs from a taken one only in case.
+    #[error("repository {existing} already exists; names are compared without regard to case, so {requested} is taken too")]
+    RepoCaseClash { requested: String, existing: String },
+    #[error(transparent)]
+    InvalidName(#[from] NameError),
     #[error("rocksdb: {0}")]
     Db(#[from] rocksdb::Error),
     #[error("I/O on {path}: {source}")]
@@ -92,25 +100,6 @@ pub struct RepoStore {
     apply_locks: Mutex<HashMap<RepoId, Arc<Mutex<()>>>>,
     /// Serialises repository creation (name check + id allocation).
     create_lock: Mutex<()>,
-}
-
-/// Workspace and slug rules: what is safe in a URL path and a file name.
-pub fn validate_name(what: &'static str, value: &str) -> Result<(), StoreError> {
-    let ok = !value.is_empty()
-        && value.len() <= 64
-        && !value.starts_with('.')
-        && !value.ends_with(".git")
-        && value
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
-    if ok {
-        Ok(())
-    } else {
-        Err(StoreError::InvalidName {
-            what,
-            value: value.to_owned(),
-        })
-    }
 }
 
 fn repo_key(workspace: &str, slug: &str) -> Vec<u8> {
@@ -157,8 +146,96 @@ impl RepoStore {
             apply_locks: Mutex::new(HashMap::new()),
             create_lock: Mutex::new(()),
         };
+        store.canonicalize_names()?;
         store.clean_leftovers()?;
         Ok(store)
+    }
+
+    /// Moves repositories stored under a legacy name (kept before names
+    /// were compared without case) to their canonical key; names that clash
+    /// stay and are reported, each with what to do.
+    fn canonicalize_names(&self) -> Result<(), StoreError> {
+        let stored = self
+            .list_repos("")?
+            .into_iter()
+            .map(|r| format!("{}/{}", r.workspace, r.slug));
+        let plan = names::plan_case_migration(stored);
+        let mut batch = WriteBatch::default();
+        for (from, to) in &plan.renames {
+            let Some(v) = self.db.get_cf(self.cf(CF_REPOS), from.as_bytes())? else {
+                continue;
+            };
+            let mut record = decode_record(from.as_bytes(), &v)?;
+            let (ws, slug) = to.split_once('/').unwrap_or((to, ""));
+            record.workspace = ws.to_owned();
+            record.slug = slug.to_owned();
+            batch.delete_cf(self.cf(CF_REPOS), from.as_bytes());
+            batch.put_cf(
+                self.cf(CF_REPOS),
+                to.as_bytes(),
+                serde_json::to_vec(&record).expect("a repo record always serialises"),
+            );
+            tracing::info!(from = %from, to = %to, "repository moved to its canonical name");
+        }
+        let stale: Vec<Box<[u8]>> = self
+            .db
+            .prefix_iterator_cf(self.cf(CF_META), CASE_CLASH)
+            .map_while(|item| item.ok().filter(|(k, _)| k.starts_with(CASE_CLASH)))
+            .map(|(k, _)| k)
+            .collect();
+        for k in stale {
+            batch.delete_cf(self.cf(CF_META), k);
+        }
+        for (canonical, clash) in &plan.clashes {
+            batch.put_cf(
+                self.cf(CF_META),
+                [CASE_CLASH, canonical.as_bytes()].concat(),
+                serde_json::to_vec(clash).expect("names always serialise"),
+            );
+            tracing::error!("{}", names::describe_clash("repository", clash));
+        }
+        self.sync_write(batch)
+    }
+
+    /// Adds to `batch` what deleting `deleted` does to a clash it was part
+    /// of: the clash shrinks, and its last name takes the canonical key.
+    fn settle_clash(&self, batch: &mut WriteBatch, deleted: &RepoRecord) -> Result<(), StoreError> {
+        let full = format!("{}/{}", deleted.workspace, deleted.slug);
+        let canonical = names::canonical(&full);
+        let key = [CASE_CLASH, canonical.as_bytes()].concat();
+        let Some(v) = self.db.get_cf(self.cf(CF_META), &key)? else {
+            return Ok(());
+        };
+        let mut left: Vec<String> =
+            serde_json::from_slice(&v).map_err(|e| StoreError::Corrupt {
+                key: String::from_utf8_lossy(&key).into_owned(),
+                message: e.to_string(),
+            })?;
+        left.retain(|n| *n != full);
+        if left.len() > 1 {
+            batch.put_cf(
+                self.cf(CF_META),
+                &key,
+                serde_json::to_vec(&left).expect("names always serialise"),
+            );
+            return Ok(());
+        }
+        batch.delete_cf(self.cf(CF_META), &key);
+        if let Some(last) = left.pop() {
+            if let Some(v) = self.db.get_cf(self.cf(CF_REPOS), last.as_bytes())? {
+                let mut record = decode_record(last.as_bytes(), &v)?;
+                let (ws, slug) = canonical.split_once('/').unwrap_or((&canonical, ""));
+                record.workspace = ws.to_owned();
+                record.slug = slug.to_owned();
+                batch.delete_cf(self.cf(CF_REPOS), last.as_bytes());
+                batch.put_cf(
+                    self.cf(CF_REPOS),
+                    canonical.as_bytes(),
+                    serde_json::to_vec(&record).expect("a repo record always serialises"),
+                );
+            }
+        }
+        Ok(())
     }
 
     fn cf(&self, name: &str) -> &rocksdb::ColumnFamily {
@@ -250,14 +327,17 @@ impl RepoStore {
         is_private: bool,
         description: &str,
     ) -> Result<RepoRecord, StoreError> {
-        validate_name("workspace", workspace)?;
-        validate_name("repository slug", slug)?;
+        let (ws, sl) = (names::canonical(workspace), names::canonical(slug));
+        names::validate("workspace", &ws)?;
+        names::validate("repository slug", &sl)?;
+        names::validate_description(description)?;
         let _guard = lock(&self.create_lock);
-        if self.get_repo(workspace, slug)?.is_some() {
-            return Err(StoreError::RepoExists {
-                workspace: workspace.to_owned(),
-                slug: slug.to_owned(),
-            });
+        let full = format!("{ws}/{sl}");
+        let clash = [CASE_CLASH, full.as_bytes()].concat();
+        if self.get_repo(workspace, slug)?.is_some()
+            || self.db.get_cf(self.cf(CF_META), &clash)?.is_some()
+        {
+            return Err(exists_error(workspace, slug));
         }
         let next = match self.db.get_cf(self.cf(CF_META), NEXT_REPO_ID)? {
             Some(v) => {
@@ -270,8 +350,8 @@ impl RepoStore {
         };
         let record = RepoRecord {
             id: next,
-            workspace: workspace.to_owned(),
-            slug: slug.to_owned(),
+            workspace: ws,
+            slug: sl,
             head: DEFAULT_HEAD.to_owned(),
             is_private,
             description: description.to_owned(),
@@ -284,19 +364,22 @@ impl RepoStore {
         batch.put_cf(self.cf(CF_META), NEXT_REPO_ID, (next + 1).to_be_bytes());
         batch.put_cf(
             self.cf(CF_REPOS),
-            repo_key(workspace, slug),
+            repo_key(&record.workspace, &record.slug),
             serde_json::to_vec(&record).expect("a repo record always serialises"),
         );
         self.sync_write(batch)?;
         Ok(record)
     }
 
+    /// The repository stored under `workspace/slug` as given, else under its
+    /// canonical form.
     pub fn get_repo(&self, workspace: &str, slug: &str) -> Result<Option<RepoRecord>, StoreError> {
-        let key = repo_key(workspace, slug);
-        match self.db.get_cf(self.cf(CF_REPOS), &key)? {
-            Some(v) => Ok(Some(decode_record(&key, &v)?)),
-            None => Ok(None),
+        for full in names::lookup_forms(&format!("{workspace}/{slug}")) {
+            if let Some(v) = self.db.get_cf(self.cf(CF_REPOS), full.as_bytes())? {
+                return Ok(Some(decode_record(full.as_bytes(), &v)?));
+            }
         }
+        Ok(None)
     }
 
     pub fn require_repo(&self, workspace: &str, slug: &str) -> Result<RepoRecord, StoreError> {
@@ -309,21 +392,25 @@ impl RepoStore {
 
     /// Repositories of `workspace` (all when empty), sorted by key.
     pub fn list_repos(&self, workspace: &str) -> Result<Vec<RepoRecord>, StoreError> {
-        let prefix = if workspace.is_empty() {
-            Vec::new()
+        let prefixes: Vec<Vec<u8>> = if workspace.is_empty() {
+            vec![Vec::new()]
         } else {
-            repo_key(workspace, "")
+            names::lookup_forms(workspace)
+                .map(|w| repo_key(&w, ""))
+                .collect()
         };
         let mut out = Vec::new();
-        for item in self.db.iterator_cf(
-            self.cf(CF_REPOS),
-            IteratorMode::From(&prefix, Direction::Forward),
-        ) {
-            let (k, v) = item?;
-            if !k.starts_with(&prefix) {
-                break;
+        for prefix in prefixes {
+            for item in self.db.iterator_cf(
+                self.cf(CF_REPOS),
+                IteratorMode::From(&prefix, Direction::Forward),
+            ) {
+                let (k, v) = item?;
+                if !k.starts_with(&prefix) {
+                    break;
+                }
+                out.push(decode_record(&k, &v)?);
             }
-            out.push(decode_record(&k, &v)?);
         }
         Ok(out)
     }
@@ -333,7 +420,8 @@ impl RepoStore {
         let apply = self.apply_lock(record.id);
         let _guard = lock(&apply);
         let mut batch = WriteBatch::default();
-        batch.delete_cf(self.cf(CF_REPOS), repo_key(workspace, slug));
+        batch.delete_cf(self.cf(CF_REPOS), repo_key(&record.workspace, &record.slug));
+        self.settle_clash(&mut batch, &record)?;
         let from = prefixed(record.id, b"");
         let to = prefixed(record.id + 1, b"");
         batch.delete_range_cf(self.cf(CF_REFS), &from, &to);
@@ -543,6 +631,24 @@ impl Drop for StagingDir {
             if e.kind() != io::ErrorKind::NotFound {
                 tracing::warn!(path = %self.path.display(), error = %e, "cannot remove staging dir");
             }
+        }
+    }
+}
+
+/// The refusal of a create whose name is taken: exactly, or by a name that
+/// differs only in case.
+pub fn exists_error(workspace: &str, slug: &str) -> StoreError {
+    let requested = format!("{workspace}/{slug}");
+    let canonical = names::canonical(&requested);
+    if requested == canonical {
+        StoreError::RepoExists {
+            workspace: workspace.to_owned(),
+            slug: slug.to_owned(),
+        }
+    } else {
+        StoreError::RepoCaseClash {
+            requested,
+            existing: canonical,
         }
     }
 }

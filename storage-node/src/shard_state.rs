@@ -26,7 +26,8 @@ use cairn_packfile::ObjectId;
 use cairn_raft::{ApplyLogic, GroupId, GroupState, StateView, StopSignal};
 use serde::{Deserialize, Serialize};
 
-use crate::repo_store::{validate_name, RepoRecord};
+use crate::names::{self, CasePlan};
+use crate::repo_store::RepoRecord;
 
 pub const DEFAULT_HEAD: &str = "refs/heads/main";
 
@@ -56,9 +57,12 @@ pub mod keys {
         k
     }
 
+    /// Prefix of every repository record.
+    pub const REPOS: &[u8] = b"r/";
+
     pub fn repos_of(workspace: &str) -> Vec<u8> {
         if workspace.is_empty() {
-            b"r/".to_vec()
+            REPOS.to_vec()
         } else {
             repo(workspace, "")
         }
@@ -93,6 +97,17 @@ pub mod keys {
         let rest = key.strip_prefix(PACKS)?;
         let (id, pack) = rest.split_first_chunk::<8>()?;
         Some((u64::from_be_bytes(*id), std::str::from_utf8(pack).ok()?))
+    }
+
+    /// Legacy repository names (`workspace/slug`) that differ only in case,
+    /// by their canonical form: JSON list of the stored names. While one
+    /// exists, no repository of that name can be created.
+    pub const CASE_CLASHES: &[u8] = b"c/";
+
+    pub fn case_clash(canonical: &str) -> Vec<u8> {
+        let mut k = CASE_CLASHES.to_vec();
+        k.extend_from_slice(canonical.as_bytes());
+        k
     }
 
     pub fn push(push_id: &str) -> Vec<u8> {
@@ -182,6 +197,10 @@ pub enum ShardRequest {
         /// Per-update rejections found while validating the pack.
         prior: Vec<Option<String>>,
     },
+    /// Moves repositories stored under a legacy name (written before names
+    /// were compared without case) to their canonical key, and records the
+    /// names that clash. Deterministic from the state alone, idempotent.
+    CanonicalizeNames,
 }
 
 /// What applying an entry answers.
@@ -193,6 +212,12 @@ pub enum ShardResponse {
     Pushed(Vec<Result<(), String>>),
     /// The request was refused as a whole, with a short human reason.
     Refused(Refusal),
+    /// `CanonicalizeNames`: how many repositories moved, and the names that
+    /// clash (by canonical form).
+    Canonicalized {
+        renamed: u64,
+        clashes: Vec<Vec<String>>,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -200,6 +225,20 @@ pub enum Refusal {
     RepoExists,
     RepoNotFound,
     InvalidName(String),
+}
+
+/// The legacy names of one replica's shard state (see `names`).
+pub fn case_status(view: &StateView) -> Result<names::CaseStatus, cairn_raft::StoreError> {
+    let tail = |prefix: &[u8], rows: Vec<(Vec<u8>, Vec<u8>)>| -> Vec<String> {
+        rows.into_iter()
+            .map(|(k, _)| String::from_utf8_lossy(&k[prefix.len()..]).into_owned())
+            .collect()
+    };
+    let stored = tail(keys::REPOS, view.scan_prefix(keys::REPOS)?);
+    let recorded = tail(keys::CASE_CLASHES, view.scan_prefix(keys::CASE_CLASHES)?);
+    let mut status = names::CaseStatus::default();
+    status.add("repository", stored, Some(recorded));
+    Ok(status)
 }
 
 /// Makes a committed push's pack durable in the replica's pack directory.
@@ -315,12 +354,13 @@ impl<P: PackPlacer> ShardLogic<P> {
         created_at: i64,
     ) -> Result<ShardResponse, ApplyError> {
         for (what, value) in [("workspace", &workspace), ("repository slug", &slug)] {
-            if let Err(e) = validate_name(what, value) {
+            if let Err(e) = names::validate(what, value) {
                 return Ok(ShardResponse::Refused(Refusal::InvalidName(e.to_string())));
             }
         }
         let key = keys::repo(&workspace, &slug);
-        if state.get(&key)?.is_some() {
+        let clash = keys::case_clash(&names::canonical(&format!("{workspace}/{slug}")));
+        if state.get(&key)?.is_some() || state.get(&clash)?.is_some() {
             return Ok(ShardResponse::Refused(Refusal::RepoExists));
         }
         let counter = match state.get(keys::NEXT_REPO)? {
@@ -367,7 +407,86 @@ impl<P: PackPlacer> ShardLogic<P> {
                 state.delete(&k);
             }
         }
+        self.settle_clash(state, &format!("{workspace}/{slug}"))?;
         Ok(ShardResponse::Deleted(record))
+    }
+
+    /// After `deleted` (a stored `workspace/slug`) is gone: if it was one of
+    /// a clash, the clash shrinks, and its last name takes the canonical key.
+    fn settle_clash(&self, state: &mut GroupState<'_>, deleted: &str) -> Result<(), ApplyError> {
+        let canonical = names::canonical(deleted);
+        let clash_key = keys::case_clash(&canonical);
+        let Some(mut left) = read_json::<Vec<String>>(state, &clash_key)? else {
+            return Ok(());
+        };
+        left.retain(|n| n != deleted);
+        if left.len() > 1 {
+            state.put(&clash_key, &json(&left));
+            return Ok(());
+        }
+        state.delete(&clash_key);
+        if let Some(last) = left.pop() {
+            self.rename_repo(state, &last, &canonical)?;
+        }
+        Ok(())
+    }
+
+    /// Moves the repository stored as `from` (`workspace/slug`) to `to`,
+    /// which no other repository may hold.
+    fn rename_repo(
+        &self,
+        state: &mut GroupState<'_>,
+        from: &str,
+        to: &str,
+    ) -> Result<(), ApplyError> {
+        let split = |name: &str| -> Option<(String, String)> {
+            name.split_once('/')
+                .map(|(w, s)| (w.to_owned(), s.to_owned()))
+        };
+        let (Some((from_ws, from_slug)), Some((to_ws, to_slug))) = (split(from), split(to)) else {
+            return Err(corrupt(from.as_bytes(), "not workspace/slug"));
+        };
+        let from_key = keys::repo(&from_ws, &from_slug);
+        let to_key = keys::repo(&to_ws, &to_slug);
+        // `to` is free: no other stored name has its canonical form (reads
+        // here see the state before the entry, so do not ask the state).
+        if from_key == to_key {
+            return Ok(());
+        }
+        let Some(mut record) = read_json::<RepoRecord>(state, &from_key)? else {
+            return Ok(());
+        };
+        record.workspace = to_ws;
+        record.slug = to_slug;
+        state.delete(&from_key);
+        state.put(&to_key, &json(&record));
+        state.put(&keys::repo_by_id(record.id), to.as_bytes());
+        Ok(())
+    }
+
+    fn canonicalize_names(&self, state: &mut GroupState<'_>) -> Result<ShardResponse, ApplyError> {
+        let stored: Vec<String> = state
+            .scan_prefix(keys::REPOS)?
+            .into_iter()
+            .map(|(k, _)| String::from_utf8_lossy(&k[keys::REPOS.len()..]).into_owned())
+            .collect();
+        let CasePlan { renames, clashes } = names::plan_case_migration(stored);
+        for (from, to) in &renames {
+            self.rename_repo(state, from, to)?;
+        }
+        for (k, _) in state.scan_prefix(keys::CASE_CLASHES)? {
+            let canonical = String::from_utf8_lossy(&k[keys::CASE_CLASHES.len()..]).into_owned();
+            if !clashes.contains_key(&canonical) {
+                state.delete(&k);
+            }
+        }
+        for (canonical, names) in &clashes {
+            state.put(&keys::case_clash(canonical), &json(names));
+        }
+        Ok(ShardResponse::Canonicalized {
+            renamed: renames.len() as u64,
+            clashes: clashes.into_values().collect(),
+        })
     }
 
     fn record_by_id(
@@ -526,6 +645,7 @@ impl<P: PackPlacer> ApplyLogic for ShardLogic<P> {
                 atomic,
                 prior,
             } => self.push(state, repo_id, &push_id, pack, &updates, atomic, &prior),
+            ShardRequest::CanonicalizeNames => self.canonicalize_names(state),
         }
     }
 

@@ -250,3 +250,89 @@ fn state_survives_reopen() {
     let next = store.create_repo("w", "second", true, "").expect("create");
     assert_eq!(next.id, 2, "id allocation persists");
 }
+
+/// Rows as an earlier release wrote them: repositories keyed by names of
+/// any case.
+fn write_legacy_repos(dir: &std::path::Path, names: &[(&str, &str)]) {
+    {
+        // Creates the database with its column families, then closes it.
+        RepoStore::open(dir).expect("open");
+    }
+    let cfs = ["repos", "refs", "packs", "meta"];
+    let db = rocksdb::DB::open_cf(&rocksdb::Options::default(), dir.join("rocksdb"), cfs)
+        .expect("raw open");
+    let repos = db.cf_handle("repos").expect("repos cf");
+    for (i, (ws, slug)) in names.iter().enumerate() {
+        let record = serde_json::json!({
+            "id": 100 + i as u64, "workspace": ws, "slug": slug,
+            "head": "refs/heads/main", "is_private": true,
+            "description": "", "created_at": 0,
+        });
+        db.put_cf(repos, format!("{ws}/{slug}"), record.to_string())
+            .expect("put");
+    }
+}
+
+#[test]
+fn names_compare_without_case() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = RepoStore::open(dir.path()).expect("open");
+    let rec = store
+        .create_repo("Team", "Case1", true, "")
+        .expect("create");
+    assert_eq!(
+        (rec.workspace.as_str(), rec.slug.as_str()),
+        ("team", "case1")
+    );
+    assert!(matches!(
+        store.create_repo("team", "case1", true, ""),
+        Err(StoreError::RepoExists { .. })
+    ));
+    assert!(matches!(
+        store.create_repo("TEAM", "CASE1", true, ""),
+        Err(StoreError::RepoCaseClash { .. })
+    ));
+    assert_eq!(
+        store.require_repo("TeAm", "cAsE1").expect("found").id,
+        rec.id
+    );
+    assert!(matches!(
+        store.create_repo("team", "x", true, &"d".repeat(2049)),
+        Err(StoreError::InvalidName(_))
+    ));
+}
+
+#[test]
+fn legacy_names_move_and_clashes_stay_apart_until_settled() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    write_legacy_repos(
+        dir.path(),
+        &[
+            ("Solo", "Repo"),
+            ("ws", "Case1"),
+            ("ws", "case1"),
+            ("ws", "plain"),
+        ],
+    );
+    let store = RepoStore::open(dir.path()).expect("open");
+    // The lone legacy name moved.
+    let solo = store.require_repo("solo", "repo").expect("solo");
+    assert_eq!(
+        (solo.workspace.as_str(), solo.slug.as_str()),
+        ("solo", "repo")
+    );
+    assert_eq!(store.list_repos("Solo").expect("list").len(), 1);
+    // The clashing ones are two repositories, each reachable exactly.
+    let a = store.require_repo("ws", "Case1").expect("Case1");
+    let b = store.require_repo("ws", "case1").expect("case1");
+    assert_ne!(a.id, b.id);
+    assert!(store.create_repo("ws", "CASE1", true, "").is_err());
+    assert_eq!(store.list_repos("ws").expect("list").len(), 3);
+    // Deleting one settles the clash: the other keeps its data and the name.
+    store.delete_repo("ws", "case1").expect("delete");
+    let left = store.require_repo("ws", "CASE1").expect("left");
+    assert_eq!((left.id, left.slug.as_str()), (a.id, "case1"));
+    drop(store);
+    let store = RepoStore::open(dir.path()).expect("reopen");
+    assert_eq!(store.require_repo("ws", "case1").expect("kept").id, a.id);
+}

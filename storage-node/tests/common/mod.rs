@@ -60,7 +60,7 @@ pub struct Node {
 }
 
 /// Waits until the raft database under `dir` can be opened again.
-async fn wait_until_db_released(dir: &Path) {
+pub async fn wait_until_db_released(dir: &Path) {
     let raft = dir.join("raft");
     if !raft.exists() {
         return;
