@@ -24,8 +24,9 @@ pub struct Config {
     /// The access token clients present (Basic `x-token-auth:<token>` or
     /// Bearer). Every request except `/healthz` must carry it.
     pub token: String,
-    /// Base URL clients reach the router at, for clone links; derived from
-    /// the request's `Host` header when absent.
+    /// Base URL clients reach the router at (`http(s)://host[:port][/path]`),
+    /// for the links in REST answers. When absent, links name the listen
+    /// address; never a request's `Host` header, which any client can set.
     #[serde(default)]
     pub public_url: Option<String>,
     /// Largest upload-pack request body (wants and haves), in bytes.
@@ -61,6 +62,8 @@ pub enum ConfigError {
     NoStorageNode,
     #[error("token must be at least 16 characters")]
     WeakToken,
+    #[error("public-url must be an http:// or https:// URL with a host and no query, got {0:?}")]
+    BadPublicUrl(String),
 }
 
 impl Config {
@@ -105,7 +108,35 @@ impl Config {
         if self.token.len() < 16 {
             return Err(ConfigError::WeakToken);
         }
+        if let Some(url) = &self.public_url {
+            let rest = url
+                .strip_prefix("https://")
+                .or_else(|| url.strip_prefix("http://"));
+            let ok = rest.is_some_and(|r| {
+                let host = r.split('/').next().unwrap_or_default();
+                !host.is_empty()
+                    && !r.contains(['?', '#'])
+                    && r.chars().all(|c| c.is_ascii_graphic())
+            });
+            if !ok {
+                return Err(ConfigError::BadPublicUrl(url.clone()));
+            }
+        }
         Ok(())
+    }
+
+    /// The base of every link the router gives out: `public-url`, else the
+    /// address it listens on (`bound`, which has the real port).
+    pub fn base_url(&self, bound: SocketAddr) -> String {
+        if let Some(url) = &self.public_url {
+            return url.trim_end_matches('/').to_owned();
+        }
+        if bound.ip().is_unspecified() {
+            // Listening everywhere names no host; the local one is the
+            // only one sure to reach it.
+            return format!("http://localhost:{}", bound.port());
+        }
+        format!("http://{bound}")
     }
 }
 
@@ -133,6 +164,34 @@ mod tests {
         );
         c.storage_nodes.push("b:2".into());
         assert!(matches!(c.validate(), Err(ConfigError::BadStorageNode(n)) if n == "b:2"));
+    }
+
+    #[test]
+    fn links_come_from_the_config_or_the_listen_address() {
+        let mut c = Config::new("http://127.0.0.1:7410".into(), "0123456789abcdef".into());
+        let bound: SocketAddr = "127.0.0.1:8123".parse().unwrap();
+        assert_eq!(c.base_url(bound), "http://127.0.0.1:8123");
+        assert_eq!(
+            c.base_url("0.0.0.0:80".parse().unwrap()),
+            "http://localhost:80"
+        );
+        assert_eq!(c.base_url("[::1]:80".parse().unwrap()), "http://[::1]:80");
+        c.public_url = Some("https://git.example.com/".into());
+        assert!(c.validate().is_ok());
+        assert_eq!(c.base_url(bound), "https://git.example.com");
+        for bad in [
+            "git.example.com",
+            "ftp://x",
+            "https://",
+            "https://x/?a",
+            "https://a b",
+        ] {
+            c.public_url = Some(bad.into());
+            assert!(
+                matches!(c.validate(), Err(ConfigError::BadPublicUrl(_))),
+                "{bad}"
+            );
+        }
     }
 
     #[test]

@@ -5,8 +5,9 @@
 //! delete and list; creating a repository registers the workspace first,
 //! since on Bitbucket a workspace exists before its repositories.
 
+use axum::extract::rejection::BytesRejection;
 use axum::extract::{Path, State};
-use axum::http::{header, HeaderMap, StatusCode};
+use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use cairn_proto::admin::admin_client::AdminClient;
@@ -14,6 +15,7 @@ use cairn_proto::admin::{
     CreateRepositoryRequest, DeleteRepositoryRequest, GetRepositoryRequest,
     ListRepositoriesRequest, Repository,
 };
+use cairn_proto::{limits, metadata};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
@@ -29,10 +31,35 @@ pub fn error(status: StatusCode, message: &str) -> Response {
         .into_response()
 }
 
+/// A 400 naming the offending request field, as Bitbucket reports invalid
+/// input: `{"type":"error","error":{"message":…,"fields":{field:[…]}}}`.
+fn field_error(field: &str, message: &str) -> Response {
+    (
+        StatusCode::BAD_REQUEST,
+        Json(json!({"type": "error", "error": {
+            "message": message,
+            "fields": {field: [message]},
+        }})),
+    )
+        .into_response()
+}
+
+/// Largest REST request body; every field Cairn stores is far smaller.
+pub const MAX_BODY_BYTES: usize = 64 << 10;
+
 fn grpc_error(s: tonic::Status) -> Response {
     use tonic::Code;
     match s.code() {
         Code::NotFound => error(StatusCode::NOT_FOUND, s.message()),
+        // A name taken by one that differs only in case.
+        Code::AlreadyExists
+            if s.metadata()
+                .get(metadata::NAME_CONFLICT)
+                .and_then(|v| v.to_str().ok())
+                == Some(metadata::NAME_CONFLICT_CASE) =>
+        {
+            error(StatusCode::CONFLICT, s.message())
+        }
         // Bitbucket answers a taken slug with 400.
         Code::AlreadyExists | Code::InvalidArgument => error(StatusCode::BAD_REQUEST, s.message()),
         Code::Unavailable => error(StatusCode::SERVICE_UNAVAILABLE, "storage unavailable"),
@@ -41,18 +68,6 @@ fn grpc_error(s: tonic::Status) -> Response {
             error(StatusCode::INTERNAL_SERVER_ERROR, "internal error")
         }
     }
-}
-
-/// Where clients reach this router: configured, else the request's Host.
-fn base_url(st: &AppState, headers: &HeaderMap) -> String {
-    if let Some(u) = &st.config.public_url {
-        return u.trim_end_matches('/').to_owned();
-    }
-    let host = headers
-        .get(header::HOST)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("localhost");
-    format!("http://{host}")
 }
 
 /// Seconds since the epoch as RFC 3339 UTC (days-from-civil inverted).
@@ -112,9 +127,18 @@ pub struct CreateBody {
 pub async fn create(
     State(st): State<AppState>,
     Path((workspace, slug)): Path<(String, String)>,
-    headers: HeaderMap,
-    body: axum::body::Bytes,
+    body: Result<axum::body::Bytes, BytesRejection>,
 ) -> Response {
+    let body = match body {
+        Ok(b) => b,
+        Err(r) if r.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+            return error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                &format!("request body over {MAX_BODY_BYTES} bytes"),
+            )
+        }
+        Err(r) => return error(r.status(), &r.body_text()),
+    };
     let parsed: CreateBody = if body.iter().all(u8::is_ascii_whitespace) {
         CreateBody::default()
     } else {
@@ -124,7 +148,19 @@ pub async fn create(
         }
     };
     if parsed.scm.as_deref().is_some_and(|s| s != "git") {
-        return error(StatusCode::BAD_REQUEST, "only scm \"git\" is supported");
+        return field_error("scm", "only scm \"git\" is supported");
+    }
+    if let Some(d) = &parsed.description {
+        if d.len() > limits::MAX_DESCRIPTION_BYTES {
+            return field_error(
+                "description",
+                &format!(
+                    "description is {} bytes long; the limit is {}",
+                    d.len(),
+                    limits::MAX_DESCRIPTION_BYTES
+                ),
+            );
+        }
     }
     if let Err(s) = st.cluster.ensure_workspace(&workspace).await {
         return grpc_error(s);
@@ -146,10 +182,10 @@ pub async fn create(
     });
     match call.await {
         Ok(r) => {
-            let base = base_url(&st, &headers);
+            let base = &st.base_url;
             let repo = r.into_inner();
             let mut resp =
-                (StatusCode::CREATED, Json(repository_json(&repo, &base))).into_response();
+                (StatusCode::CREATED, Json(repository_json(&repo, base))).into_response();
             if let Ok(loc) =
                 format!("{base}/2.0/repositories/{}/{}", repo.workspace, repo.slug).parse()
             {
@@ -164,7 +200,6 @@ pub async fn create(
 pub async fn get(
     State(st): State<AppState>,
     Path((workspace, slug)): Path<(String, String)>,
-    headers: HeaderMap,
 ) -> Response {
     let req = GetRepositoryRequest { workspace, slug };
     let call = st.cluster.call_read(&req.workspace, |ch| {
@@ -172,7 +207,7 @@ pub async fn get(
         async move { Ok(AdminClient::new(ch).get_repository(req).await?) }
     });
     match call.await {
-        Ok(r) => Json(repository_json(&r.into_inner(), &base_url(&st, &headers))).into_response(),
+        Ok(r) => Json(repository_json(&r.into_inner(), &st.base_url)).into_response(),
         Err(s) => grpc_error(s),
     }
 }
@@ -197,11 +232,7 @@ pub async fn delete(
     }
 }
 
-pub async fn list(
-    State(st): State<AppState>,
-    Path(workspace): Path<String>,
-    headers: HeaderMap,
-) -> Response {
+pub async fn list(State(st): State<AppState>, Path(workspace): Path<String>) -> Response {
     let req = ListRepositoriesRequest { workspace };
     let call = st.cluster.call_read(&req.workspace, |ch| {
         let req = req.clone();
@@ -209,12 +240,11 @@ pub async fn list(
     });
     match call.await {
         Ok(r) => {
-            let base = base_url(&st, &headers);
             let values: Vec<Value> = r
                 .into_inner()
                 .repositories
                 .iter()
-                .map(|r| repository_json(r, &base))
+                .map(|r| repository_json(r, &st.base_url))
                 .collect();
             Json(
                 json!({"pagelen": values.len(), "size": values.len(), "page": 1, "values": values}),

@@ -3,7 +3,7 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use axum::extract::{Request, State};
+use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -22,6 +22,8 @@ pub struct AppState {
     /// The storage nodes; every gRPC call goes through its directory
     /// lookup and leader search.
     pub cluster: Arc<Cluster>,
+    /// Where clients reach this router, for links (see `Config::base_url`).
+    pub base_url: Arc<str>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -67,6 +69,15 @@ async fn require_token(State(st): State<AppState>, req: Request, next: Next) -> 
 }
 
 pub fn app(state: AppState) -> axum::Router {
+    // REST bodies are read whole, so bounded here; git bodies stream with
+    // limits of their own.
+    let rest_routes = axum::Router::new()
+        .route(
+            "/2.0/repositories/{workspace}/{slug}",
+            post(rest::create).get(rest::get).delete(rest::delete),
+        )
+        .route("/2.0/repositories/{workspace}", get(rest::list))
+        .layer(DefaultBodyLimit::max(rest::MAX_BODY_BYTES));
     let protected = axum::Router::new()
         .route("/{workspace}/{repo}/info/refs", get(git_http::info_refs))
         .route(
@@ -77,11 +88,7 @@ pub fn app(state: AppState) -> axum::Router {
             "/{workspace}/{repo}/git-receive-pack",
             post(git_http::receive_pack),
         )
-        .route(
-            "/2.0/repositories/{workspace}/{slug}",
-            post(rest::create).get(rest::get).delete(rest::delete),
-        )
-        .route("/2.0/repositories/{workspace}", get(rest::list))
+        .merge(rest_routes)
         .layer(middleware::from_fn_with_state(state.clone(), require_token));
     axum::Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
@@ -97,21 +104,27 @@ impl Router {
         for node in config.nodes() {
             tonic::transport::Endpoint::from_shared(node)?;
         }
-        let state = AppState {
-            cluster: if config.pinned {
-                Cluster::pinned(config.nodes(), RetryPolicy::default())
-            } else {
-                Cluster::new(config.nodes(), RetryPolicy::default())
-            },
-            config: Arc::new(config),
-        };
-        let addr = state.config.http_addr;
+        let addr = config.http_addr;
         let listener = TcpListener::bind(addr)
             .await
             .map_err(|source| StartError::Bind { addr, source })?;
         let http_addr = listener
             .local_addr()
             .map_err(|source| StartError::Bind { addr, source })?;
+        if config.public_url.is_none() && http_addr.ip().is_unspecified() {
+            tracing::warn!(
+                "no public-url configured: links in REST answers name localhost; set public-url"
+            );
+        }
+        let state = AppState {
+            cluster: if config.pinned {
+                Cluster::pinned(config.nodes(), RetryPolicy::default())
+            } else {
+                Cluster::new(config.nodes(), RetryPolicy::default())
+            },
+            base_url: config.base_url(http_addr).into(),
+            config: Arc::new(config),
+        };
         let app = app(state);
         // TCP_NODELAY on every accepted stream: under Nagle the small
         // answers of a fetch's negotiation wait out the client's delayed
