@@ -303,8 +303,18 @@ impl<'a> HttpRequest<'a> {
             .with_context(|| format!("connect {addr}"))?;
         stream.set_read_timeout(Some(self.timeout))?;
         stream.set_write_timeout(Some(self.timeout))?;
+        // A `Host` among the headers replaces the one naming the server.
+        let host = if self
+            .headers
+            .iter()
+            .any(|(k, _)| k.eq_ignore_ascii_case("host"))
+        {
+            String::new()
+        } else {
+            format!("Host: {authority}\r\n")
+        };
         let mut head = format!(
-            "{} {} HTTP/1.1\r\nHost: {authority}\r\nConnection: close\r\nUser-Agent: cairn-tests\r\n",
+            "{} {} HTTP/1.1\r\n{host}Connection: close\r\nUser-Agent: cairn-tests\r\n",
             self.method, self.path
         );
         for (k, v) in &self.headers {
@@ -3137,4 +3147,129 @@ mod cluster_directory {
         }
         out
     }
+}
+
+// Shared by the bad-input suites: a repository to attack, raw requests, and
+// the check that it stayed intact.
+
+/// A repository with `main` (3 commits) and `side`, and a clone of it.
+pub struct Base {
+    pub git: Git,
+    pub full: String,
+    pub url: String,
+    pub work: Repo,
+    pub before: BTreeMap<String, String>,
+}
+
+pub fn base(c: &Cluster, prefix: &str) -> Result<Base> {
+    let git = Git::new()?.with_protocol(2);
+    let full = c.new_repo(prefix)?;
+    let url = c.repo_url(&full);
+    let seed = git.init(git.scratch("seed"))?;
+    seed.commit_n("file.txt", 3, "base")?;
+    seed.run(["branch", "side", "main~1"])?;
+    seed.run(["push", "-q", &url, "main", "side"])?;
+    let work = git.clone_repo(&url, git.scratch("work"), &["-q"])?;
+    let before = git.remote_refs(&url)?;
+    ensure!(before.len() == 2, "{before:?}");
+    Ok(Base {
+        git,
+        full,
+        url,
+        work,
+        before,
+    })
+}
+
+/// The refs are unchanged and a fresh clone (v0 and v2) is complete.
+pub fn assert_intact(c: &Cluster, b: &Base) -> Result<()> {
+    let now = b.git.remote_refs(&b.url)?;
+    ensure!(now == b.before, "refs changed: {:?} -> {now:?}", b.before);
+    let r = HttpRequest::new("GET", "/healthz").send(c.http_url())?;
+    ensure!(r.status == 200, "healthz after bad input: {}", r.status);
+    for v in [0u8, 2] {
+        let g = b.git.with_protocol(v);
+        let clone = g.clone_repo(&b.url, g.scratch("check"), &["-q"])?;
+        assert_clone_matches(&clone, &b.before)?;
+    }
+    Ok(())
+}
+
+pub fn post(c: &Cluster, full: &str, service: &str, body: &[u8], v2: bool) -> Result<HttpResponse> {
+    let path = format!("/{full}.git/{service}");
+    let mut req = c
+        .request("POST", &path)
+        .header("Content-Type", &format!("application/x-{service}-request"))
+        .header("Accept", &format!("application/x-{service}-result"))
+        .body(body);
+    if v2 {
+        req = req.header("Git-Protocol", "version=2");
+    }
+    req.send(c.http_url())
+}
+
+/// Whether a response clearly reports an error (HTTP status, `ERR` packet,
+/// fatal side-band message, failed unpack or a rejected ref).
+pub fn is_error(r: &HttpResponse) -> bool {
+    if r.status >= 400 {
+        return true;
+    }
+    let rep = PushReport::parse(&r.body);
+    let text = rep.text.to_lowercase();
+    let raw = r.text().to_lowercase();
+    rep.unpack.as_deref().is_some_and(|u| u != "ok")
+        || rep.refs.values().any(Option::is_some)
+        || text.contains("err ")
+        || raw.contains("err ")
+        || text.contains("fatal")
+        || text.contains("error")
+}
+
+pub fn describe(r: &HttpResponse) -> String {
+    format!(
+        "HTTP {} {:?}: {:?}",
+        r.status,
+        r.header("content-type"),
+        String::from_utf8_lossy(&r.body[..r.body.len().min(600)])
+    )
+}
+
+/// A new commit on top of main in the work clone and a complete pack
+/// (non-thin) of what the server lacks.
+pub fn new_commit_and_pack(b: &Base, name: &str) -> Result<(RefUpdate, Vec<u8>)> {
+    let old = b.before["refs/heads/main"].clone();
+    b.work.run(["reset", "-q", "--hard", &old])?;
+    let new = b.work.commit_file(
+        &format!("{name}.txt"),
+        &format!("content of {name}\n"),
+        name,
+    )?;
+    let pack = b
+        .work
+        .pack_objects(&format!("{new}\n^{old}\n"), true, false)?;
+    Ok((RefUpdate::new(&old, &new, "refs/heads/main"), pack))
+}
+
+/// Sends a raw push that must be refused; checks that it was, with an
+/// error reported and the refs unchanged. Returns the response.
+pub fn push_raw(
+    c: &Cluster,
+    b: &Base,
+    what: &str,
+    updates: &[RefUpdate],
+    pack: &[u8],
+) -> Result<HttpResponse> {
+    let body = receive_pack_body(updates, "report-status agent=cairn-tests", pack);
+    let r = post(c, &b.full, "git-receive-pack", &body, false)?;
+    let rep = PushReport::parse(&r.body);
+    eprintln!("{what}: {}", describe(&r));
+    ensure!(
+        !rep.any_ok(),
+        "{what}: the server accepted it: {}",
+        describe(&r)
+    );
+    ensure!(is_error(&r), "{what}: no error reported: {}", describe(&r));
+    let now = b.git.remote_refs(&b.url)?;
+    ensure!(now == b.before, "{what}: refs changed: {now:?}");
+    Ok(r)
 }

@@ -4,92 +4,8 @@
 //! leave the repository's refs as they were, and leave the server serving
 //! normal clones.
 
-use std::collections::BTreeMap;
-
 use anyhow::ensure;
 use cairn_tests::*;
-
-/// A repository with `main` (3 commits) and `side`, and a clone of it.
-struct Base {
-    git: Git,
-    full: String,
-    url: String,
-    work: Repo,
-    before: BTreeMap<String, String>,
-}
-
-fn base(c: &Cluster, prefix: &str) -> Result<Base> {
-    let git = Git::new()?.with_protocol(2);
-    let full = c.new_repo(prefix)?;
-    let url = c.repo_url(&full);
-    let seed = git.init(git.scratch("seed"))?;
-    seed.commit_n("file.txt", 3, "base")?;
-    seed.run(["branch", "side", "main~1"])?;
-    seed.run(["push", "-q", &url, "main", "side"])?;
-    let work = git.clone_repo(&url, git.scratch("work"), &["-q"])?;
-    let before = git.remote_refs(&url)?;
-    ensure!(before.len() == 2, "{before:?}");
-    Ok(Base {
-        git,
-        full,
-        url,
-        work,
-        before,
-    })
-}
-
-/// The refs are unchanged and a fresh clone (v0 and v2) is complete.
-fn assert_intact(c: &Cluster, b: &Base) -> Result<()> {
-    let now = b.git.remote_refs(&b.url)?;
-    ensure!(now == b.before, "refs changed: {:?} -> {now:?}", b.before);
-    let r = HttpRequest::new("GET", "/healthz").send(c.http_url())?;
-    ensure!(r.status == 200, "healthz after bad input: {}", r.status);
-    for v in [0u8, 2] {
-        let g = b.git.with_protocol(v);
-        let clone = g.clone_repo(&b.url, g.scratch("check"), &["-q"])?;
-        assert_clone_matches(&clone, &b.before)?;
-    }
-    Ok(())
-}
-
-fn post(c: &Cluster, full: &str, service: &str, body: &[u8], v2: bool) -> Result<HttpResponse> {
-    let path = format!("/{full}.git/{service}");
-    let mut req = c
-        .request("POST", &path)
-        .header("Content-Type", &format!("application/x-{service}-request"))
-        .header("Accept", &format!("application/x-{service}-result"))
-        .body(body);
-    if v2 {
-        req = req.header("Git-Protocol", "version=2");
-    }
-    req.send(c.http_url())
-}
-
-/// Whether a response clearly reports an error (HTTP status, `ERR` packet,
-/// fatal side-band message, failed unpack or a rejected ref).
-fn is_error(r: &HttpResponse) -> bool {
-    if r.status >= 400 {
-        return true;
-    }
-    let rep = PushReport::parse(&r.body);
-    let text = rep.text.to_lowercase();
-    let raw = r.text().to_lowercase();
-    rep.unpack.as_deref().is_some_and(|u| u != "ok")
-        || rep.refs.values().any(Option::is_some)
-        || text.contains("err ")
-        || raw.contains("err ")
-        || text.contains("fatal")
-        || text.contains("error")
-}
-
-fn describe(r: &HttpResponse) -> String {
-    format!(
-        "HTTP {} {:?}: {:?}",
-        r.status,
-        r.header("content-type"),
-        String::from_utf8_lossy(&r.body[..r.body.len().min(600)])
-    )
-}
 
 #[test]
 fn garbage_pkt_lines_are_refused() -> Result<()> {
@@ -200,38 +116,6 @@ fn garbage_pkt_lines_are_refused() -> Result<()> {
         .send(c.http_url())?;
     ensure!(r.status >= 400, "unknown service: {}", describe(&r));
     assert_intact(c, &b)
-}
-
-/// A new commit on top of main in the work clone and a complete pack
-/// (non-thin) of what the server lacks.
-fn new_commit_and_pack(b: &Base, name: &str) -> Result<(RefUpdate, Vec<u8>)> {
-    let old = b.before["refs/heads/main"].clone();
-    b.work.run(["reset", "-q", "--hard", &old])?;
-    let new = b.work.commit_file(
-        &format!("{name}.txt"),
-        &format!("content of {name}\n"),
-        name,
-    )?;
-    let pack = b
-        .work
-        .pack_objects(&format!("{new}\n^{old}\n"), true, false)?;
-    Ok((RefUpdate::new(&old, &new, "refs/heads/main"), pack))
-}
-
-fn push_raw(c: &Cluster, b: &Base, what: &str, updates: &[RefUpdate], pack: &[u8]) -> Result<()> {
-    let body = receive_pack_body(updates, "report-status agent=cairn-tests", pack);
-    let r = post(c, &b.full, "git-receive-pack", &body, false)?;
-    let rep = PushReport::parse(&r.body);
-    eprintln!("{what}: {}", describe(&r));
-    ensure!(
-        !rep.any_ok(),
-        "{what}: the server accepted it: {}",
-        describe(&r)
-    );
-    ensure!(is_error(&r), "{what}: no error reported: {}", describe(&r));
-    let now = b.git.remote_refs(&b.url)?;
-    ensure!(now == b.before, "{what}: refs changed: {now:?}");
-    Ok(())
 }
 
 #[test]
