@@ -19,6 +19,7 @@ use tonic::Status;
 use crate::directory::DirectoryError;
 use crate::replicated_store::{ReplicatedError, ReplicatedStore};
 use crate::repo_store::{RepoRecord, RepoSnapshot, RepoStore, StagingDir, StoreError};
+use crate::write_gate::WriteGuard;
 
 /// Metadata key naming the shard leader's gRPC `host:port`.
 pub const LEADER_METADATA: &str = "x-cairn-leader";
@@ -112,12 +113,13 @@ impl RepoBackend {
     // overflow the compiler's layout recursion limit inside the services.
 
     /// Refuses (with the leader's address) on a replica that cannot accept
-    /// writes to `workspace`; a no-op on a single node.
-    pub async fn require_writer(&self, workspace: &str) -> Result<(), BackendError> {
+    /// writes to `workspace`; otherwise the write is under way until the
+    /// guard drops (none on a single node).
+    pub async fn begin_write(&self, workspace: &str) -> Result<Option<WriteGuard>, BackendError> {
         match self {
-            RepoBackend::Single(_) => Ok(()),
+            RepoBackend::Single(_) => Ok(None),
             RepoBackend::Replicated { shards, .. } => {
-                Ok(Box::pin(shards.require_writer(workspace)).await?)
+                Ok(Some(Box::pin(shards.begin_write(workspace)).await?))
             }
         }
     }

@@ -173,13 +173,16 @@ impl Git for GitService {
             .await?
             .ok_or_else(|| Status::invalid_argument("empty receive-pack request"))?;
         // Before reading the pack: a follower must refuse while the router
-        // can still send the request to the leader.
-        if let Some(repo) = &first.repo {
-            self.backend
-                .require_writer(&repo.workspace)
+        // can still send the request to the leader. From here until its
+        // entry is proposed, the push holds off a planned leader transfer.
+        let write = match &first.repo {
+            Some(repo) => self
+                .backend
+                .begin_write(&repo.workspace)
                 .await
-                .map_err(status_of)?;
-        }
+                .map_err(status_of)?,
+            None => None,
+        };
         let snap = self.snapshot(first.repo).await?;
         tracing::Span::current().record("repo", snap.record.id);
         let input = forward_inbound(inbound, first.data, |m: ReceivePackRequest| m.data);
@@ -192,6 +195,7 @@ impl Git for GitService {
             if let Err(e) = run_receive_pack(&backend, &runtime, &limits, snap, input, out) {
                 tracing::warn!(error = %e, "receive-pack failed");
             }
+            drop(write);
         });
         Ok(Response::new(stream))
     }

@@ -24,6 +24,7 @@ pub mod server;
 pub mod shard_host;
 pub mod shard_state;
 pub mod staging_cleanup;
+pub mod write_gate;
 
 pub use config::Config;
 pub use server::StorageNode;

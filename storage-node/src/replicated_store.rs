@@ -38,6 +38,7 @@ use crate::shard_state::{
     keys, refs_from_rows, shard_of_repo, LoggedUpdate, PackRef, Refusal, ShardRequest,
     ShardResponse,
 };
+use crate::write_gate::WriteGuard;
 
 /// How long a push whose entry's fate is unknown waits for a linearizable
 /// read (a new leader) to settle it.
@@ -215,9 +216,18 @@ impl ReplicatedStore {
     }
 
     /// Fails fast with the known leader when this node does not lead the
-    /// shard of `workspace`: writes go there, before any expensive work.
-    pub async fn require_writer(&self, workspace: &str) -> Result<(), ReplicatedError> {
-        self.require_leader(self.shard_of(workspace).await?)
+    /// shard of `workspace` (writes go there, before any expensive work);
+    /// otherwise the write is under way until the guard drops, and a
+    /// planned leader transfer waits for it.
+    pub async fn begin_write(&self, workspace: &str) -> Result<WriteGuard, ReplicatedError> {
+        let shard = self.shard_of(workspace).await?;
+        self.require_leader(shard)?;
+        self.host
+            .writes()
+            .enter(shard)
+            .map_err(|to| ReplicatedError::NotLeader {
+                leader_hint: self.hint_for(Some(to)),
+            })
     }
 
     fn require_leader(&self, shard: u64) -> Result<(), ReplicatedError> {

@@ -33,6 +33,7 @@ use crate::meta_state::{MetaError, MetaLogic, MetaRequest, MetaResponse};
 use crate::pack_placer::{LocalPackPlacer, PeerBook};
 use crate::pack_transfer::StagingArea;
 use crate::shard_state::{ApplyError, ShardLogic, ShardRequest, ShardResponse};
+use crate::write_gate::WriteGate;
 
 /// Group id of the meta directory; no shard may use it.
 pub const META_GROUP: u64 = 0;
@@ -407,6 +408,8 @@ pub struct ShardHost {
     /// Packs this node fetched from peers, over all shards.
     packs_fetched: Arc<std::sync::atomic::AtomicU64>,
     shut_down: std::sync::atomic::AtomicBool,
+    /// Pushes under way on the shards this node leads (see `write_gate`).
+    writes: Arc<WriteGate>,
 }
 
 impl std::fmt::Debug for ShardHost {
@@ -541,6 +544,7 @@ impl ShardHost {
                 membership_lock: tokio::sync::Mutex::new(()),
                 packs_fetched: Arc::default(),
                 shut_down: Default::default(),
+                writes: Default::default(),
             };
             let initial = |replicas: &[u64]| -> Option<BTreeMap<u64, String>> {
                 (first_start && replicas.iter().min() == Some(&me)).then(|| {
@@ -1236,12 +1240,46 @@ impl ShardHost {
                 "node {to} is not a voter of shard {shard}"
             )));
         }
-        raft.trigger()
+        // A planned transfer is invisible to pushes: those validating
+        // finish first, new ones go to the new leader.
+        let left = self
+            .writes
+            .close_and_drain(shard, to, TRANSFER_DRAIN_TIMEOUT)
+            .await;
+        if left > 0 {
+            tracing::warn!(
+                shard,
+                left,
+                "handing leadership over with pushes still under way"
+            );
+        }
+        let transferred = raft
+            .trigger()
             .transfer_leader(to)
             .await
-            .map_err(|e| ProposeError::Raft(e.to_string()))
+            .map_err(|e| ProposeError::Raft(e.to_string()));
+        if transferred.is_ok() {
+            let me = self.node_id;
+            let _ = raft
+                .wait(Some(TRANSFER_SETTLE_TIMEOUT))
+                .metrics(|m| m.current_leader != Some(me), "leadership handed over")
+                .await;
+        }
+        self.writes.reopen(shard);
+        transferred
+    }
+
+    /// Pushes under way on this node's shards.
+    pub fn writes(&self) -> &Arc<WriteGate> {
+        &self.writes
     }
 }
+
+/// How long a leader transfer waits for the pushes being validated.
+const TRANSFER_DRAIN_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// How long new pushes are turned away while leadership moves.
+const TRANSFER_SETTLE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Catch-up: pack fetching and log compaction.
 impl ShardHost {
