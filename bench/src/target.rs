@@ -1,5 +1,6 @@
 //! The servers under test: Cairn's `dev` cluster (three replicating
-//! storage nodes and a router, or one unreplicated node) and the baseline,
+//! storage nodes and a router, or one node of one-voter groups) and the
+//! baseline,
 //! behind one interface the scenarios drive.
 
 use std::collections::HashMap;
@@ -345,11 +346,6 @@ impl Cairn {
 
     fn server_processes(&self) -> Vec<(u32, String)> {
         let mut out: Vec<(u32, String)> = Vec::new();
-        if self.nodes.len() == 1 {
-            // One process holds the node and the router.
-            out.push((self.router_pid, "cairn (node + router)".to_owned()));
-            return out;
-        }
         for n in &self.nodes {
             out.push((n.pid, format!("cairn node {}", n.id)));
         }

@@ -1,7 +1,7 @@
-//! `cairn dev`: the embedded local cluster — three storage-node processes
-//! replicating one shard and a router process on localhost (or, with
-//! `--nodes 1`, one unreplicated node and the router in this process),
-//! data in one folder, kept across restarts.
+//! `cairn dev`: the local cluster — storage-node processes (three by
+//! default, every shard replicated on three of them; `--nodes 1` runs
+//! one-voter groups through the same code) and a router process on
+//! localhost, data in one folder, kept across restarts.
 
 use std::io::{Read, Write};
 use std::net::SocketAddr;
@@ -20,12 +20,10 @@ pub struct DevArgs {
     #[arg(long, default_value = "127.0.0.1:8080")]
     pub http: SocketAddr,
     /// Storage nodes. Each node and the router runs as its own process,
-    /// every shard replicated on three of them; 1 runs a single
-    /// unreplicated node and the router in this process.
+    /// every shard replicated on three of them (on all of them with fewer).
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..=7))]
     pub nodes: u64,
-    /// Shards (raft groups) the repositories spread over, by workspace
-    /// (with --nodes > 1).
+    /// Shards (raft groups) the repositories spread over, by workspace.
     #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u64).range(1..=64))]
     pub shards: u64,
     /// Let the nodes' `Admin.SetFaults` RPC cut raft traffic (for
@@ -120,62 +118,15 @@ pub async fn run(args: DevArgs) -> Result<()> {
         .with_context(|| format!("resolving {}", args.data_dir.display()))?;
     let _ = std::fs::remove_file(data_dir.join(CLUSTER_FILE));
     let token = dev_token(&data_dir)?;
-    if args.nodes > 1 {
-        return crate::dev_cluster::run(
-            &data_dir,
-            args.http,
-            args.nodes,
-            args.shards,
-            &token,
-            args.fault_injection,
-        )
-        .await;
-    }
-
-    let mut node_cfg = cairn_storage_node::Config::new(data_dir.join("node-1"));
-    node_cfg.grpc_addr = SocketAddr::from(([127, 0, 0, 1], 0));
-    let node = cairn_storage_node::StorageNode::start(node_cfg)
-        .await
-        .context("starting the storage node")?;
-
-    let mut router_cfg =
-        cairn_router::Config::new(format!("http://{}", node.grpc_addr), token.clone());
-    router_cfg.http_addr = args.http;
-    let router = cairn_router::Router::start(router_cfg)
-        .await
-        .context("starting the router")?;
-
-    let http_url = format!("http://{}", router.http_addr);
-    let cluster = DevCluster {
-        http_url: http_url.clone(),
-        username: "x-token-auth".into(),
-        token: token.clone(),
-        nodes: vec![DevNode {
-            id: 1,
-            grpc_addr: node.grpc_addr,
-            pid: std::process::id(),
-            data_dir: data_dir.join("node-1"),
-            config: None,
-        }],
-        router: DevProcess {
-            pid: std::process::id(),
-            http_addr: router.http_addr,
-            config: None,
-        },
-    };
-    write_private(
-        &data_dir.join(CLUSTER_FILE),
-        &serde_json::to_vec_pretty(&cluster)?,
-    )?;
-
-    print_banner(&data_dir, &cluster);
-
-    tokio::select! {
-        r = node.wait() => r.context("storage node stopped")?,
-        r = router.wait() => r.context("router stopped")?,
-        _ = tokio::signal::ctrl_c() => eprintln!("stopping"),
-    }
-    Ok(())
+    crate::dev_cluster::run(
+        &data_dir,
+        args.http,
+        args.nodes,
+        args.shards,
+        &token,
+        args.fault_injection,
+    )
+    .await
 }
 
 /// What a person needs to use the cluster: URLs and credentials.

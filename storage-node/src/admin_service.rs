@@ -15,42 +15,34 @@ use cairn_proto::admin::{
 use cairn_raft::TransportFilter;
 use tonic::{Request, Response, Status};
 
-use crate::backend::{not_leader, status_of, RepoBackend};
-use crate::repo_store::RepoRecord;
+use crate::replicated_store::ReplicatedStore;
+use crate::repo::RepoRecord;
 use crate::shard_host::{ProposeError, ShardHost};
+use crate::status::{not_leader, status_of};
 
 pub struct AdminService {
-    backend: RepoBackend,
-    shards: Option<Arc<ShardHost>>,
+    repos: Arc<ReplicatedStore>,
+    host: Arc<ShardHost>,
     /// Present only when the node's config enables fault injection.
     faults: Option<TransportFilter>,
 }
 
 impl AdminService {
-    pub fn new(backend: RepoBackend) -> Self {
+    /// With `faults`, `SetFaults` works; without, it is refused.
+    pub fn new(
+        repos: Arc<ReplicatedStore>,
+        host: Arc<ShardHost>,
+        faults: Option<TransportFilter>,
+    ) -> Self {
         AdminService {
-            backend,
-            shards: None,
-            faults: None,
+            repos,
+            host,
+            faults,
         }
     }
 
-    /// Adds the shard RPCs (a node without shards answers them with
-    /// FAILED_PRECONDITION) and, with `faults`, `SetFaults`.
-    pub fn with_shards(
-        mut self,
-        shards: Option<Arc<ShardHost>>,
-        faults: Option<TransportFilter>,
-    ) -> Self {
-        self.shards = shards;
-        self.faults = faults;
-        self
-    }
-
     fn host(&self) -> Result<&Arc<ShardHost>, Status> {
-        self.shards
-            .as_ref()
-            .ok_or_else(|| Status::failed_precondition("this node hosts no replicated shards"))
+        Ok(&self.host)
     }
 }
 
@@ -85,9 +77,11 @@ impl Admin for AdminService {
         request: Request<CreateRepositoryRequest>,
     ) -> Result<Response<Repository>, Status> {
         let r = request.into_inner();
-        let rec = self
-            .backend
-            .create_repo(&r.workspace, &r.slug, r.is_private, &r.description)
+        let rec =
+            Box::pin(
+                self.repos
+                    .create_repo(&r.workspace, &r.slug, r.is_private, &r.description),
+            )
             .await
             .map_err(status_of)?;
         tracing::info!(repo = rec.id, workspace = %rec.workspace, slug = %rec.slug, "repository created");
@@ -100,8 +94,7 @@ impl Admin for AdminService {
         request: Request<DeleteRepositoryRequest>,
     ) -> Result<Response<DeleteRepositoryResponse>, Status> {
         let r = request.into_inner();
-        self.backend
-            .delete_repo(&r.workspace, &r.slug)
+        Box::pin(self.repos.delete_repo(&r.workspace, &r.slug))
             .await
             .map_err(status_of)?;
         Ok(Response::new(DeleteRepositoryResponse {}))
@@ -113,9 +106,7 @@ impl Admin for AdminService {
         request: Request<GetRepositoryRequest>,
     ) -> Result<Response<Repository>, Status> {
         let r = request.into_inner();
-        let rec = self
-            .backend
-            .require_repo(&r.workspace, &r.slug)
+        let rec = Box::pin(self.repos.require_repo(&r.workspace, &r.slug))
             .await
             .map_err(status_of)?;
         Ok(Response::new(to_proto(rec)))
@@ -127,9 +118,7 @@ impl Admin for AdminService {
         request: Request<ListRepositoriesRequest>,
     ) -> Result<Response<ListRepositoriesResponse>, Status> {
         let r = request.into_inner();
-        let recs = self
-            .backend
-            .list_repos(&r.workspace)
+        let recs = Box::pin(self.repos.list_repos(&r.workspace))
             .await
             .map_err(status_of)?;
         Ok(Response::new(ListRepositoriesResponse {

@@ -3,13 +3,10 @@
 //!
 //! Any node answers: directory reads and writes go to the meta group
 //! through `directory::MetaClient`, leader-only steps are forwarded to the
-//! shard's leader, and status is gathered from every node. A node running
-//! unreplicated (no `[shards]`) answers the directory calls as a cluster
-//! of one, so the router treats both alike.
+//! shard's leader, and status is gathered from every node.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::future::Future;
-use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
@@ -25,7 +22,6 @@ use tonic::metadata::MetadataValue;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Request, Response, Status};
 
-use crate::backend::{not_leader, LEADER_METADATA};
 use crate::directory::{DirectoryError, MetaClient, META_LEADER_METADATA};
 use crate::meta_state::{
     Directory, MetaAnswer, MetaCall, MetaQuery, MetaRequest, MetaResponse, NodeRecord,
@@ -33,6 +29,7 @@ use crate::meta_state::{
 };
 use crate::mover::Mover;
 use crate::shard_host::{ProposeError, ShardHost};
+use crate::status::{not_leader, LEADER_METADATA};
 
 /// Lazily connected channels to other nodes, by address.
 #[derive(Default, Clone)]
@@ -192,10 +189,8 @@ pub struct ClusterService {
 }
 
 struct Inner {
-    /// Absent on an unreplicated node.
-    replicated: Option<(Arc<ShardHost>, Arc<MetaClient>)>,
-    /// This node's own address, for the single-node answers.
-    self_addr: SocketAddr,
+    host: Arc<ShardHost>,
+    directory: Arc<MetaClient>,
     channels: NodeChannels,
     /// Pause after each move step (tests only; zero otherwise).
     move_step_pause: Duration,
@@ -203,14 +198,14 @@ struct Inner {
 
 impl ClusterService {
     pub fn new(
-        replicated: Option<(Arc<ShardHost>, Arc<MetaClient>)>,
-        self_addr: SocketAddr,
+        host: Arc<ShardHost>,
+        directory: Arc<MetaClient>,
         move_step_pause: Duration,
     ) -> Self {
         ClusterService {
             inner: Arc::new(Inner {
-                replicated,
-                self_addr,
+                host,
+                directory,
                 channels: NodeChannels::default(),
                 move_step_pause,
             }),
@@ -218,11 +213,7 @@ impl ClusterService {
     }
 
     fn replicated(&self) -> Result<(&Arc<ShardHost>, &Arc<MetaClient>), Status> {
-        self.inner
-            .replicated
-            .as_ref()
-            .map(|(h, d)| (h, d))
-            .ok_or_else(|| Status::failed_precondition("this node runs unreplicated: no cluster"))
+        Ok((&self.inner.host, &self.inner.directory))
     }
 
     async fn directory(&self) -> Result<Directory, Status> {
@@ -271,14 +262,6 @@ impl ClusterService {
     }
 }
 
-fn single_node(addr: SocketAddr) -> Node {
-    Node {
-        id: 0,
-        addr: addr.to_string(),
-        state: NodeState::Active as i32,
-    }
-}
-
 type MoveStream = ReceiverStream<Result<MoveProgress, Status>>;
 
 #[tonic::async_trait]
@@ -288,23 +271,7 @@ impl Cluster for ClusterService {
         request: Request<ResolveWorkspaceRequest>,
     ) -> Result<Response<ResolveWorkspaceResponse>, Status> {
         let name = request.into_inner().workspace;
-        let Some((_, dir)) = &self.inner.replicated else {
-            // One node holds everything; a missing repository is its own 404.
-            return Ok(Response::new(ResolveWorkspaceResponse {
-                workspace: Some(Workspace {
-                    id: 0,
-                    name,
-                    shard_id: 0,
-                }),
-                placement: Some(ShardPlacement {
-                    shard_id: 0,
-                    replicas: vec![0],
-                    epoch: 0,
-                }),
-                replicas: vec![single_node(self.inner.self_addr)],
-                map_epoch: 0,
-            }));
-        };
+        let (_, dir) = self.replicated()?;
         let record = dir
             .workspace(&name)
             .await
@@ -341,13 +308,7 @@ impl Cluster for ClusterService {
         let name = request.into_inner().name;
         crate::names::validate("workspace", &crate::names::canonical(&name))
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
-        let Some((_, dir)) = &self.inner.replicated else {
-            return Ok(Response::new(Workspace {
-                id: 0,
-                name,
-                shard_id: 0,
-            }));
-        };
+        let (_, dir) = self.replicated()?;
         let record = dir
             .create_workspace(&name)
             .await

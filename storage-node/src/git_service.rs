@@ -2,6 +2,8 @@
 //! each run as a blocking protocol state machine on its own thread.
 
 use std::io::{BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use cairn_packfile::pktline::{PktReader, PktWriter};
 use cairn_packfile::receive::{self, Ingested, Limits};
@@ -15,9 +17,10 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::backend::{status_of, RepoBackend};
 use crate::bridge::{forward_inbound, ChannelReader, ChunkWriter, CHANNEL_DEPTH};
-use crate::repo_store::{RepoSnapshot, StoreError};
+use crate::replicated_store::{ReplicatedError, ReplicatedStore};
+use crate::repo::{RepoSnapshot, StagingDir, StoreError};
+use crate::status::status_of;
 
 pub const AGENT: &str = concat!("cairn/", env!("CARGO_PKG_VERSION"));
 
@@ -46,13 +49,19 @@ impl ProtocolVersion {
 }
 
 pub struct GitService {
-    backend: RepoBackend,
+    repos: Arc<ReplicatedStore>,
+    /// The node's data folder, for pushes' staging directories.
+    data_dir: PathBuf,
     limits: Limits,
 }
 
 impl GitService {
-    pub fn new(backend: RepoBackend, limits: Limits) -> Self {
-        GitService { backend, limits }
+    pub fn new(repos: Arc<ReplicatedStore>, data_dir: PathBuf, limits: Limits) -> Self {
+        GitService {
+            repos,
+            data_dir,
+            limits,
+        }
     }
 
     /// Also the leadership check of a replicated node: it runs before the
@@ -60,8 +69,7 @@ impl GitService {
     /// never a byte of git protocol.
     async fn snapshot(&self, repo: Option<RepoPath>) -> Result<RepoSnapshot, Status> {
         let repo = repo.ok_or_else(|| Status::invalid_argument("missing repository"))?;
-        self.backend
-            .snapshot(&repo.workspace, &repo.slug)
+        Box::pin(self.repos.snapshot(&repo.workspace, &repo.slug))
             .await
             .map_err(status_of)
     }
@@ -176,23 +184,30 @@ impl Git for GitService {
         // can still send the request to the leader. From here until its
         // entry is proposed, the push holds off a planned leader transfer.
         let write = match &first.repo {
-            Some(repo) => self
-                .backend
-                .begin_write(&repo.workspace)
-                .await
-                .map_err(status_of)?,
+            Some(repo) => Some(
+                Box::pin(self.repos.begin_write(&repo.workspace))
+                    .await
+                    .map_err(status_of)?,
+            ),
             None => None,
         };
         let snap = self.snapshot(first.repo).await?;
         tracing::Span::current().record("repo", snap.record.id);
         let input = forward_inbound(inbound, first.data, |m: ReceivePackRequest| m.data);
-        let backend = self.backend.clone();
+        let repos = self.repos.clone();
+        let data_dir = self.data_dir.clone();
         let limits = self.limits.clone();
         let runtime = tokio::runtime::Handle::current();
         let span = tracing::Span::current();
         let stream = stream_blocking(move |out| {
             let _enter = span.enter();
-            if let Err(e) = run_receive_pack(&backend, &runtime, &limits, snap, input, out) {
+            let push = Push {
+                repos: &repos,
+                data_dir: &data_dir,
+                runtime: &runtime,
+                limits: &limits,
+            };
+            if let Err(e) = push.run(snap, input, out) {
                 tracing::warn!(error = %e, "receive-pack failed");
             }
             drop(write);
@@ -209,78 +224,124 @@ enum PushError {
     Store(#[from] StoreError),
 }
 
-/// One push: commands, pack ingestion and validation, compare-and-swap, report.
-fn run_receive_pack(
-    store: &RepoBackend,
-    runtime: &tokio::runtime::Handle,
-    limits: &Limits,
-    snap: RepoSnapshot,
-    input: ChannelReader,
-    out: &mut ChunkWriter,
-) -> Result<(), PushError> {
-    let mut reader = PktReader::new(input);
-    let request = match receive::read_request(&mut reader, limits) {
-        Ok(Some(r)) => r,
-        Ok(None) => return Ok(()),
-        Err(e) => {
-            // No capabilities are known yet, so the error goes out as a
-            // plain ERR line, which every client prints.
-            PktWriter::new(&mut *out).text(&format!("ERR {e}"))?;
-            return Ok(());
-        }
-    };
-    let n = request.commands.len();
-    let staging = store.push_staging()?;
-    let ingested = if request.expects_pack() {
-        let mut pack = BufReader::with_capacity(64 * 1024, reader.into_inner());
-        receive::ingest(&request, &mut pack, &snap.packs, staging.path(), limits)
-    } else {
-        Ok(Ingested {
-            pack: None,
-            command_errors: vec![None; n],
-        })
-    };
-    let (unpack, results) = match ingested {
-        Ok(ing) => {
-            match store.apply_push(
-                runtime,
-                &snap.record,
-                &request.commands,
-                request.caps.atomic,
-                &ing.command_errors,
-                ing.pack,
-            ) {
-                Ok(results) => (Ok(()), results),
-                Err(e) => {
-                    // The reason says whether refs may have moved: a failure
-                    // before the commit point refuses every command, an
-                    // unknown replicated outcome says so, never "ok".
-                    tracing::error!(error = %e, "applying a push failed");
-                    (Ok(()), vec![Err(e.reason().to_owned()); n])
+/// Ref-status reasons of a push that did not apply normally.
+pub const NG_NOT_LEADER: &str = "not the shard leader, nothing changed";
+pub const NG_UNKNOWN: &str = "outcome unknown, please fetch and retry";
+pub const NG_REPLICAS: &str = "replicas unavailable, nothing changed";
+pub const NG_INTERNAL: &str = "internal storage error, nothing changed";
+pub const NG_LEADER_LOST: &str = "shard leader changed mid-push, nothing changed; push again";
+
+/// The `ng` reason every ref of a push gets when applying it failed: a
+/// failure before the commit point says nothing changed, one after it that
+/// the outcome is unknown — never "ok".
+fn apply_failure_reason(e: &ReplicatedError) -> &'static str {
+    match e {
+        // Refused before proposing: nothing was appended anywhere.
+        ReplicatedError::NotLeader { .. } | ReplicatedError::WrongShard { .. } => NG_NOT_LEADER,
+        ReplicatedError::Transfer { .. } => NG_REPLICAS,
+        ReplicatedError::NotApplied { .. } => NG_LEADER_LOST,
+        ReplicatedError::Store(_)
+        | ReplicatedError::Io { .. }
+        | ReplicatedError::UnknownShard(_)
+        | ReplicatedError::WorkspaceNotFound(_)
+        | ReplicatedError::Directory(_) => NG_INTERNAL,
+        // A raft failure may strike after the entry was appended.
+        ReplicatedError::Indeterminate { .. }
+        | ReplicatedError::Raft(_)
+        | ReplicatedError::State(_) => NG_UNKNOWN,
+    }
+}
+
+/// What one push needs besides its request.
+struct Push<'a> {
+    repos: &'a ReplicatedStore,
+    data_dir: &'a Path,
+    runtime: &'a tokio::runtime::Handle,
+    limits: &'a Limits,
+}
+
+impl Push<'_> {
+    /// Commands, pack ingestion and validation, the replicated
+    /// compare-and-swap, the report.
+    fn run(
+        &self,
+        snap: RepoSnapshot,
+        input: ChannelReader,
+        out: &mut ChunkWriter,
+    ) -> Result<(), PushError> {
+        let mut reader = PktReader::new(input);
+        let request = match receive::read_request(&mut reader, self.limits) {
+            Ok(Some(r)) => r,
+            Ok(None) => return Ok(()),
+            Err(e) => {
+                // No capabilities are known yet, so the error goes out as a
+                // plain ERR line, which every client prints.
+                PktWriter::new(&mut *out).text(&format!("ERR {e}"))?;
+                return Ok(());
+            }
+        };
+        let n = request.commands.len();
+        let staging = StagingDir::create(self.data_dir)?;
+        let ingested = if request.expects_pack() {
+            let mut pack = BufReader::with_capacity(64 * 1024, reader.into_inner());
+            receive::ingest(
+                &request,
+                &mut pack,
+                &snap.packs,
+                staging.path(),
+                self.limits,
+            )
+        } else {
+            Ok(Ingested {
+                pack: None,
+                command_errors: vec![None; n],
+            })
+        };
+        let (unpack, results) = match ingested {
+            Ok(ing) => {
+                // A push nobody can accept needs no pack on any replica.
+                let staged = if ing.command_errors.iter().all(Option::is_some) {
+                    None
+                } else {
+                    ing.pack
+                };
+                let applied = self.runtime.block_on(Box::pin(self.repos.push(
+                    &snap.record,
+                    &request.commands,
+                    request.caps.atomic,
+                    &ing.command_errors,
+                    staged,
+                )));
+                match applied {
+                    Ok(results) => (Ok(()), results),
+                    Err(e) => {
+                        tracing::error!(error = %e, "applying a push failed");
+                        (Ok(()), vec![Err(apply_failure_reason(&e).to_owned()); n])
+                    }
                 }
             }
+            Err(e) => {
+                tracing::info!(error = %e, "push rejected while unpacking");
+                (Err(e.unpack_reason()), vec![Err(e.ref_reason()); n])
+            }
+        };
+        if !request.push_options.is_empty() {
+            tracing::debug!(options = ?request.push_options, "push options");
         }
-        Err(e) => {
-            tracing::info!(error = %e, "push rejected while unpacking");
-            (Err(e.unpack_reason()), vec![Err(e.ref_reason()); n])
-        }
-    };
-    if !request.push_options.is_empty() {
-        tracing::debug!(options = ?request.push_options, "push options");
+        let named: Vec<(String, Result<(), String>)> = request
+            .commands
+            .iter()
+            .map(|c| c.name.clone())
+            .zip(results)
+            .collect();
+        receive::write_report(
+            out,
+            &request.caps,
+            unpack.as_ref().map(|_| ()).map_err(String::as_str),
+            &named,
+        )?;
+        Ok(())
     }
-    let named: Vec<(String, Result<(), String>)> = request
-        .commands
-        .iter()
-        .map(|c| c.name.clone())
-        .zip(results)
-        .collect();
-    receive::write_report(
-        out,
-        &request.caps,
-        unpack.as_ref().map(|_| ()).map_err(String::as_str),
-        &named,
-    )?;
-    Ok(())
 }
 
 #[cfg(test)]

@@ -6,24 +6,25 @@
 //! storage, concurrency and transport. It must not depend on the router.
 
 pub mod admin_service;
-pub mod backend;
 pub mod bridge;
 pub mod case_migration;
 pub mod cluster_service;
 pub mod config;
 pub mod directory;
 pub mod git_service;
+pub mod layout;
 pub mod meta_state;
 pub mod mover;
 pub mod names;
 pub mod pack_placer;
 pub mod pack_transfer;
 pub mod replicated_store;
-pub mod repo_store;
+pub mod repo;
 pub mod server;
 pub mod shard_host;
 pub mod shard_state;
 pub mod staging_cleanup;
+pub mod status;
 pub mod write_gate;
 
 pub use config::Config;

@@ -21,7 +21,7 @@ use cairn_raft::{GroupState, StateView, StoreError};
 use serde::{Deserialize, Serialize};
 
 use crate::names::{self, CasePlan};
-use crate::repo_store::RepoRecord;
+use crate::repo::RepoRecord;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum NodeState {

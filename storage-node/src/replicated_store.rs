@@ -32,7 +32,7 @@ use crate::directory::{DirectoryError, MetaClient};
 use crate::meta_state::{MetaAnswer, MetaQuery, MetaRequest};
 use crate::names;
 use crate::pack_transfer::{stage_pack, StagingArea};
-use crate::repo_store::{exists_error, RepoRecord, RepoSnapshot, StoreError};
+use crate::repo::{exists_error, RepoRecord, RepoSnapshot, StoreError};
 use crate::shard_host::{ProposeError, ShardHost, ShardHostConfig};
 use crate::shard_state::{
     keys, refs_from_rows, shard_of_repo, LoggedUpdate, PackRef, Refusal, ShardRequest,

@@ -1,4 +1,5 @@
-//! Starting a storage node: open the store, bind gRPC, serve.
+//! Starting a storage node: check its data folder, open its shards, bind
+//! gRPC, serve.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -10,14 +11,13 @@ use cairn_proto::pack::pack_transfer_server::PackTransferServer;
 use tokio::net::TcpListener;
 
 use crate::admin_service::AdminService;
-use crate::backend::RepoBackend;
 use crate::cluster_service::ClusterService;
 use crate::config::Config;
 use crate::git_service::GitService;
+use crate::layout::LayoutError;
 use crate::pack_transfer::{PackTransferService, StagingArea, TransferLimits};
 use crate::replicated_store::{ReplicatedError, ReplicatedStore};
-use crate::repo_store::{RepoStore, StoreError};
-use crate::shard_host::{ShardHost, ShardHostError};
+use crate::shard_host::{ShardHost, ShardHostConfig, ShardHostError};
 use crate::staging_cleanup::{CleanupOptions, StagingCleanupWorker};
 use cairn_proto::cluster::cluster_server::ClusterServer;
 
@@ -25,10 +25,14 @@ use cairn_proto::cluster::cluster_server::ClusterServer;
 pub enum StartError {
     #[error(transparent)]
     Config(#[from] crate::config::ConfigError),
-    #[error("opening the repository store: {0}")]
-    Store(#[from] StoreError),
-    #[error("preparing the pack transfer staging area: {0}")]
-    Staging(#[source] std::io::Error),
+    #[error(transparent)]
+    DataDir(#[from] LayoutError),
+    #[error("preparing {path}: {source}")]
+    Staging {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("starting the shard host: {0}")]
     Shards(#[from] ShardHostError),
     #[error("serving the shards: {0}")]
@@ -43,26 +47,29 @@ pub enum StartError {
 /// A running storage node.
 pub struct StorageNode {
     pub grpc_addr: SocketAddr,
-    pub store: Arc<RepoStore>,
-    /// Present only when the configuration has a `shards` section.
-    pub shard_host: Option<Arc<ShardHost>>,
-    /// What the git and admin services serve from: `Replicated` exactly
-    /// when `shard_host` is present.
-    pub backend: RepoBackend,
+    pub shard_host: Arc<ShardHost>,
+    /// The repositories of the shards this node holds.
+    pub repos: Arc<ReplicatedStore>,
     task: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
 }
 
 impl StorageNode {
-    /// Opens the store and starts serving gRPC in the background.
+    /// Opens the data folder and starts serving gRPC in the background. A
+    /// config without `shards` runs a cluster of this one node: one shard
+    /// and the directory, each a one-voter Raft group.
     pub async fn start(config: Config) -> Result<Self, StartError> {
         config.validate()?;
-        let store = {
-            let dir = config.data_dir.clone();
-            tokio::task::spawn_blocking(move || RepoStore::open(&dir))
+        let data_dir = config.data_dir.clone();
+        {
+            let dir = data_dir.clone();
+            tokio::task::spawn_blocking(move || crate::layout::check_data_dir(&dir))
                 .await
-                .expect("opening the store does not panic")?
-        };
-        let store = Arc::new(store);
+                .expect("checking the data folder does not panic")?;
+        }
+        crate::layout::clean_push_staging(&data_dir).map_err(|source| StartError::Staging {
+            path: crate::layout::staging_dir(&data_dir),
+            source,
+        })?;
         let listener = TcpListener::bind(config.grpc_addr)
             .await
             .map_err(|source| StartError::Bind {
@@ -77,46 +84,39 @@ impl StorageNode {
             max_pack_bytes: config.max_pack_bytes,
             ..Limits::default()
         };
-        // After `RepoStore::open`, which empties `staging/` on start.
-        let staging = StagingArea::at(&config.data_dir);
+        let staging = StagingArea::at(&data_dir);
         let pack_transfer = PackTransferService::with_area(
             staging.clone(),
             TransferLimits {
                 max_pack_bytes: config.max_pack_bytes,
             },
         )
-        .map_err(StartError::Staging)?;
+        .map_err(|source| StartError::Staging {
+            path: crate::layout::staging_dir(&data_dir),
+            source,
+        })?;
         // Same staging area (and so the same lock) as PackTransfer and the
         // cleanup worker: placing a pack must not race their removals.
         let filter = cairn_raft::TransportFilter::new();
-        let shard_host = match config.shards.clone() {
-            Some(shards) => Some(Arc::new(
-                ShardHost::start_with_area(
-                    shards,
-                    &config.data_dir,
-                    staging.clone(),
-                    filter.clone(),
-                )
+        let shards = config
+            .shards
+            .clone()
+            .unwrap_or_else(|| ShardHostConfig::single_node(grpc_addr));
+        let shard_host = Arc::new(
+            ShardHost::start_with_area(shards.clone(), &data_dir, staging.clone(), filter.clone())
                 .await?,
-            )),
-            None => None,
-        };
-        let backend = match (&shard_host, &config.shards) {
-            (Some(host), Some(shards)) => RepoBackend::Replicated {
-                shards: Arc::new(ReplicatedStore::new(host.clone(), shards, staging.clone())?),
-                local: store.clone(),
-            },
-            _ => RepoBackend::Single(store.clone()),
-        };
-        let git = GitServer::new(GitService::new(backend.clone(), limits))
+        );
+        let repos = Arc::new(ReplicatedStore::new(
+            shard_host.clone(),
+            &shards,
+            staging.clone(),
+        )?);
+        let git = GitServer::new(GitService::new(repos.clone(), data_dir.clone(), limits))
             .max_decoding_message_size(16 << 20);
         let faults = config.fault_injection.then_some(filter);
-        let admin = AdminServer::new(
-            AdminService::new(backend.clone()).with_shards(shard_host.clone(), faults),
-        );
+        let admin = AdminServer::new(AdminService::new(repos.clone(), shard_host.clone(), faults));
         StagingCleanupWorker::new(staging, CleanupOptions::default()).spawn();
-        let raft = shard_host.as_ref().map(|h| h.raft_service().into_server());
-        let directory = backend.replicated().map(|s| s.directory().clone());
+        let raft = shard_host.raft_service().into_server();
         let move_step_pause = if config.fault_injection {
             std::env::var(crate::mover::STEP_PAUSE_ENV)
                 .ok()
@@ -126,8 +126,8 @@ impl StorageNode {
             std::time::Duration::ZERO
         };
         let cluster = ClusterServer::new(ClusterService::new(
-            shard_host.clone().zip(directory),
-            grpc_addr,
+            shard_host.clone(),
+            repos.directory().clone(),
             move_step_pause,
         ));
         let task = tokio::spawn(
@@ -136,19 +136,18 @@ impl StorageNode {
                 .add_service(admin)
                 .add_service(cluster)
                 .add_service(PackTransferServer::new(pack_transfer))
-                .add_optional_service(raft)
+                .add_service(raft)
                 // Accepted streams get TCP_NODELAY: under Nagle a response's
                 // small HTTP/2 frames wait out the peer's delayed ACK (40 ms).
                 .serve_with_incoming(
                     tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
                 ),
         );
-        tracing::info!(addr = %grpc_addr, data_dir = %config.data_dir.display(), "storage node serving");
+        tracing::info!(addr = %grpc_addr, data_dir = %data_dir.display(), "storage node serving");
         Ok(StorageNode {
             grpc_addr,
-            store,
             shard_host,
-            backend,
+            repos,
             task,
         })
     }

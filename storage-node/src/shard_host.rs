@@ -1,10 +1,9 @@
 //! Runs this node's replicas as raft groups: its shards and, on the meta
 //! nodes, the directory (group 0).
 //!
-//! Opt-in: a node only starts a `ShardHost` when its configuration has a
-//! `[shards]` section; the git and admin services then serve through it
-//! (see `backend`), otherwise from `RepoStore`. The host owns one RocksDB
-//! for all of its groups, one channel pool to the peers (shared by every
+//! Every node runs one (a node configured without `[shards]` runs a
+//! cluster of its own: one-voter groups). The host owns the node's one
+//! RocksDB for all of its groups, one channel pool to the peers (shared by every
 //! group, so many shards multiplex over one connection per peer) and the
 //! registry the node's `Raft` gRPC service dispatches to. Replicas come and
 //! go while the node runs (a shard or the meta group moving in or out); the
@@ -198,6 +197,26 @@ impl ShardHostConfig {
             }
         }
         Ok(())
+    }
+
+    /// A cluster of one node at `addr`: one shard and the directory, each
+    /// a one-voter group, through the same code as a replicated cluster.
+    pub fn single_node(addr: std::net::SocketAddr) -> Self {
+        ShardHostConfig {
+            node_id: 1,
+            peers: BTreeMap::from([(1, addr.to_string())]),
+            shards: vec![ShardSpec {
+                id: 1,
+                replicas: vec![1],
+            }],
+            meta: vec![1],
+            replication_factor: 1,
+            heartbeat_ms: default_heartbeat_ms(),
+            election_timeout_min_ms: default_election_timeout_min_ms(),
+            election_timeout_max_ms: default_election_timeout_max_ms(),
+            snapshot_logs_since_last: default_snapshot_logs_since_last(),
+            max_in_snapshot_log_to_keep: default_max_in_snapshot_log_to_keep(),
+        }
     }
 
     /// The nodes holding the meta group.
@@ -482,9 +501,6 @@ impl ShardHost {
         let span = tracing::info_span!("shard_host", node = config.node_id);
         async move {
             let raft_config = config.raft_config()?;
-            // A RocksDB of its own, apart from RepoStore's, while shards are
-            // opt-in: nothing here may disturb the single-node store. They
-            // merge once the shard path serves git traffic.
             let raft_dir = data_dir.join("raft");
             let db = {
                 let (db_path, snap_path) = (raft_dir.join("rocksdb"), raft_dir.join("snapshots"));
@@ -1016,7 +1032,7 @@ fn repo_usage(rows: &[(Vec<u8>, Vec<u8>)]) -> Vec<RepoUsage> {
                 *bytes.entry(id).or_default() += pack.bytes;
             }
         } else if k.starts_with(&records) {
-            if let Ok(r) = serde_json::from_slice::<crate::repo_store::RepoRecord>(v) {
+            if let Ok(r) = serde_json::from_slice::<crate::repo::RepoRecord>(v) {
                 repos.push(RepoUsage {
                     id: r.id,
                     workspace: r.workspace,

@@ -27,7 +27,7 @@ use cairn_raft::{ApplyLogic, GroupId, GroupState, StateView, StopSignal};
 use serde::{Deserialize, Serialize};
 
 use crate::names::{self, CasePlan};
-use crate::repo_store::RepoRecord;
+use crate::repo::RepoRecord;
 
 pub const DEFAULT_HEAD: &str = "refs/heads/main";
 

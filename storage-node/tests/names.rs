@@ -13,7 +13,7 @@ use std::time::Duration;
 use cairn_raft::TransportFilter;
 use cairn_storage_node::meta_state::{self, MetaRequest, MetaResponse};
 use cairn_storage_node::replicated_store::ReplicatedError;
-use cairn_storage_node::repo_store::StoreError;
+use cairn_storage_node::repo::StoreError;
 use cairn_storage_node::shard_host::{ShardHost, ShardHostConfig, ShardSpec, META_GROUP};
 use cairn_storage_node::shard_state::{self, keys, ShardRequest, ShardResponse};
 use tokio::net::TcpListener;

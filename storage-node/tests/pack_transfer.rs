@@ -15,11 +15,11 @@ use cairn_packfile::ObjectId;
 use cairn_proto::pack::pack_transfer_client::PackTransferClient;
 use cairn_proto::pack::pack_transfer_server::PackTransferServer;
 use cairn_proto::pack::{PackChunk, PackFile, PackHeader};
+use cairn_storage_node::layout;
 use cairn_storage_node::pack_transfer::{
     fetch_pack, stage_pack, FetchError, PackTransferService, StageError, StageOutcome, StagingArea,
     TransferLimits,
 };
-use cairn_storage_node::repo_store::RepoStore;
 use tonic::transport::Channel;
 use tonic::Code;
 
@@ -470,7 +470,7 @@ async fn fetch_serves_committed_packs_from_a_running_node() {
         .expect("start node");
     let mut client = connect(node.grpc_addr).await;
     let p = git_pack(13, 1_500_000);
-    let committed = RepoStore::pack_dir_at(data.path(), REPO);
+    let committed = layout::pack_dir(data.path(), REPO);
     std::fs::create_dir_all(&committed).expect("mkdir");
     std::fs::copy(&p.pack, committed.join(format!("pack-{}.pack", p.id))).expect("copy");
     std::fs::copy(&p.index, committed.join(format!("pack-{}.idx", p.id))).expect("copy");
@@ -489,7 +489,7 @@ async fn fetch_verifies_what_the_peer_sends() {
     let data = tempfile::tempdir().expect("tempdir");
     let mut client = connect(serve(data.path()).await).await;
     let p = git_pack(14, 200_000);
-    let committed = RepoStore::pack_dir_at(data.path(), REPO);
+    let committed = layout::pack_dir(data.path(), REPO);
     std::fs::create_dir_all(&committed).expect("mkdir");
     let mut pack = p.pack_bytes();
     pack[50_000] ^= 0x01; // bit rot on the serving replica

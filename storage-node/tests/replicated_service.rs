@@ -16,8 +16,8 @@ use cairn_proto::admin::admin_client::AdminClient;
 use cairn_proto::admin::{CreateRepositoryRequest, ListRepositoriesRequest};
 use cairn_proto::git::git_client::GitClient;
 use cairn_proto::git::{AdvertiseRefsRequest, GitService, ReceivePackRequest, RepoPath};
-use cairn_storage_node::backend::LEADER_METADATA;
 use cairn_storage_node::shard_host::{ShardHostConfig, ShardSpec};
+use cairn_storage_node::status::LEADER_METADATA;
 use cairn_storage_node::{Config, StorageNode};
 use tonic::Code;
 
@@ -103,11 +103,10 @@ async fn writes_go_to_the_shard_leader_and_any_replica_reads() {
             max_in_snapshot_log_to_keep: 1000,
         });
         let node = StorageNode::start(config).await.expect("node starts");
-        assert!(node.backend.replicated().is_some());
         nodes.insert(id, node);
         dirs.push(dir);
     }
-    let host = |id: u64| nodes[&id].shard_host.clone().expect("shard host");
+    let host = |id: u64| nodes[&id].shard_host.clone();
     let lead = wait_until("an agreed leader", WAIT, || async {
         let first = host(1).leader(SHARD)?;
         ids.iter()
@@ -117,11 +116,7 @@ async fn writes_go_to_the_shard_leader_and_any_replica_reads() {
     .await;
     let follower = *ids.iter().find(|&&n| n != lead).expect("a follower");
     let leader_addr = peers[&lead].clone();
-    let store = nodes[&lead]
-        .backend
-        .replicated()
-        .expect("replicated")
-        .clone();
+    let store = nodes[&lead].repos.clone();
     store
         .create_repo("w", "r", false, "")
         .await

@@ -17,7 +17,7 @@ use cairn_packfile::ObjectId;
 use cairn_raft::TransportFilter;
 use cairn_storage_node::pack_transfer::StagingArea;
 use cairn_storage_node::replicated_store::ReplicatedError;
-use cairn_storage_node::repo_store::RepoRecord;
+use cairn_storage_node::repo::RepoRecord;
 use cairn_storage_node::shard_host::{ShardHostConfig, ShardSpec};
 use cairn_storage_node::shard_state::keys;
 use tokio::net::TcpListener;
@@ -218,7 +218,7 @@ async fn pushes_replicate_to_a_quorum_and_every_replica_reads_them() {
     assert!(matches!(
         store.create_repo("w", "r", true, "").await,
         Err(ReplicatedError::Store(
-            cairn_storage_node::repo_store::StoreError::RepoExists { .. }
+            cairn_storage_node::repo::StoreError::RepoExists { .. }
         ))
     ));
     assert_eq!(

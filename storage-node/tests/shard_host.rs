@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use cairn_raft::TransportFilter;
 use cairn_storage_node::meta_state::{MetaRequest, MetaResponse};
-use cairn_storage_node::repo_store::RepoRecord;
+use cairn_storage_node::repo::RepoRecord;
 use cairn_storage_node::shard_host::{
     ProposeError, ShardHost, ShardHostConfig, ShardSpec, META_GROUP,
 };
@@ -429,45 +429,32 @@ async fn restart_keeps_the_group_and_its_state() {
     }
 }
 
-/// With a `shards` section the node serves the `Raft` service next to Git
-/// and Admin; without one (every other test) it does not.
+/// Without a `shards` section a node is a cluster of its own: one shard
+/// and the directory, each a one-voter group it leads, and the `Raft`
+/// service next to Git and Admin — the same code as a replicated node.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn storage_node_serves_raft_only_when_configured() {
+async fn a_node_without_shards_config_is_a_cluster_of_one() {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut config = cairn_storage_node::Config::new(dir.path().join("node"));
     config.grpc_addr = "127.0.0.1:0".parse().expect("addr");
-    let plain = cairn_storage_node::StorageNode::start(config.clone())
+    let node = cairn_storage_node::StorageNode::start(config)
         .await
-        .expect("plain node");
-    assert!(plain.shard_host.is_none());
-    let status = raft_probe(plain.grpc_addr).await;
-    assert_eq!(status.code(), tonic::Code::Unimplemented, "{status:?}");
-
-    let mut sharded = config;
-    sharded.data_dir = dir.path().join("sharded");
-    sharded.shards = Some(ShardHostConfig {
-        meta: Vec::new(),
-        node_id: 1,
-        peers: BTreeMap::from([(1, "127.0.0.1:1".to_string())]),
-        shards: vec![ShardSpec {
-            id: SHARD,
-            replicas: vec![1],
-        }],
-        replication_factor: 1,
-        heartbeat_ms: 50,
-        election_timeout_min_ms: 200,
-        election_timeout_max_ms: 400,
-        snapshot_logs_since_last: 5000,
-        max_in_snapshot_log_to_keep: 1000,
-    });
-    let node = cairn_storage_node::StorageNode::start(sharded)
-        .await
-        .expect("sharded node");
-    let host = node.shard_host.clone().expect("shard host");
-    wait_until("single replica leads", WAIT, || async {
-        (host.leader(SHARD) == Some(1)).then_some(())
+        .expect("node");
+    let host = node.shard_host.clone();
+    wait_until("its one replica of each group leads", WAIT, || async {
+        (host.leader(SHARD) == Some(1) && host.leader(META_GROUP) == Some(1)).then_some(())
     })
     .await;
+    assert_eq!(host.groups(), vec![META_GROUP, SHARD]);
+    let record = node
+        .repos
+        .create_repo("team", "app", true, "")
+        .await
+        .expect("create");
+    assert_eq!(
+        node.repos.require_repo("team", "app").await.expect("get"),
+        record
+    );
     // Served: an unknown group is NotFound rather than Unimplemented.
     let status = raft_probe(node.grpc_addr).await;
     assert_eq!(status.code(), tonic::Code::NotFound, "{status:?}");

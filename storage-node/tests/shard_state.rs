@@ -10,7 +10,7 @@ use cairn_raft::types::{Entry, LogId, RaftEntry, RaftStateMachine};
 use cairn_raft::{Command, GroupId, RaftDb, StateView, TypeConfig};
 use cairn_storage_node::pack_placer::LocalPackPlacer;
 use cairn_storage_node::pack_transfer::StagingArea;
-use cairn_storage_node::repo_store::RepoRecord;
+use cairn_storage_node::repo::RepoRecord;
 use cairn_storage_node::shard_state::{keys, LoggedUpdate, PackRef, ShardLogic, ShardRequest};
 
 const SHARD: GroupId = GroupId(3);

@@ -565,7 +565,7 @@ impl Cluster {
     pub fn start() -> Result<Self> {
         // The suite runs against what `cairn dev` starts by default: three
         // replicated storage-node processes. CAIRN_E2E_NODES=1 runs it
-        // against the single in-process node instead.
+        // against one node (one-voter groups) instead.
         let nodes = std::env::var("CAIRN_E2E_NODES")
             .ok()
             .and_then(|v| v.parse().ok())

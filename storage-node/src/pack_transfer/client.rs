@@ -15,7 +15,7 @@ use tonic::Code;
 use super::receiver::{receive_stream, PackReceiver, ReceiveError, SizeLimits, TransferHeader};
 use super::source::{pack_chunks, SourceError, SourceFile};
 use super::{ShardId, TempDir};
-use crate::repo_store::RepoId;
+use crate::repo::RepoId;
 
 /// How a successful `Stage` went.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

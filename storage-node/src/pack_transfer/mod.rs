@@ -12,12 +12,12 @@
 //! checksum and the pack it names; files are fsynced before they are renamed
 //! into place and the directory after.
 //!
-//! On disk (under the node's data dir, next to `RepoStore`'s layout):
+//! On disk (under the node's data dir; see `layout`):
 //!
 //! ```text
 //! staging/transfer/tmp-<pid>-<n>/pack-<id>.{pack,idx}   one transfer in flight
 //! staging/transfer/<shard>/<repo>/pack-<id>.{pack,idx}  staged, awaiting commit
-//! packs/<repo>/pack-<id>.{pack,idx}                     committed (RepoStore)
+//! packs/<repo>/pack-<id>.{pack,idx}                     committed
 //! ```
 //!
 //! This module knows nothing of Raft or RocksDB: moving a staged pack into
@@ -36,7 +36,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use cairn_packfile::ObjectId;
 
-use crate::repo_store::{RepoId, RepoStore};
+use crate::layout;
+use crate::repo::RepoId;
 
 pub use client::{fetch_pack, stage_pack, FetchError, StageError, StageOutcome};
 pub use receiver::{ReceiveError, TransferFile};
@@ -99,7 +100,7 @@ impl StagingArea {
         StagingArea {
             inner: Arc::new(AreaInner {
                 data_dir: data_dir.to_owned(),
-                root: RepoStore::staging_dir_at(data_dir).join(TRANSFER_DIR),
+                root: layout::staging_dir(data_dir).join(TRANSFER_DIR),
                 lock: Mutex::new(()),
             }),
         }
@@ -130,9 +131,9 @@ impl StagingArea {
         pack_file_paths(&self.staged_dir(shard, repo), pack_id)
     }
 
-    /// Paths of a committed pack and its index (the `RepoStore` layout).
+    /// Paths of a committed pack and its index.
     pub fn committed_paths(&self, repo: RepoId, pack_id: &ObjectId) -> (PathBuf, PathBuf) {
-        pack_file_paths(&RepoStore::pack_dir_at(&self.inner.data_dir, repo), pack_id)
+        pack_file_paths(&layout::pack_dir(&self.inner.data_dir, repo), pack_id)
     }
 
     /// Excludes installs, `Fetch` opens and cleanup removals while held; the
@@ -234,7 +235,7 @@ mod tests {
     }
 
     #[test]
-    fn layout_matches_the_repo_store() {
+    fn layout_of_staged_and_committed_packs() {
         let area = StagingArea::at(Path::new("/data"));
         let id = parse_pack_id("0123456789abcdef0123456789abcdef01234567").expect("valid id");
         assert_eq!(

@@ -16,7 +16,7 @@ use futures::{Stream, StreamExt};
 use tokio::sync::mpsc;
 
 use super::{fsync_dir, pack_file_paths, parse_pack_id, ShardId, TempDir, MAX_CHUNK_BYTES};
-use crate::repo_store::RepoId;
+use crate::repo::RepoId;
 
 /// SHA-1 trailer length of both files.
 const TRAILER: u64 = 20;
