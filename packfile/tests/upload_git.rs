@@ -39,6 +39,8 @@ impl Server {
     /// clone's path and the size of the pack it received.
     fn clone(&self, ours: bool, proto: &str, dest: &str, extra: &[&str]) -> (PathBuf, u64) {
         let trace = self.fx.path(&format!("{dest}.pack-trace"));
+        // A stale trace would stand in for one git failed to write.
+        let _ = fs::remove_file(&trace);
         let h = harness();
         let up = format!("--upload-pack={}", h.display());
         let cfg = format!("protocol.version={proto}");
@@ -67,10 +69,13 @@ impl Server {
                 ],
             );
         }
-        (dest, pack_size(&trace))
+        let size = pack_size(&trace);
+        assert!(size > 0, "clone into {dest:?} traced no pack in {trace:?}");
+        (dest, size)
     }
 
-    /// Fetches in `repo`, returning the size of the received pack.
+    /// Fetches in `repo`, returning the size of the received pack (0 when
+    /// the fetch transferred none).
     fn fetch(&self, repo: &Path, proto: &str, extra: &[&str]) -> u64 {
         let trace = repo.with_extension("fetch-trace");
         let _ = fs::remove_file(&trace);
@@ -93,12 +98,60 @@ impl Server {
     }
 }
 
+/// Total size of the packs git copied into the `GIT_TRACE_PACKFILE` file
+/// `trace`, or 0 if the transfer carried none.
+///
+/// git creates the file as soon as it reads any pkt-line, so a missing file
+/// means the variable or path is wrong; reading that as "0 bytes" would let
+/// every size check pass. Non-empty contents must be whole packs and
+/// nothing else, so that a partial or foreign trace cannot be measured
+/// either. There may be several: git appends every pack the process
+/// receives (e.g. a fetch's second connection that backfills tags).
 fn pack_size(trace: &Path) -> u64 {
-    fs::metadata(trace).map(|m| m.len()).unwrap_or(0)
+    let bytes = fs::read(trace).unwrap_or_else(|e| {
+        panic!("pack trace {trace:?} was not written ({e}); is GIT_TRACE_PACKFILE honoured?")
+    });
+    let mut start = 0;
+    while start < bytes.len() {
+        let rest = &bytes[start..];
+        let len = pack_len(rest).unwrap_or_else(|| {
+            panic!(
+                "pack trace {trace:?} holds no complete pack at byte {start} of {} (starts {:?})",
+                bytes.len(),
+                String::from_utf8_lossy(&rest[..rest.len().min(16)])
+            )
+        });
+        start += len;
+    }
+    bytes.len() as u64
+}
+
+/// Length of the complete pack at the start of `b`: a pack header, then
+/// a SHA-1 trailer of everything before it, ending either where the next
+/// `PACK` signature starts or at the end of `b`.
+fn pack_len(b: &[u8]) -> Option<usize> {
+    // Header (12 bytes) and trailer (20): the smallest, empty pack.
+    const MIN: usize = 32;
+    let version = u32::from_be_bytes(b.get(4..8)?.try_into().ok()?);
+    if b.len() < MIN || !b.starts_with(b"PACK") || !(version == 2 || version == 3) {
+        return None;
+    }
+    let next_signatures = (MIN..b.len()).filter(|&i| b[i..].starts_with(b"PACK"));
+    next_signatures.chain([b.len()]).find(|&end| {
+        let (body, trailer) = b[..end].split_at(end - 20);
+        let mut h = gix_hash::hasher(gix_hash::Kind::Sha1);
+        h.update(body);
+        h.try_finalize().is_ok_and(|sum| sum.as_slice() == trailer)
+    })
 }
 
 fn assert_ratio(what: &str, ours: u64, git: u64) {
-    let ratio = ours as f64 / git.max(1) as f64;
+    // Both sides must have measured a pack, or the ratio means nothing.
+    assert!(
+        ours > 0 && git > 0,
+        "{what}: no pack measured (ours {ours}, git {git})"
+    );
+    let ratio = ours as f64 / git as f64;
     eprintln!("{what}: ours {ours} bytes, git {git} bytes, ratio {ratio:.3}");
     assert!(
         ratio <= MAX_RATIO,

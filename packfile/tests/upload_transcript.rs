@@ -6,6 +6,7 @@
 mod helpers;
 
 use std::path::Path;
+use std::process::Output;
 
 use cairn_packfile::refs::RepoRefs;
 use cairn_packfile::store::PackSet;
@@ -60,20 +61,52 @@ impl Repo {
 
     /// Stock git's answer to `input` in stateless mode.
     fn git_stateless(&self, v2: bool, input: &[u8]) -> Vec<u8> {
+        self.git_stateless_output(v2, input).stdout
+    }
+
+    /// Like [`Repo::git_stateless`], with exit status and stderr.
+    fn git_stateless_output(&self, v2: bool, input: &[u8]) -> Output {
         let envs: &[(&str, &str)] = if v2 {
             &[("GIT_PROTOCOL", "version=2")]
         } else {
             &[]
         };
         let bare = self.bare.to_str().expect("utf8");
-        self.fx
-            .run(
-                Path::new("/"),
-                &["upload-pack", "--stateless-rpc", bare],
-                envs,
-                input,
-            )
-            .stdout
+        self.fx.run(
+            Path::new("/"),
+            &["upload-pack", "--stateless-rpc", bare],
+            envs,
+            input,
+        )
+    }
+
+    /// Asserts that we refuse `input` with a single `ERR` line naming
+    /// `feature` and nothing after it (no pack), and that stock git refuses
+    /// it too: it answers some of these with `ERR`, others only on stderr.
+    fn refused_like_git(&self, v2: bool, input: &[u8], feature: &str) {
+        let (out, res) = self.ours(v2, input);
+        let err = res.expect_err(feature);
+        let lines = pkt_lines(&out);
+        assert_eq!(lines.len(), 1, "{feature}: {err}: {lines:?}");
+        assert!(
+            lines[0].starts_with("ERR upload-pack: ") && lines[0].contains(feature),
+            "{feature}: the error must name it: {lines:?}"
+        );
+        // Exactly one pkt-line: nothing follows the ERR line.
+        assert_eq!(out.len(), 4 + lines[0].len(), "{feature}: {out:?}");
+
+        let git = self.git_stateless_output(v2, input);
+        let stderr = String::from_utf8_lossy(&git.stderr);
+        let git_lines = pkt_lines(&git.stdout);
+        assert!(!git.status.success(), "{feature}: git accepted it");
+        assert!(
+            git.stdout.is_empty()
+                || git_lines.len() == 1
+                    && git_lines[0].starts_with("ERR ")
+                    && git_lines[0].contains(feature),
+            "{feature}: git answered {git_lines:?}"
+        );
+        assert!(stderr.contains(feature), "{feature}: git said {stderr}");
     }
 
     fn ours(&self, v2: bool, input: &[u8]) -> (Vec<u8>, Result<(), UploadError>) {
@@ -439,6 +472,90 @@ fn bad_requests_get_errors_like_git() {
         let lines = pkt_lines(&out);
         assert_eq!(lines.len(), 1, "{err}: {lines:?}");
         assert!(lines[0].starts_with("ERR upload-pack: "), "{lines:?}");
+    }
+
+    // What docs/protocol-status.md lists as "not advertised; a clear error
+    // if sent". First: not advertised, in v0 nor in v2.
+    let mut adv = Vec::new();
+    advertise_v0(&r.ctx(), false, &mut adv).expect("advertise");
+    advertise_v2(&r.ctx(), &mut adv).expect("advertise");
+    let adv = String::from_utf8_lossy(&adv);
+    for cap in [
+        "object-info",
+        "packfile-uris",
+        "sideband-all",
+        "ref-in-want",
+    ] {
+        assert!(!adv.contains(cap), "{cap} is advertised: {adv}");
+    }
+    // Stock git gets the same position: only the filters we implement.
+    for (k, v) in [
+        ("uploadpackfilter.allow", "false"),
+        ("uploadpackfilter.blob:none.allow", "true"),
+        ("uploadpackfilter.blob:limit.allow", "true"),
+        ("uploadpackfilter.tree.allow", "true"),
+    ] {
+        r.fx.git(&r.bare, &["config", k, v]);
+    }
+    // Each request is valid but for the one feature, so the refusal can
+    // only be about that feature.
+    let want = format!("want {tip}");
+    let want_v0 = format!("want {tip} side-band-64k ofs-delta filter");
+    let fetch_with = |line: &str| {
+        request(&[
+            "command=fetch",
+            "agent=git/2.47.3",
+            "object-format=sha1",
+            "0001",
+            &want,
+            line,
+            "done",
+            "0000",
+        ])
+    };
+    // The control: with a supported line instead, both send a pack.
+    for v2 in [true, false] {
+        let req = if v2 {
+            fetch_with("filter blob:none")
+        } else {
+            request(&[&want_v0, "filter blob:none", "0000", "done"])
+        };
+        let l = r.same_as_git(v2, &req);
+        assert_eq!(l.last().map(String::as_str), Some("<pack>"), "{l:?}");
+    }
+    r.refused_like_git(
+        true,
+        &request(&[
+            "command=object-info",
+            "agent=git/2.47.3",
+            "object-format=sha1",
+            "0001",
+            "size",
+            &format!("oid {tip}"),
+            "0000",
+        ]),
+        "object-info",
+    );
+    r.refused_like_git(true, &fetch_with("packfile-uris https"), "packfile-uris");
+    r.refused_like_git(true, &fetch_with("sideband-all"), "sideband-all");
+    r.refused_like_git(
+        true,
+        &request(&[
+            "command=fetch",
+            "0001",
+            "want-ref refs/heads/main",
+            "done",
+            "0000",
+        ]),
+        "want-ref",
+    );
+    let combine = "filter combine:blob:none+tree:1";
+    let sparse = "filter sparse:oid=main:README.md";
+    r.refused_like_git(true, &fetch_with(combine), "combine");
+    r.refused_like_git(true, &fetch_with(sparse), "sparse:oid");
+    // v0 with the filter capability negotiated.
+    for (line, feature) in [(combine, "combine"), (sparse, "sparse:oid")] {
+        r.refused_like_git(false, &request(&[&want_v0, line, "0000", "done"]), feature);
     }
 }
 
