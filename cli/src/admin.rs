@@ -4,11 +4,11 @@
 use std::path::PathBuf;
 
 use anyhow::Result;
+use cairn_client::{Attempt, Cluster, RetryPolicy};
 use cairn_proto::admin::admin_client::AdminClient;
 use cairn_proto::admin::{
     CreateRepositoryRequest, DeleteRepositoryRequest, ListRepositoriesRequest, ShardStatusRequest,
 };
-use cairn_router::leader::{Attempt, Cluster, RetryPolicy};
 use clap::{Args, Subcommand};
 
 use crate::split_full_name;

@@ -32,6 +32,8 @@ pub mod limits {
     pub const MAX_DESCRIPTION_BYTES: usize = 2048;
 }
 
+pub mod routing;
+
 /// gRPC metadata with a meaning between Cairn's processes.
 pub mod metadata {
     /// On an `ALREADY_EXISTS` answer to a create: the name taken differs

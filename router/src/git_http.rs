@@ -25,8 +25,9 @@ use tokio::io::{AsyncBufRead, BufReader};
 use tokio_util::io::{ReaderStream, StreamReader};
 use tonic::transport::Channel;
 
-use crate::leader::{refused_before_acting, Attempt};
 use crate::server::AppState;
+use cairn_client::leader::refused_before_acting;
+use cairn_client::Attempt;
 
 fn git_client(channel: Channel) -> GitClient<Channel> {
     GitClient::new(channel).max_decoding_message_size(16 << 20)

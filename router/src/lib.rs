@@ -3,8 +3,8 @@
 //!
 //! The router holds no repository data and never buffers a whole pack: git
 //! request and response bodies are streamed through to the storage node.
-//! It finds each workspace's shard replicas in the cluster directory (see
-//! `directory`) and follows the shard's leader among them (see `leader`);
+//! It finds each workspace's shard replicas in the cluster directory and
+//! follows the shard's leader among them (both through `cairn-client`);
 //! to resend a request a node refused (not the leader, or no longer holding
 //! the shard) it reads ahead a bounded prefix of the request body.
 //! It must not depend on the storage node crate; it speaks only the gRPC
@@ -12,9 +12,7 @@
 
 pub mod auth;
 pub mod config;
-pub mod directory;
 pub mod git_http;
-pub mod leader;
 pub mod rest;
 pub mod server;
 

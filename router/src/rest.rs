@@ -19,8 +19,8 @@ use cairn_proto::{limits, metadata};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use crate::leader::Attempt;
 use crate::server::AppState;
+use cairn_client::Attempt;
 
 /// `{"type":"error","error":{"message":…}}` with `status`.
 pub fn error(status: StatusCode, message: &str) -> Response {

@@ -13,8 +13,8 @@ use tokio::net::TcpListener;
 
 use crate::auth::{self, AuthFailure};
 use crate::config::Config;
-use crate::leader::{Cluster, RetryPolicy};
 use crate::{git_http, rest};
+use cairn_client::{Cluster, RetryPolicy};
 
 #[derive(Clone)]
 pub struct AppState {

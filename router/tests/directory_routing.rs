@@ -22,6 +22,7 @@ use cairn_proto::cluster::{
     ShardPlacement, Workspace,
 };
 use cairn_proto::git::git_server::{Git, GitServer};
+use cairn_proto::routing::Refusal;
 use cairn_proto::git::{AdvertiseRefsRequest, Chunk, ReceivePackRequest, UploadPackRequest};
 use cairn_router::{Config, Router};
 use futures::{Stream, StreamExt};
@@ -224,10 +225,8 @@ impl Peer {
         if self.holds.load(Ordering::SeqCst) {
             return Ok(());
         }
-        let mut s = Status::failed_precondition("wrong shard: shard 3 is not on this node");
-        s.metadata_mut()
-            .insert("x-cairn-shard-epoch", "6".parse().expect("ascii"));
-        Err(s)
+        Err(Refusal::WrongShard { epoch: Some(6) }
+            .into_status("wrong shard: shard 3 is not on this node"))
     }
 }
 

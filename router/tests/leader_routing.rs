@@ -13,6 +13,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use cairn_proto::git::git_server::{Git, GitServer};
+use cairn_proto::routing::Refusal;
 use cairn_proto::git::{AdvertiseRefsRequest, Chunk, ReceivePackRequest, UploadPackRequest};
 use cairn_router::{Config, Router};
 use futures::{Stream, StreamExt};
@@ -39,12 +40,10 @@ impl Peer {
         self.calls.fetch_add(1, Ordering::SeqCst);
         match &self.leader_hint {
             None => Ok(()),
-            Some(hint) => {
-                let mut s = Status::failed_precondition("not the shard leader");
-                s.metadata_mut()
-                    .insert("x-cairn-leader", hint.parse().expect("ascii hint"));
-                Err(s)
+            Some(hint) => Err(Refusal::NotLeader {
+                hint: Some(hint.clone()),
             }
+            .into_status("not the shard leader")),
         }
     }
 }

@@ -5,61 +5,27 @@
 //! through `directory::MetaClient`, leader-only steps are forwarded to the
 //! shard's leader, and status is gathered from every node.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::future::Future;
-use std::pin::Pin;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 use std::time::Duration;
 
-use cairn_proto::admin::admin_client::AdminClient;
 use cairn_proto::admin::{ShardReplicaStatus, ShardStatusRequest};
 use cairn_proto::cluster::change_replicas_request::Change;
-use cairn_proto::cluster::cluster_client::ClusterClient;
 use cairn_proto::cluster::cluster_server::Cluster;
 use cairn_proto::cluster::*;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::metadata::MetadataValue;
-use tonic::transport::{Channel, Endpoint};
 use tonic::{Request, Response, Status};
 
-use crate::directory::{DirectoryError, MetaClient, META_LEADER_METADATA};
+use crate::directory::{DirectoryError, MetaClient};
 use crate::meta_state::{
     Directory, MetaAnswer, MetaCall, MetaQuery, MetaRequest, MetaResponse, NodeRecord,
     NodeState as MetaNodeState, ShardRecord, WorkspaceRecord,
 };
 use crate::mover::Mover;
+use crate::peers::{Peers, FORWARDED};
 use crate::shard_host::{ProposeError, ShardHost};
-use crate::status::{not_leader, LEADER_METADATA};
-
-/// Lazily connected channels to other nodes, by address.
-#[derive(Default, Clone)]
-pub struct NodeChannels {
-    inner: Arc<Mutex<HashMap<String, Channel>>>,
-}
-
-impl NodeChannels {
-    pub fn get(&self, addr: &str) -> Result<Channel, Status> {
-        let mut map = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some(c) = map.get(addr) {
-            return Ok(c.clone());
-        }
-        let channel = Endpoint::from_shared(format!("http://{addr}"))
-            .map_err(|e| Status::invalid_argument(format!("bad node address {addr}: {e}")))?
-            .connect_timeout(Duration::from_millis(500))
-            .tcp_nodelay(true)
-            .connect_lazy();
-        map.insert(addr.to_owned(), channel.clone());
-        Ok(channel)
-    }
-
-    pub fn cluster(&self, addr: &str) -> Result<ClusterClient<Channel>, Status> {
-        Ok(ClusterClient::new(self.get(addr)?))
-    }
-
-    pub fn admin(&self, addr: &str) -> Result<AdminClient<Channel>, Status> {
-        Ok(AdminClient::new(self.get(addr)?))
-    }
-}
+use crate::status::not_leader;
+use cairn_proto::routing::Refusal;
 
 pub fn node_state(state: MetaNodeState) -> NodeState {
     match state {
@@ -97,89 +63,10 @@ pub fn propose_status(e: ProposeError) -> Status {
         ProposeError::NotLeader { leader_hint } => not_leader(leader_hint),
         ProposeError::UnknownShard(_) => not_leader(None),
         ProposeError::Indeterminate { .. } => {
-            Status::unavailable(format!("outcome unknown, check and retry: {e}"))
+            Refusal::OutcomeUnknown.into_status(format!("outcome unknown, check and retry: {e}"))
         }
         ProposeError::Raft(m) => Status::unavailable(m),
     }
-}
-
-/// Whether a failed call may be tried on another node: a not-leader
-/// refusal (with its hint, if any) or a node that could not be reached.
-pub fn retry_elsewhere(status: &Status) -> Option<Option<String>> {
-    match status.code() {
-        tonic::Code::FailedPrecondition => {
-            let hint = status
-                .metadata()
-                .get(LEADER_METADATA)
-                .and_then(|v| v.to_str().ok())
-                .filter(|h| !h.is_empty())
-                .map(str::to_owned);
-            (hint.is_some() || status.message() == "not the shard leader").then_some(hint)
-        }
-        tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled => Some(None),
-        _ => None,
-    }
-}
-
-/// Marks a call one node forwarded to another, which must act or refuse.
-const FORWARDED: &str = "x-cairn-forwarded";
-
-/// Asks `shard`'s leader, found from `candidates`, to hand leadership to
-/// `to`; marked forwarded so the node reached acts or refuses, never
-/// forwards again.
-pub async fn transfer_on_leader(
-    channels: &NodeChannels,
-    candidates: &[String],
-    shard: u64,
-    to: u64,
-) -> Result<(), Status> {
-    on_shard_leader(channels, candidates, move |mut c| {
-        Box::pin(async move {
-            let mut r = Request::new(TransferShardLeaderRequest {
-                shard_id: shard,
-                to_node: to,
-            });
-            r.metadata_mut()
-                .insert(FORWARDED, MetadataValue::from_static("1"));
-            c.transfer_shard_leader(r).await.map(|_| ())
-        })
-    })
-    .await
-}
-
-type Boxed<'a, T> = Pin<Box<dyn Future<Output = Result<T, Status>> + Send + 'a>>;
-
-/// Runs `call` on `shard`'s leader, starting from `candidates` (addresses)
-/// and following not-leader hints, across an election.
-pub async fn on_shard_leader<T>(
-    channels: &NodeChannels,
-    candidates: &[String],
-    mut call: impl FnMut(ClusterClient<Channel>) -> Boxed<'static, T>,
-) -> Result<T, Status> {
-    if candidates.is_empty() {
-        return Err(Status::unavailable("no node holds the shard"));
-    }
-    let mut hint: Option<String> = None;
-    let mut last = Status::unavailable("no shard leader found");
-    for attempt in 0..60usize {
-        let addr = hint
-            .take()
-            .unwrap_or_else(|| candidates[attempt % candidates.len()].clone());
-        match call(channels.cluster(&addr)?).await {
-            Ok(v) => return Ok(v),
-            Err(status) => match retry_elsewhere(&status) {
-                Some(h) => {
-                    hint = h.filter(|h| *h != addr);
-                    last = status;
-                    if hint.is_none() {
-                        tokio::time::sleep(Duration::from_millis(150)).await;
-                    }
-                }
-                None => return Err(status),
-            },
-        }
-    }
-    Err(last)
 }
 
 /// What a node needs to answer `Cluster` calls.
@@ -191,7 +78,7 @@ pub struct ClusterService {
 struct Inner {
     host: Arc<ShardHost>,
     directory: Arc<MetaClient>,
-    channels: NodeChannels,
+    peers: Peers,
     /// Pause after each move step (tests only; zero otherwise).
     move_step_pause: Duration,
 }
@@ -206,7 +93,7 @@ impl ClusterService {
             inner: Arc::new(Inner {
                 host,
                 directory,
-                channels: NodeChannels::default(),
+                peers: Peers::default(),
                 move_step_pause,
             }),
         }
@@ -226,7 +113,7 @@ impl ClusterService {
         Ok(Mover::new(
             host.clone(),
             dir.clone(),
-            self.inner.channels.clone(),
+            self.inner.peers.clone(),
             self.inner.move_step_pause,
         ))
     }
@@ -241,11 +128,11 @@ impl ClusterService {
             .iter()
             .filter(|n| n.state != MetaNodeState::Removed)
             .map(|n| {
-                let channels = self.inner.channels.clone();
+                let peers = self.inner.peers.clone();
                 let (id, addr) = (n.id, n.addr.clone());
                 async move {
                     let result = async {
-                        let mut client = channels.admin(&addr)?;
+                        let mut client = peers.admin(&addr)?;
                         let mut request = Request::new(ShardStatusRequest {
                             include_meta: true,
                             ..Default::default()
@@ -398,7 +285,7 @@ impl Cluster for ClusterService {
             ));
         }
         // The node must be up and be who the operator says.
-        let mut client = self.inner.channels.cluster(&addr)?;
+        let mut client = self.inner.peers.cluster(&addr)?;
         let mut ask = Request::new(NodeIdentityRequest {});
         ask.set_timeout(Duration::from_secs(5));
         let identity = client
@@ -487,7 +374,9 @@ impl Cluster for ClusterService {
             return Ok(Response::new(TransferShardLeaderResponse {}));
         }
         let candidates = self.mover()?.shard_nodes(shard_id).await?;
-        transfer_on_leader(&self.inner.channels, &candidates, shard_id, to_node)
+        self.inner
+            .peers
+            .transfer_leader(&candidates, shard_id, to_node)
             .await
             .map(|()| Response::new(TransferShardLeaderResponse {}))
     }
@@ -590,14 +479,11 @@ impl Cluster for ClusterService {
     ) -> Result<Response<MetaCallResponse>, Status> {
         let (host, dir) = self.replicated()?;
         if !host.hosts(crate::shard_host::META_GROUP) {
-            let mut status = Status::failed_precondition("not a meta node");
-            if let Some(v) = dir
-                .meta_hint()
-                .and_then(|a| MetadataValue::try_from(a).ok())
-            {
-                status.metadata_mut().insert(META_LEADER_METADATA, v);
+            // "Not me": the hint names a meta node, which knows the leader.
+            return Err(Refusal::NotLeader {
+                hint: dir.meta_hint(),
             }
-            return Err(status);
+            .into_status("not a meta node"));
         }
         let call: MetaCall = postcard::from_bytes(&request.into_inner().request)
             .map_err(|e| Status::invalid_argument(format!("bad directory call: {e}")))?;
@@ -609,13 +495,10 @@ impl Cluster for ClusterService {
                     response: bytes.into(),
                 }))
             }
-            Err(ProposeError::NotLeader { leader_hint }) => {
-                let mut status = Status::failed_precondition("not the meta leader");
-                if let Some(v) = leader_hint.and_then(|(_, a)| MetadataValue::try_from(a).ok()) {
-                    status.metadata_mut().insert(META_LEADER_METADATA, v);
-                }
-                Err(status)
+            Err(ProposeError::NotLeader { leader_hint }) => Err(Refusal::NotLeader {
+                hint: leader_hint.map(|(_, a)| a),
             }
+            .into_status("not the meta leader")),
             Err(e) => Err(Status::unavailable(e.to_string())),
         }
     }

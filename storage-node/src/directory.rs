@@ -16,15 +16,13 @@ use std::time::Duration;
 
 use cairn_proto::cluster::MetaCallRequest;
 
-use crate::cluster_service::NodeChannels;
 use crate::meta_state::{
     Directory, MetaAnswer, MetaCall, MetaQuery, MetaReply, MetaRequest, MetaResponse, NodeRecord,
     NodeState, WorkspaceRecord, META_SHARD, NOT_BOOTSTRAPPED,
 };
+use crate::peers::Peers;
 use crate::shard_host::{ProposeError, ShardHost, META_GROUP};
-
-/// Metadata key naming the meta leader's `host:port` on a refusal.
-pub const META_LEADER_METADATA: &str = "x-cairn-meta-leader";
+use cairn_proto::routing::Refusal;
 
 /// Passes over the meta nodes before a directory call gives up: spans a
 /// meta leader election with room to spare.
@@ -51,7 +49,7 @@ enum Target {
 /// The directory as this node reaches it.
 pub struct MetaClient {
     host: Arc<ShardHost>,
-    channels: NodeChannels,
+    peers: Peers,
     placements: Mutex<HashMap<String, WorkspaceRecord>>,
     /// Highest map epoch this node has read.
     epoch: AtomicU64,
@@ -72,7 +70,7 @@ impl MetaClient {
     pub fn new(host: Arc<ShardHost>) -> Arc<Self> {
         Arc::new(MetaClient {
             host,
-            channels: NodeChannels::default(),
+            peers: Peers::default(),
             placements: Mutex::new(HashMap::new()),
             epoch: AtomicU64::new(0),
         })
@@ -113,7 +111,7 @@ impl MetaClient {
         });
         call.set_timeout(CALL_TIMEOUT);
         let reply = self
-            .channels
+            .peers
             .cluster(addr)?
             .meta_call(call)
             .await?
@@ -197,12 +195,10 @@ impl MetaClient {
                 Target::Remote(addr) => match self.remote(addr, &call).await {
                     Ok(reply) => Ok(reply),
                     Err(status) => {
-                        hint = status
-                            .metadata()
-                            .get(META_LEADER_METADATA)
-                            .and_then(|v| v.to_str().ok())
-                            .filter(|h| !h.is_empty() && *h != addr)
-                            .map(str::to_owned);
+                        hint = match Refusal::of(&status) {
+                            Some(Refusal::NotLeader { hint }) => hint.filter(|h| h != addr),
+                            _ => None,
+                        };
                         Err(format!("{addr}: {}", status.message()))
                     }
                 },

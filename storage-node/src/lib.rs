@@ -18,6 +18,7 @@ pub mod mover;
 pub mod names;
 pub mod pack_placer;
 pub mod pack_transfer;
+pub mod peers;
 pub mod replicated_store;
 pub mod repo;
 pub mod server;

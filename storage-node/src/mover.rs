@@ -35,9 +35,10 @@ use cairn_proto::cluster::{
 };
 use tonic::{Request, Status};
 
-use crate::cluster_service::{directory_status, on_shard_leader, transfer_on_leader, NodeChannels};
+use crate::cluster_service::directory_status;
 use crate::directory::MetaClient;
 use crate::meta_state::{Directory, MetaRequest, MoveRecord, NodeState, META_SHARD};
+use crate::peers::Peers;
 use crate::shard_host::ShardHost;
 
 /// How long catch-up may go without the target's matched index moving
@@ -51,7 +52,7 @@ pub const STEP_PAUSE_ENV: &str = "CAIRN_MOVE_STEP_PAUSE_MS";
 pub struct Mover {
     host: Arc<ShardHost>,
     dir: Arc<MetaClient>,
-    channels: NodeChannels,
+    peers: Peers,
     step_pause: Duration,
 }
 
@@ -77,13 +78,13 @@ impl Mover {
     pub fn new(
         host: Arc<ShardHost>,
         dir: Arc<MetaClient>,
-        channels: NodeChannels,
+        peers: Peers,
         step_pause: Duration,
     ) -> Self {
         Mover {
             host,
             dir,
-            channels,
+            peers,
             step_pause,
         }
     }
@@ -121,14 +122,13 @@ impl Mover {
         candidates: &[String],
         shard: u64,
     ) -> Result<ReplicationProgressResponse, Status> {
-        on_shard_leader(&self.channels, candidates, move |mut c| {
-            Box::pin(async move {
+        self.peers
+            .on_leader(candidates, move |mut c| async move {
                 c.replication_progress(ReplicationProgressRequest { shard_id: shard })
                     .await
                     .map(|r| r.into_inner())
             })
-        })
-        .await
+            .await
     }
 
     async fn change(
@@ -137,18 +137,19 @@ impl Mover {
         shard: u64,
         change: Change,
     ) -> Result<(), Status> {
-        on_shard_leader(&self.channels, candidates, move |mut c| {
-            let change = change.clone();
-            Box::pin(async move {
-                c.change_replicas(ChangeReplicasRequest {
-                    shard_id: shard,
-                    change: Some(change),
-                })
-                .await
-                .map(|_| ())
+        self.peers
+            .on_leader(candidates, move |mut c| {
+                let change = change.clone();
+                async move {
+                    c.change_replicas(ChangeReplicasRequest {
+                        shard_id: shard,
+                        change: Some(change),
+                    })
+                    .await
+                    .map(|_| ())
+                }
             })
-        })
-        .await
+            .await
     }
 
     async fn set_replicas(&self, shard: u64, replicas: &BTreeSet<u64>) -> Result<(), Status> {
@@ -172,7 +173,7 @@ impl Mover {
     {
         let mut last = Status::unavailable(format!("{addr} unreachable"));
         for _ in 0..40 {
-            match call(self.channels.cluster(addr)?).await {
+            match call(self.peers.cluster(addr)?).await {
                 Ok(v) => return Ok(v),
                 Err(s) if matches!(s.code(), tonic::Code::Unavailable | tonic::Code::Unknown) => {
                     last = s;
@@ -456,7 +457,7 @@ impl Mover {
     /// The target has applied `index` and holds every pack its rows name
     /// (its status is refused while it still fetches them).
     async fn target_serves(&self, addr: &str, shard: u64, index: u64) -> bool {
-        let Ok(mut admin) = self.channels.admin(addr) else {
+        let Ok(mut admin) = self.peers.admin(addr) else {
             return false;
         };
         match admin
@@ -498,7 +499,7 @@ impl Mover {
                     group_name(shard)
                 )));
             }
-            let transferred = transfer_on_leader(&self.channels, candidates, shard, to).await;
+            let transferred = self.peers.transfer_leader(candidates, shard, to).await;
             if let Err(e) = transferred {
                 tracing::debug!(shard, error = %e.message(), "leader transfer not taken yet");
             }
@@ -527,7 +528,7 @@ impl Mover {
                         include_meta: false,
                     });
                     req.set_timeout(Duration::from_secs(5));
-                    let r = self.channels.admin(&addr)?.shard_status(req).await?;
+                    let r = self.peers.admin(&addr)?.shard_status(req).await?;
                     r.into_inner()
                         .replicas
                         .into_iter()

@@ -1,12 +1,12 @@
-//! How repository errors cross gRPC: stable codes, and the metadata the
-//! router routes on. On a replica that does not lead the repository's
-//! shard, every write fails with `FAILED_PRECONDITION` and, when the leader
-//! is known, its gRPC address in the `x-cairn-leader` metadata key; on a
-//! node that holds no replica of the workspace's shard, with
-//! `FAILED_PRECONDITION`, a message starting `wrong shard` and the map epoch
-//! in `x-cairn-shard-epoch`.
+//! How repository errors cross gRPC: stable codes, and the typed refusals
+//! callers route on (`cairn_proto::routing`): a replica that does not lead
+//! the repository's shard refuses writes as not-leader (with the leader's
+//! address when known), a node that holds no replica of the workspace's
+//! shard as wrong-shard (with its map epoch), and a write whose fate is
+//! unknown says so.
 
 use cairn_proto::metadata;
+use cairn_proto::routing::Refusal;
 use cairn_raft::NodeId;
 use tonic::metadata::MetadataValue;
 use tonic::Status;
@@ -15,20 +15,12 @@ use crate::directory::DirectoryError;
 use crate::replicated_store::ReplicatedError;
 use crate::repo::StoreError;
 
-/// Metadata key naming the shard leader's gRPC `host:port`.
-pub const LEADER_METADATA: &str = "x-cairn-leader";
-
-/// Metadata key of a wrong-shard refusal: the shard map epoch the node
-/// knows, so the router can tell its cached directory entry is stale.
-pub const WRONG_SHARD_METADATA: &str = "x-cairn-shard-epoch";
-
-/// `FAILED_PRECONDITION` naming the leader, for the router to retry there.
+/// The not-leader refusal, naming the leader when known.
 pub fn not_leader(leader_hint: Option<(NodeId, String)>) -> Status {
-    let mut status = Status::failed_precondition("not the shard leader");
-    if let Some(value) = leader_hint.and_then(|(_, addr)| MetadataValue::try_from(addr).ok()) {
-        status.metadata_mut().insert(LEADER_METADATA, value);
+    Refusal::NotLeader {
+        hint: leader_hint.map(|(_, addr)| addr),
     }
-    status
+    .into_status("not the shard leader")
 }
 
 /// Maps store errors onto stable gRPC codes.
@@ -58,16 +50,12 @@ pub fn status_of(e: ReplicatedError) -> Status {
         ReplicatedError::NotLeader { leader_hint } => not_leader(leader_hint),
         ReplicatedError::Store(e) => store_status(e),
         ReplicatedError::Indeterminate { .. } => {
-            Status::unavailable(format!("outcome unknown, check and retry: {e}"))
+            Refusal::OutcomeUnknown.into_status(format!("outcome unknown, check and retry: {e}"))
         }
         ReplicatedError::NotApplied { .. } => Status::aborted(e.to_string()),
         ReplicatedError::WorkspaceNotFound(_) => Status::not_found(e.to_string()),
         ReplicatedError::WrongShard { epoch, .. } => {
-            let mut status = Status::failed_precondition(e.to_string());
-            status
-                .metadata_mut()
-                .insert(WRONG_SHARD_METADATA, MetadataValue::from(epoch));
-            status
+            Refusal::WrongShard { epoch: Some(epoch) }.into_status(e.to_string())
         }
         ReplicatedError::Directory(DirectoryError::Refused(m)) => Status::failed_precondition(m),
         ReplicatedError::Directory(_) => Status::unavailable(e.to_string()),

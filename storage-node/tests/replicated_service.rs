@@ -17,7 +17,7 @@ use cairn_proto::admin::{CreateRepositoryRequest, ListRepositoriesRequest};
 use cairn_proto::git::git_client::GitClient;
 use cairn_proto::git::{AdvertiseRefsRequest, GitService, ReceivePackRequest, RepoPath};
 use cairn_storage_node::shard_host::{ShardHostConfig, ShardSpec};
-use cairn_storage_node::status::LEADER_METADATA;
+use cairn_proto::routing::Refusal;
 use cairn_storage_node::{Config, StorageNode};
 use tonic::Code;
 
@@ -199,14 +199,13 @@ async fn writes_go_to_the_shard_leader_and_any_replica_reads() {
     // It refuses writes, naming the leader, before reading any pack data.
     let check = |status: tonic::Status| {
         assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
-        assert_eq!(status.message(), "not the shard leader");
-        let hint = status
-            .metadata()
-            .get(LEADER_METADATA)
-            .expect("leader metadata")
-            .to_str()
-            .expect("ascii");
-        assert_eq!(hint, leader_addr);
+        assert_eq!(
+            Refusal::of(&status),
+            Some(Refusal::NotLeader {
+                hint: Some(leader_addr.clone())
+            }),
+            "{status:?}"
+        );
     };
     let push = ReceivePackRequest {
         repo: repo(),

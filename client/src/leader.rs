@@ -25,26 +25,10 @@ use std::future::Future;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
+use cairn_proto::routing::Refusal;
 use tonic::transport::{Channel, Endpoint};
 
 use crate::directory::{Directory, Route};
-
-/// gRPC metadata key naming the leader's `host:port`.
-pub const LEADER_HINT: &str = "x-cairn-leader";
-
-/// How a storage node's `Unavailable` begins when a write's fate is unknown.
-pub const OUTCOME_UNKNOWN: &str = "outcome unknown";
-
-/// The `FailedPrecondition` message of a node that is not the leader.
-pub const NOT_LEADER: &str = "not the shard leader";
-
-/// How a `FailedPrecondition` message begins when the node does not hold
-/// the shard of the request's workspace.
-pub const WRONG_SHARD: &str = "wrong shard";
-
-/// gRPC metadata key on a wrong-shard refusal: the shard map epoch the
-/// refusing node knows (decimal).
-pub const WRONG_SHARD_EPOCH: &str = "x-cairn-shard-epoch";
 
 /// How a storage node call failed, as far as routing cares.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -61,42 +45,23 @@ pub enum Failure {
 }
 
 impl Failure {
+    /// From the node's typed refusal (`cairn_proto::routing`), or the
+    /// transport's own report of a connection that broke.
     pub fn classify(status: &tonic::Status) -> Failure {
-        match status.code() {
-            tonic::Code::FailedPrecondition => {
-                let epoch = status.metadata().get(WRONG_SHARD_EPOCH);
-                if epoch.is_some() || status.message().starts_with(WRONG_SHARD) {
-                    return Failure::WrongShard {
-                        epoch: epoch
-                            .and_then(|v| v.to_str().ok())
-                            .and_then(|v| v.trim().parse().ok()),
-                    };
-                }
-                let hint = status
-                    .metadata()
-                    .get(LEADER_HINT)
-                    .and_then(|v| v.to_str().ok())
-                    .map(str::trim)
-                    .filter(|h| !h.is_empty())
-                    .map(str::to_owned);
-                // FailedPrecondition also answers requests on their merits;
-                // only the leader refusal (hinted or by its message) routes.
-                if hint.is_some() || status.message() == NOT_LEADER {
-                    Failure::NotLeader { hint }
-                } else {
-                    Failure::Other
-                }
-            }
+        match Refusal::of(status) {
+            Some(Refusal::NotLeader { hint }) => Failure::NotLeader { hint },
+            Some(Refusal::WrongShard { epoch }) => Failure::WrongShard { epoch },
             // A node that may have applied the request says so; replaying
             // it elsewhere could apply it twice, so the client decides.
-            tonic::Code::Unavailable if status.message().starts_with(OUTCOME_UNKNOWN) => {
-                Failure::Other
-            }
-            tonic::Code::Unavailable => Failure::Unreachable,
-            // A connection that broke mid-call (the node died) surfaces as
-            // an `Unknown` transport error: a node problem, not an answer.
-            tonic::Code::Unknown if is_transport_error(status) => Failure::Unreachable,
-            _ => Failure::Other,
+            Some(Refusal::OutcomeUnknown) => Failure::Other,
+            None => match status.code() {
+                tonic::Code::Unavailable => Failure::Unreachable,
+                // A connection that broke mid-call (the node died) surfaces
+                // as an `Unknown` transport error: a node problem, not an
+                // answer.
+                tonic::Code::Unknown if is_transport_error(status) => Failure::Unreachable,
+                _ => Failure::Other,
+            },
         }
     }
 }
@@ -366,6 +331,57 @@ impl From<tonic::Status> for Attempt {
         Attempt {
             status,
             replayable: true,
+        }
+    }
+}
+
+/// Runs `call` on the leader among `candidates` (node URLs) — of a shard,
+/// or of the directory — following not-leader hints and moving past
+/// unreachable nodes within `policy`'s bounds, as [`Cluster`] does for a
+/// workspace; for callers that already know which nodes to ask (the CLI,
+/// one node calling another). Returns the answer and the node that gave it.
+pub async fn follow_leader<T, F, Fut>(
+    pool: &NodePool,
+    policy: &RetryPolicy,
+    candidates: &[String],
+    mut call: F,
+) -> Result<(T, String), tonic::Status>
+where
+    F: FnMut(Channel) -> Fut,
+    Fut: Future<Output = Result<T, Attempt>>,
+{
+    let Some(first) = candidates.first() else {
+        return Err(tonic::Status::unavailable("no node to ask"));
+    };
+    let mut node = first.clone();
+    let mut attempts = 0u32;
+    loop {
+        let result = match pool.channel(&node) {
+            Ok(channel) => call(channel).await,
+            Err(e) => Err(Attempt::from(tonic::Status::unavailable(format!(
+                "bad node address {node}: {e}"
+            )))),
+        };
+        let failed = match result {
+            Ok(v) => return Ok((v, node)),
+            Err(a) => a,
+        };
+        attempts += 1;
+        let failure = Failure::classify(&failed.status);
+        if !failed.replayable && failure != Failure::Other {
+            return Err(failed.status);
+        }
+        match decide(policy, candidates, &node, &failure, attempts) {
+            Decision::GiveUp => return Err(failed.status),
+            Decision::Retry {
+                node: next,
+                backoff,
+            } => {
+                if !backoff.is_zero() {
+                    tokio::time::sleep(backoff).await;
+                }
+                node = next;
+            }
         }
     }
 }
@@ -752,12 +768,15 @@ mod tests {
 
     #[test]
     fn classify_statuses() {
-        let mut s = tonic::Status::failed_precondition("not the shard leader");
-        assert_eq!(Failure::classify(&s), Failure::NotLeader { hint: None });
-        s.metadata_mut()
-            .insert(LEADER_HINT, "10.0.0.2:7410".parse().expect("ascii"));
+        let refused = |r: Refusal| r.into_status("whatever the words");
         assert_eq!(
-            Failure::classify(&s),
+            Failure::classify(&refused(Refusal::NotLeader { hint: None })),
+            Failure::NotLeader { hint: None }
+        );
+        assert_eq!(
+            Failure::classify(&refused(Refusal::NotLeader {
+                hint: Some("10.0.0.2:7410".into())
+            })),
             Failure::NotLeader {
                 hint: Some("10.0.0.2:7410".into())
             }
@@ -767,19 +786,17 @@ mod tests {
             Failure::Unreachable
         );
         assert_eq!(
-            Failure::classify(&tonic::Status::unavailable(
-                "outcome unknown, check and retry: timeout"
-            )),
+            Failure::classify(&refused(Refusal::OutcomeUnknown)),
             Failure::Other
         );
-        assert_eq!(
-            Failure::classify(&tonic::Status::failed_precondition("stale ref")),
-            Failure::Other
-        );
-        assert_eq!(
-            Failure::classify(&tonic::Status::not_found("no repo")),
-            Failure::Other
-        );
+        // Words alone route nothing: only the typed refusal does.
+        for s in [
+            tonic::Status::failed_precondition("not the shard leader"),
+            tonic::Status::failed_precondition("stale ref"),
+            tonic::Status::not_found("no repo"),
+        ] {
+            assert_eq!(Failure::classify(&s), Failure::Other, "{s:?}");
+        }
     }
 
     #[test]
@@ -829,31 +846,21 @@ mod tests {
         assert!(Attempt::mutation(refused).replayable);
     }
 
-    fn wrong_shard_status(epoch: Option<&str>) -> tonic::Status {
-        let mut s = tonic::Status::failed_precondition("wrong shard: workspace w is on shard 3");
-        if let Some(e) = epoch {
-            s.metadata_mut()
-                .insert(WRONG_SHARD_EPOCH, e.parse().expect("ascii"));
-        }
-        s
+    fn wrong_shard_status(epoch: Option<u64>) -> tonic::Status {
+        Refusal::WrongShard { epoch }.into_status("wrong shard: workspace w is on shard 3")
     }
 
     #[test]
     fn wrong_shard_is_a_replayable_routing_failure() {
         assert_eq!(
-            Failure::classify(&wrong_shard_status(Some("12"))),
+            Failure::classify(&wrong_shard_status(Some(12))),
             Failure::WrongShard { epoch: Some(12) }
         );
         assert_eq!(
             Failure::classify(&wrong_shard_status(None)),
             Failure::WrongShard { epoch: None }
         );
-        // The metadata alone marks it too (whatever the wording).
-        let mut s = tonic::Status::failed_precondition("elsewhere");
-        s.metadata_mut()
-            .insert(WRONG_SHARD_EPOCH, "x".parse().expect("ascii"));
-        assert_eq!(Failure::classify(&s), Failure::WrongShard { epoch: None });
-        assert!(refused_before_acting(&wrong_shard_status(Some("3"))));
+        assert!(refused_before_acting(&wrong_shard_status(Some(3))));
         assert!(Attempt::mutation(wrong_shard_status(None)).replayable);
         // Not refused for the shard: the request's own answer.
         assert_eq!(
@@ -922,6 +929,6 @@ mod tests {
     }
 
     fn not_leader_status() -> tonic::Status {
-        tonic::Status::failed_precondition(NOT_LEADER)
+        Refusal::NotLeader { hint: None }.into_status("not the shard leader")
     }
 }
