@@ -55,7 +55,7 @@ fn remembered_addr(config: &Path, key: &str) -> Option<SocketAddr> {
 /// What node `id` of this folder recorded: `None` if it never ran (or its
 /// record is unreadable), else the meta nodes it last knew (may be empty).
 fn recorded_meta(data_dir: &Path, id: u64) -> Option<Vec<u64>> {
-    cairn_storage_node::shard_host::recorded_meta_nodes(&data_dir.join(format!("node-{id}")))
+    cairn_storage_node::host::recorded_meta_nodes(&data_dir.join(format!("node-{id}")))
         .ok()
         .flatten()
 }

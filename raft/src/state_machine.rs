@@ -137,23 +137,35 @@ impl GroupState<'_> {
     }
 
     /// Reads a row as of before this entry.
-    pub fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, rocksdb::Error> {
-        self.db.get_cf(self.cf, app_key(self.group, key))
+    pub fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        self.db
+            .get_cf(self.cf, app_key(self.group, key))
+            .map_err(|source| StoreError::Db {
+                group: self.group,
+                op: "read a row",
+                source,
+            })
     }
 
     /// Rows whose key starts with `prefix`, as of before this entry.
-    pub fn scan_prefix(&self, prefix: &[u8]) -> Result<Vec<Row>, rocksdb::Error> {
-        scan_app_prefix(self.db, self.cf, self.group, prefix)
+    pub fn scan_prefix(&self, prefix: &[u8]) -> Result<Vec<Row>, StoreError> {
+        scan_app_prefix(self.db, self.cf, self.group, prefix).map_err(|source| StoreError::Db {
+            group: self.group,
+            op: "scan rows",
+            source,
+        })
     }
 
     /// The first `limit` rows whose key starts with `prefix`, as of before
     /// this entry: bounded work per entry for housekeeping in key order.
-    pub fn scan_prefix_limit(
-        &self,
-        prefix: &[u8],
-        limit: usize,
-    ) -> Result<Vec<Row>, rocksdb::Error> {
-        scan_app_prefix_page(self.db, self.cf, self.group, prefix, None, limit)
+    pub fn scan_prefix_limit(&self, prefix: &[u8], limit: usize) -> Result<Vec<Row>, StoreError> {
+        scan_app_prefix_page(self.db, self.cf, self.group, prefix, None, limit).map_err(|source| {
+            StoreError::Db {
+                group: self.group,
+                op: "scan rows",
+                source,
+            }
+        })
     }
 
     /// Stages a write.

@@ -17,6 +17,15 @@ pub use openraft::storage::{
 };
 pub use openraft::{EntryPayload, Membership, StorageError};
 
+// What the storage node drives its groups with: it names these paths, never
+// openraft's own.
+pub use openraft::async_runtime::WatchReceiver;
+pub use openraft::error::{
+    AllowNextRevertError, ClientWriteError, ForwardToLeader, InitializeError, RaftError,
+};
+pub use openraft::testing::log_id;
+pub use openraft::{Config as RaftConfig, Raft, ReadPolicy, SnapshotPolicy};
+
 /// A node's id inside every raft group it takes part in.
 pub type NodeId = u64;
 

@@ -50,7 +50,7 @@ struct KvResponse {
 #[derive(Debug, thiserror::Error)]
 enum KvError {
     #[error("state read failed")]
-    Db(#[from] rocksdb::Error),
+    State(#[from] cairn_raft::StoreError),
     #[error("stored value is not utf-8")]
     Utf8(#[from] std::string::FromUtf8Error),
 }

@@ -22,8 +22,8 @@ use cairn_proto::cluster::{
     ShardPlacement, Workspace,
 };
 use cairn_proto::git::git_server::{Git, GitServer};
-use cairn_proto::routing::Refusal;
 use cairn_proto::git::{AdvertiseRefsRequest, Chunk, ReceivePackRequest, UploadPackRequest};
+use cairn_proto::routing::Refusal;
 use cairn_router::{Config, Router};
 use futures::{Stream, StreamExt};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};

@@ -13,8 +13,8 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use cairn_proto::git::git_server::{Git, GitServer};
-use cairn_proto::routing::Refusal;
 use cairn_proto::git::{AdvertiseRefsRequest, Chunk, ReceivePackRequest, UploadPackRequest};
+use cairn_proto::routing::Refusal;
 use cairn_router::{Config, Router};
 use futures::{Stream, StreamExt};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};

@@ -13,8 +13,6 @@ use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
 
-use crate::repo::RepoId;
-
 /// Name prefix of a push's directory under `staging/`.
 pub const PUSH_STAGING_PREFIX: &str = "push-";
 
@@ -22,8 +20,8 @@ pub fn staging_dir(data_dir: &Path) -> PathBuf {
     data_dir.join("staging")
 }
 
-/// Where repository `id`'s committed pack files live.
-pub fn pack_dir(data_dir: &Path, id: RepoId) -> PathBuf {
+/// Where repository `id`'s committed pack files live (a `repo::RepoId`).
+pub fn pack_dir(data_dir: &Path, id: u64) -> PathBuf {
     data_dir.join("packs").join(id.to_string())
 }
 

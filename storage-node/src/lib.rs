@@ -1,32 +1,27 @@
 //! A Cairn storage node: hosts repositories (immutable packs on disk, refs
-//! and pack lists in RocksDB) and serves them over gRPC — the `Git` service
-//! (ref advertisement, upload-pack, receive-pack) and the `Admin` service.
+//! and pack lists in its shards' Raft groups) and serves them over gRPC.
 //!
-//! The git protocol itself lives in `cairn-packfile`; this crate supplies
-//! storage, concurrency and transport. It must not depend on the router.
+//! Layers, lowest first: `names` and `repo` (what a repository is),
+//! `shard` and `meta` (what the replicated state of a shard and of the
+//! cluster directory means), `host` (this node's Raft groups), `packs`
+//! (pack replication), `repos` (the repository operations services call),
+//! `cluster` (membership and moves between nodes), `service` (gRPC), and
+//! `server` (wiring). The git protocol itself lives in `cairn-packfile`.
+//! It must not depend on the router.
 
-pub mod admin_service;
-pub mod bridge;
-pub mod case_migration;
-pub mod cluster_service;
+pub mod cluster;
 pub mod config;
-pub mod directory;
-pub mod git_service;
+pub mod host;
 pub mod layout;
-pub mod meta_state;
-pub mod mover;
+pub mod meta;
 pub mod names;
-pub mod pack_placer;
-pub mod pack_transfer;
-pub mod peers;
-pub mod replicated_store;
+pub mod packs;
 pub mod repo;
+pub mod repos;
 pub mod server;
-pub mod shard_host;
-pub mod shard_state;
-pub mod staging_cleanup;
+pub mod service;
+pub mod shard;
 pub mod status;
-pub mod write_gate;
 
 pub use config::Config;
 pub use server::StorageNode;

@@ -10,15 +10,15 @@ use cairn_proto::git::git_server::GitServer;
 use cairn_proto::pack::pack_transfer_server::PackTransferServer;
 use tokio::net::TcpListener;
 
-use crate::admin_service::AdminService;
-use crate::cluster_service::ClusterService;
 use crate::config::Config;
-use crate::git_service::GitService;
+use crate::host::{ShardHost, ShardHostConfig, ShardHostError};
 use crate::layout::LayoutError;
-use crate::pack_transfer::{PackTransferService, StagingArea, TransferLimits};
-use crate::replicated_store::{ReplicatedError, ReplicatedStore};
-use crate::shard_host::{ShardHost, ShardHostConfig, ShardHostError};
-use crate::staging_cleanup::{CleanupOptions, StagingCleanupWorker};
+use crate::packs::staging_cleanup::{CleanupOptions, StagingCleanupWorker};
+use crate::packs::transfer::{PackTransferService, StagingArea, TransferLimits};
+use crate::repos::{ReplicatedError, ReplicatedStore};
+use crate::service::admin::AdminService;
+use crate::service::cluster::ClusterService;
+use crate::service::git::GitService;
 use cairn_proto::cluster::cluster_server::ClusterServer;
 
 #[derive(Debug, thiserror::Error)]
@@ -118,7 +118,7 @@ impl StorageNode {
         StagingCleanupWorker::new(staging, CleanupOptions::default()).spawn();
         let raft = shard_host.raft_service().into_server();
         let move_step_pause = if config.fault_injection {
-            std::env::var(crate::mover::STEP_PAUSE_ENV)
+            std::env::var(crate::cluster::mover::STEP_PAUSE_ENV)
                 .ok()
                 .and_then(|v| v.parse().ok())
                 .map_or(std::time::Duration::ZERO, std::time::Duration::from_millis)

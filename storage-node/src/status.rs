@@ -11,9 +11,10 @@ use cairn_raft::NodeId;
 use tonic::metadata::MetadataValue;
 use tonic::Status;
 
-use crate::directory::DirectoryError;
-use crate::replicated_store::ReplicatedError;
+use crate::host::ProposeError;
+use crate::meta::client::DirectoryError;
 use crate::repo::StoreError;
+use crate::repos::ReplicatedError;
 
 /// The not-leader refusal, naming the leader when known.
 pub fn not_leader(leader_hint: Option<(NodeId, String)>) -> Status {
@@ -67,5 +68,25 @@ pub fn status_of(e: ReplicatedError) -> Status {
             tracing::error!(error = %other, "replicated storage failure");
             Status::internal(other.to_string())
         }
+    }
+}
+
+/// A directory call's failure as the `Cluster` service answers it.
+pub fn directory_status(e: DirectoryError) -> Status {
+    match e {
+        DirectoryError::Refused(m) => Status::failed_precondition(m),
+        other => Status::unavailable(other.to_string()),
+    }
+}
+
+/// A proposal's failure as the services answer it.
+pub fn propose_status(e: ProposeError) -> Status {
+    match e {
+        ProposeError::NotLeader { leader_hint } => not_leader(leader_hint),
+        ProposeError::UnknownShard(_) => not_leader(None),
+        ProposeError::Indeterminate { .. } => {
+            Refusal::OutcomeUnknown.into_status(format!("outcome unknown, check and retry: {e}"))
+        }
+        ProposeError::Raft(m) => Status::unavailable(m),
     }
 }

@@ -11,11 +11,11 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use cairn_raft::TransportFilter;
-use cairn_storage_node::meta_state::{self, MetaRequest, MetaResponse};
-use cairn_storage_node::replicated_store::ReplicatedError;
+use cairn_storage_node::host::{ShardHost, ShardHostConfig, ShardSpec, META_GROUP};
+use cairn_storage_node::meta::state::{self as meta_state, MetaRequest, MetaResponse};
 use cairn_storage_node::repo::StoreError;
-use cairn_storage_node::shard_host::{ShardHost, ShardHostConfig, ShardSpec, META_GROUP};
-use cairn_storage_node::shard_state::{self, keys, ShardRequest, ShardResponse};
+use cairn_storage_node::repos::ReplicatedError;
+use cairn_storage_node::shard::state::{self as shard_state, keys, ShardRequest, ShardResponse};
 use tokio::net::TcpListener;
 
 const SHARD: u64 = 1;

@@ -16,7 +16,7 @@ use cairn_proto::pack::pack_transfer_client::PackTransferClient;
 use cairn_proto::pack::pack_transfer_server::PackTransferServer;
 use cairn_proto::pack::{PackChunk, PackFile, PackHeader};
 use cairn_storage_node::layout;
-use cairn_storage_node::pack_transfer::{
+use cairn_storage_node::packs::transfer::{
     fetch_pack, stage_pack, FetchError, PackTransferService, StageError, StageOutcome, StagingArea,
     TransferLimits,
 };

@@ -16,8 +16,8 @@ use cairn_proto::admin::admin_client::AdminClient;
 use cairn_proto::admin::{CreateRepositoryRequest, ListRepositoriesRequest};
 use cairn_proto::git::git_client::GitClient;
 use cairn_proto::git::{AdvertiseRefsRequest, GitService, ReceivePackRequest, RepoPath};
-use cairn_storage_node::shard_host::{ShardHostConfig, ShardSpec};
 use cairn_proto::routing::Refusal;
+use cairn_storage_node::host::{ShardHostConfig, ShardSpec};
 use cairn_storage_node::{Config, StorageNode};
 use tonic::Code;
 

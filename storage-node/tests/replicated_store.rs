@@ -15,11 +15,11 @@ use cairn_packfile::receive::{self, Command, Limits, PushRequest, ReceiveCaps, S
 use cairn_packfile::store::PackSet;
 use cairn_packfile::ObjectId;
 use cairn_raft::TransportFilter;
-use cairn_storage_node::pack_transfer::StagingArea;
-use cairn_storage_node::replicated_store::ReplicatedError;
+use cairn_storage_node::host::{ShardHostConfig, ShardSpec};
+use cairn_storage_node::packs::transfer::StagingArea;
 use cairn_storage_node::repo::RepoRecord;
-use cairn_storage_node::shard_host::{ShardHostConfig, ShardSpec};
-use cairn_storage_node::shard_state::keys;
+use cairn_storage_node::repos::ReplicatedError;
+use cairn_storage_node::shard::state::keys;
 use tokio::net::TcpListener;
 
 const SHARD: u64 = 1;

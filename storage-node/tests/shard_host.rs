@@ -8,12 +8,10 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use cairn_raft::TransportFilter;
-use cairn_storage_node::meta_state::{MetaRequest, MetaResponse};
+use cairn_storage_node::host::{ProposeError, ShardHost, ShardHostConfig, ShardSpec, META_GROUP};
+use cairn_storage_node::meta::state::{MetaRequest, MetaResponse};
 use cairn_storage_node::repo::RepoRecord;
-use cairn_storage_node::shard_host::{
-    ProposeError, ShardHost, ShardHostConfig, ShardSpec, META_GROUP,
-};
-use cairn_storage_node::shard_state::{keys, Refusal, ShardRequest, ShardResponse};
+use cairn_storage_node::shard::state::{keys, Refusal, ShardRequest, ShardResponse};
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
@@ -174,7 +172,11 @@ async fn a_five_node_meta_group_survives_two_failures() {
         meta_leader(&nodes, &all)
     })
     .await;
-    let (voters, _) = nodes[&l].host.members(META_GROUP).expect("meta members");
+    let (voters, _) = nodes[&l]
+        .host
+        .membership()
+        .members(META_GROUP)
+        .expect("meta members");
     assert_eq!(voters, all.to_vec());
     for id in all {
         // A follower may hear of the leader before it has the membership.
@@ -330,7 +332,7 @@ fn config_validation() {
         id,
         replicas: replicas.to_vec(),
     };
-    use cairn_storage_node::shard_host::ShardConfigError as E;
+    use cairn_storage_node::host::ShardConfigError as E;
     assert_eq!(
         with(vec![spec(0, &[1, 2, 3])]).validate(),
         Err(E::ReservedShard)

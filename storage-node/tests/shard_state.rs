@@ -8,10 +8,10 @@ use std::process::Command as Process;
 use cairn_packfile::ObjectId;
 use cairn_raft::types::{Entry, LogId, RaftEntry, RaftStateMachine};
 use cairn_raft::{Command, GroupId, RaftDb, StateView, TypeConfig};
-use cairn_storage_node::pack_placer::LocalPackPlacer;
-use cairn_storage_node::pack_transfer::StagingArea;
+use cairn_storage_node::packs::placer::LocalPackPlacer;
+use cairn_storage_node::packs::transfer::StagingArea;
 use cairn_storage_node::repo::RepoRecord;
-use cairn_storage_node::shard_state::{keys, LoggedUpdate, PackRef, ShardLogic, ShardRequest};
+use cairn_storage_node::shard::state::{keys, LoggedUpdate, PackRef, ShardLogic, ShardRequest};
 
 const SHARD: GroupId = GroupId(3);
 
@@ -45,7 +45,7 @@ impl Fixture {
     }
 
     async fn apply(&mut self, req: &ShardRequest) -> std::io::Result<()> {
-        let log_id: LogId = openraft::testing::log_id::<TypeConfig>(1, 1, self.next);
+        let log_id: LogId = cairn_raft::types::log_id::<TypeConfig>(1, 1, self.next);
         self.next += 1;
         let entry = Entry::new_normal(log_id, Command::encode(req).expect("encode"));
         let stream = futures::stream::iter([Ok((entry, None))]);
@@ -340,7 +340,7 @@ async fn an_accepted_push_whose_pack_is_absent_stops_apply() {
 
 #[tokio::test]
 async fn push_results_are_pruned_once_far_behind_the_log() {
-    use cairn_storage_node::shard_state::PUSH_RESULT_RETENTION;
+    use cairn_storage_node::shard::state::PUSH_RESULT_RETENTION;
     let mut f = Fixture::new();
     f.apply(&create("r")).await.expect("create");
     let id = f.repo("w", "r").expect("repo").id;

@@ -18,9 +18,9 @@ use cairn_packfile::receive::{self, Command, Limits, PushRequest, ReceiveCaps, S
 use cairn_packfile::store::PackSet;
 use cairn_packfile::ObjectId;
 use cairn_raft::{StateView, TransportFilter};
-use cairn_storage_node::pack_transfer::StagingArea;
-use cairn_storage_node::shard_host::{ShardHostConfig, ShardSpec};
-use cairn_storage_node::shard_state::{keys, PackRef};
+use cairn_storage_node::host::{ShardHostConfig, ShardSpec};
+use cairn_storage_node::packs::transfer::StagingArea;
+use cairn_storage_node::shard::state::{keys, PackRef};
 use tokio::net::TcpListener;
 
 const SHARD: u64 = 1;
@@ -134,11 +134,12 @@ impl Cluster {
     async fn compact_leader_log(&self, lead: u64) -> u64 {
         let host = &self.node(lead).host;
         let index = host
+            .catchup()
             .build_snapshot(SHARD, WAIT)
             .await
             .expect("snapshot built");
         wait_until("the leader purged its log", WAIT, || async {
-            (host.purged_index(SHARD) >= Some(index)).then_some(())
+            (host.catchup().purged_index(SHARD) >= Some(index)).then_some(())
         })
         .await;
         index
@@ -356,6 +357,7 @@ async fn a_wiped_replica_installs_a_snapshot_and_fetches_every_pack() {
     cluster
         .node(lead)
         .host
+        .membership()
         .allow_rejoin_after_wipe(SHARD, down)
         .await
         .expect("allow the wiped replica back");
@@ -368,10 +370,10 @@ async fn a_wiped_replica_installs_a_snapshot_and_fetches_every_pack() {
     assert_eq!(packs, pushed.len());
     let node = cluster.node(down);
     assert!(
-        node.host.purged_index(SHARD) >= Some(snapshot),
+        node.host.catchup().purged_index(SHARD) >= Some(snapshot),
         "caught up through the snapshot, not the log"
     );
-    assert_eq!(node.host.packs_fetched(), pushed.len() as u64);
+    assert_eq!(node.host.catchup().packs_fetched(), pushed.len() as u64);
     let staging = StagingArea::at(node.dir.path())
         .root()
         .join(SHARD.to_string());
@@ -415,6 +417,7 @@ async fn a_replica_that_kept_its_packs_fetches_only_the_ones_it_missed() {
     cluster
         .node(lead)
         .host
+        .membership()
         .allow_rejoin_after_wipe(SHARD, down)
         .await
         .expect("allow the wiped replica back");
@@ -424,7 +427,7 @@ async fn a_replica_that_kept_its_packs_fetches_only_the_ones_it_missed() {
     assert_eq!(assert_rebuilt(&cluster, lead, down).await, 5);
     let node = cluster.node(down);
     assert_eq!(
-        node.host.packs_fetched(),
+        node.host.catchup().packs_fetched(),
         K,
         "only the missing packs travel"
     );
@@ -465,16 +468,16 @@ async fn a_follower_behind_the_purged_log_catches_up_by_snapshot() {
     }
     let host = &cluster.node(lead).host;
     wait_until("the policy purged the missed entries", WAIT, || async {
-        (host.purged_index(SHARD) > Some(applied_before)).then_some(())
+        (host.catchup().purged_index(SHARD) > Some(applied_before)).then_some(())
     })
     .await;
     cluster.restart(down, dir).await;
 
     assert_eq!(assert_rebuilt(&cluster, lead, down).await, 1 + K as usize);
     let node = cluster.node(down);
-    assert_eq!(node.host.packs_fetched(), K);
+    assert_eq!(node.host.catchup().packs_fetched(), K);
     assert!(
-        node.host.purged_index(SHARD) > Some(applied_before),
+        node.host.catchup().purged_index(SHARD) > Some(applied_before),
         "caught up through a snapshot, not the log"
     );
     cluster.shutdown().await;
@@ -522,14 +525,14 @@ async fn a_replica_that_lost_its_pack_files_fetches_them_at_start() {
     let short = Duration::from_millis(500);
     assert!(host.wait_state_complete(SHARD, short).await.is_err());
     assert!(host.wait_applied(SHARD, applied, short).await.is_err());
-    assert_eq!(host.packs_fetched(), 0);
+    assert_eq!(host.catchup().packs_fetched(), 0);
 
     for (id, dir) in dirs {
         cluster.restart(id, dir).await;
     }
     let node = cluster.node(down);
     wait_until("the lost packs are fetched", WAIT, || async {
-        (node.host.packs_fetched() == 3).then_some(())
+        (node.host.catchup().packs_fetched() == 3).then_some(())
     })
     .await;
     node.host

@@ -51,9 +51,9 @@ where
 /// listener from one data dir and staging area (like `StorageNode::start`
 /// with shards, minus git/admin), with a way to stop it.
 pub struct Node {
-    pub host: std::sync::Arc<cairn_storage_node::shard_host::ShardHost>,
-    pub store: cairn_storage_node::replicated_store::ReplicatedStore,
-    pub area: cairn_storage_node::pack_transfer::StagingArea,
+    pub host: std::sync::Arc<cairn_storage_node::host::ShardHost>,
+    pub store: cairn_storage_node::repos::ReplicatedStore,
+    pub area: cairn_storage_node::packs::transfer::StagingArea,
     pub stop: Option<tokio::sync::oneshot::Sender<()>>,
     pub server: Option<tokio::task::JoinHandle<()>>,
     pub dir: tempfile::TempDir,
@@ -86,18 +86,20 @@ const NODE_STOP_WAIT: Duration = Duration::from_secs(30);
 impl Node {
     /// Starts the node of `config` on `listener` with its data in `dir`.
     pub async fn start(
-        config: cairn_storage_node::shard_host::ShardHostConfig,
+        config: cairn_storage_node::host::ShardHostConfig,
         listener: tokio::net::TcpListener,
         dir: tempfile::TempDir,
         filter: cairn_raft::TransportFilter,
     ) -> Node {
         use cairn_proto::pack::pack_transfer_server::PackTransferServer;
-        use cairn_storage_node::pack_transfer::{PackTransferService, StagingArea, TransferLimits};
+        use cairn_storage_node::packs::transfer::{
+            PackTransferService, StagingArea, TransferLimits,
+        };
         let area = StagingArea::at(dir.path());
         let transfer = PackTransferService::with_area(area.clone(), TransferLimits::default())
             .expect("transfer service");
         let host = std::sync::Arc::new(
-            cairn_storage_node::shard_host::ShardHost::start_with_area(
+            cairn_storage_node::host::ShardHost::start_with_area(
                 config.clone(),
                 dir.path(),
                 area.clone(),
@@ -106,12 +108,9 @@ impl Node {
             .await
             .expect("shard host starts"),
         );
-        let store = cairn_storage_node::replicated_store::ReplicatedStore::new(
-            host.clone(),
-            &config,
-            area.clone(),
-        )
-        .expect("store");
+        let store =
+            cairn_storage_node::repos::ReplicatedStore::new(host.clone(), &config, area.clone())
+                .expect("store");
         let raft = host.raft_service().into_server();
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel();
         let server = tokio::spawn(async move {

@@ -17,9 +17,9 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::bridge::{forward_inbound, ChannelReader, ChunkWriter, CHANNEL_DEPTH};
-use crate::replicated_store::{ReplicatedError, ReplicatedStore};
 use crate::repo::{RepoSnapshot, StagingDir, StoreError};
+use crate::repos::{ReplicatedError, ReplicatedStore};
+use crate::service::bridge::{forward_inbound, ChannelReader, ChunkWriter, CHANNEL_DEPTH};
 use crate::status::status_of;
 
 pub const AGENT: &str = concat!("cairn/", env!("CARGO_PKG_VERSION"));

@@ -35,11 +35,11 @@ use cairn_proto::cluster::{
 };
 use tonic::{Request, Status};
 
-use crate::cluster_service::directory_status;
-use crate::directory::MetaClient;
-use crate::meta_state::{Directory, MetaRequest, MoveRecord, NodeState, META_SHARD};
-use crate::peers::Peers;
-use crate::shard_host::ShardHost;
+use crate::cluster::peers::Peers;
+use crate::host::ShardHost;
+use crate::meta::client::MetaClient;
+use crate::meta::state::{Directory, MetaRequest, MoveRecord, NodeState, META_SHARD};
+use crate::status::directory_status;
 
 /// How long catch-up may go without the target's matched index moving
 /// before the move gives up (to be run again).

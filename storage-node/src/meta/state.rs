@@ -198,8 +198,6 @@ mod keys {
 #[derive(Debug, thiserror::Error)]
 pub enum MetaError {
     #[error(transparent)]
-    Db(#[from] rocksdb::Error),
-    #[error(transparent)]
     Store(#[from] StoreError),
     #[error("corrupt directory row {key}: {message}")]
     Corrupt { key: String, message: String },

@@ -275,8 +275,6 @@ pub trait PackPlacer: Send + Sync + 'static {
 #[derive(Debug, thiserror::Error)]
 pub enum ApplyError {
     #[error("reading shard state: {0}")]
-    Db(#[from] rocksdb::Error),
-    #[error("reading shard state: {0}")]
     State(#[from] cairn_raft::StoreError),
     #[error("corrupt row {key:?}: {message}")]
     Corrupt { key: String, message: String },

@@ -27,18 +27,18 @@ use cairn_raft::{NodeId, StateView};
 use tonic::transport::{Channel, Endpoint};
 use tracing::Instrument;
 
-use crate::case_migration::CaseMigrationWorker;
-use crate::directory::{DirectoryError, MetaClient};
-use crate::meta_state::{MetaAnswer, MetaQuery, MetaRequest};
+use crate::host::case_migration::CaseMigrationWorker;
+use crate::host::write_gate::WriteGuard;
+use crate::host::{ProposeError, ShardHost, ShardHostConfig};
+use crate::meta::client::{DirectoryError, MetaClient};
+use crate::meta::state::{MetaAnswer, MetaQuery, MetaRequest};
 use crate::names;
-use crate::pack_transfer::{stage_pack, StagingArea};
+use crate::packs::transfer::{stage_pack, StagingArea};
 use crate::repo::{exists_error, RepoRecord, RepoSnapshot, StoreError};
-use crate::shard_host::{ProposeError, ShardHost, ShardHostConfig};
-use crate::shard_state::{
+use crate::shard::state::{
     keys, refs_from_rows, shard_of_repo, LoggedUpdate, PackRef, Refusal, ShardRequest,
     ShardResponse,
 };
-use crate::write_gate::WriteGuard;
 
 /// How long a push whose entry's fate is unknown waits for a linearizable
 /// read (a new leader) to settle it.
@@ -452,7 +452,7 @@ impl ReplicatedStore {
         }
         let mut paths = Vec::with_capacity(names.len());
         for name in &names {
-            let id = crate::pack_transfer::parse_pack_id(name)
+            let id = crate::packs::transfer::parse_pack_id(name)
                 .ok_or_else(|| corrupt(&keys::pack(repo, name), "not a pack id"))?;
             paths.push(self.area.committed_paths(repo, &id).1);
         }
@@ -579,8 +579,8 @@ impl ReplicatedStore {
         // Every member gets the pack (a learner too, sparing it a fetch);
         // a majority of each voter set must hold it, two sets while a
         // joint configuration is in force.
-        let voter_sets = self.host.voter_sets(shard)?;
-        let (voters, learners) = self.host.members(shard)?;
+        let voter_sets = self.host.membership().voter_sets(shard)?;
+        let (voters, learners) = self.host.membership().members(shard)?;
         let mut others: Vec<u64> = voters.into_iter().chain(learners).collect();
         others.sort_unstable();
         others.dedup();

@@ -15,9 +15,9 @@ use cairn_proto::admin::{
 use cairn_raft::TransportFilter;
 use tonic::{Request, Response, Status};
 
-use crate::replicated_store::ReplicatedStore;
+use crate::host::{ProposeError, ShardHost};
 use crate::repo::RepoRecord;
-use crate::shard_host::{ProposeError, ShardHost};
+use crate::repos::ReplicatedStore;
 use crate::status::{not_leader, status_of};
 
 pub struct AdminService {
@@ -39,10 +39,6 @@ impl AdminService {
             host,
             faults,
         }
-    }
-
-    fn host(&self) -> Result<&Arc<ShardHost>, Status> {
-        Ok(&self.host)
     }
 }
 
@@ -131,8 +127,8 @@ impl Admin for AdminService {
         &self,
         request: Request<ShardStatusRequest>,
     ) -> Result<Response<ShardStatusResponse>, Status> {
-        let host = Arc::clone(self.host()?);
-        let fetched = host.packs_fetched();
+        let host = Arc::clone(&self.host);
+        let fetched = host.catchup().packs_fetched();
         let request = request.into_inner();
         let mut ids = request.shard_ids;
         if ids.is_empty() {
@@ -193,7 +189,8 @@ impl Admin for AdminService {
         request: Request<TransferLeaderRequest>,
     ) -> Result<Response<TransferLeaderResponse>, Status> {
         let r = request.into_inner();
-        self.host()?
+        self.host
+            .membership()
             .transfer_leader(r.shard_id, r.to_node_id)
             .await
             .map_err(propose_status)?;
@@ -212,7 +209,8 @@ impl Admin for AdminService {
     ) -> Result<Response<CompactShardResponse>, Status> {
         let shard = request.into_inner().shard_id;
         let snapshot_index = self
-            .host()?
+            .host
+            .catchup()
             .compact(shard, COMPACT_TIMEOUT)
             .await
             .map_err(propose_status)?;
@@ -226,7 +224,8 @@ impl Admin for AdminService {
         request: Request<AllowRejoinRequest>,
     ) -> Result<Response<AllowRejoinResponse>, Status> {
         let r = request.into_inner();
-        self.host()?
+        self.host
+            .membership()
             .allow_rejoin_after_wipe(r.shard_id, r.node_id)
             .await
             .map_err(propose_status)?;

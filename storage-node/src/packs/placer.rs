@@ -27,8 +27,8 @@ use cairn_raft::{GroupId, StopSignal};
 use futures::{StreamExt, TryStreamExt};
 use tonic::transport::{Channel, Endpoint};
 
-use crate::pack_transfer::{fetch_pack, fsync_dir, parse_pack_id, StagingArea};
-use crate::shard_state::{PackPlacer, PackRef};
+use crate::packs::transfer::{fetch_pack, fsync_dir, parse_pack_id, StagingArea};
+use crate::shard::state::{PackPlacer, PackRef};
 
 const FIRST_BACKOFF: Duration = Duration::from_millis(100);
 const MAX_BACKOFF: Duration = Duration::from_secs(5);

@@ -13,10 +13,10 @@ use std::collections::BTreeSet;
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
-use crate::meta_state::{self, MetaRequest, MetaResponse};
+use super::{ShardHost, META_GROUP};
+use crate::meta::state::{self as meta_state, MetaRequest, MetaResponse};
 use crate::names::{self, CaseStatus};
-use crate::shard_host::{ShardHost, META_GROUP};
-use crate::shard_state::{self, ShardRequest, ShardResponse};
+use crate::shard::state::{self as shard_state, ShardRequest, ShardResponse};
 
 /// Time between passes.
 const INTERVAL: Duration = Duration::from_secs(2);

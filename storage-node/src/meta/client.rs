@@ -16,12 +16,12 @@ use std::time::Duration;
 
 use cairn_proto::cluster::MetaCallRequest;
 
-use crate::meta_state::{
+use crate::cluster::peers::Peers;
+use crate::host::{ProposeError, ShardHost, META_GROUP};
+use crate::meta::state::{
     Directory, MetaAnswer, MetaCall, MetaQuery, MetaReply, MetaRequest, MetaResponse, NodeRecord,
     NodeState, WorkspaceRecord, META_SHARD, NOT_BOOTSTRAPPED,
 };
-use crate::peers::Peers;
-use crate::shard_host::{ProposeError, ShardHost, META_GROUP};
 use cairn_proto::routing::Refusal;
 
 /// Passes over the meta nodes before a directory call gives up: spans a

@@ -14,7 +14,7 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
-use crate::pack_transfer::StagingArea;
+use crate::packs::transfer::StagingArea;
 
 /// When staged transfers expire and how often to look.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
