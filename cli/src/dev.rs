@@ -64,7 +64,7 @@ pub struct DevProcess {
 pub const CLUSTER_FILE: &str = "dev-cluster.json";
 
 /// The dev token persists so clone URLs stay valid across restarts.
-fn dev_token(data_dir: &Path) -> Result<String> {
+pub(crate) fn dev_token(data_dir: &Path) -> Result<String> {
     let path = data_dir.join("dev-token");
     if let Ok(t) = std::fs::read_to_string(&path) {
         let t = t.trim().to_owned();
@@ -107,26 +107,6 @@ pub fn read_cluster_file(data_dir: &Path) -> Result<DevCluster> {
         )
     })?;
     serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))
-}
-
-pub async fn run(args: DevArgs) -> Result<()> {
-    std::fs::create_dir_all(&args.data_dir)
-        .with_context(|| format!("creating {}", args.data_dir.display()))?;
-    let data_dir = args
-        .data_dir
-        .canonicalize()
-        .with_context(|| format!("resolving {}", args.data_dir.display()))?;
-    let _ = std::fs::remove_file(data_dir.join(CLUSTER_FILE));
-    let token = dev_token(&data_dir)?;
-    crate::dev_cluster::run(
-        &data_dir,
-        args.http,
-        args.nodes,
-        args.shards,
-        &token,
-        args.fault_injection,
-    )
-    .await
 }
 
 /// What a person needs to use the cluster: URLs and credentials.

@@ -18,10 +18,34 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
-use crate::dev::{write_private, DevCluster, DevNode, DevProcess, CLUSTER_FILE};
+use crate::dev::{
+    dev_token, write_private, DevArgs, DevCluster, DevNode, DevProcess, CLUSTER_FILE,
+};
 
 /// Replicas of each dev shard (fewer only on a two-node cluster).
 const DEV_REPLICATION: usize = 3;
+
+/// `cairn dev`: prepares the data folder and its token, then runs the
+/// cluster.
+pub async fn start(args: DevArgs) -> Result<()> {
+    std::fs::create_dir_all(&args.data_dir)
+        .with_context(|| format!("creating {}", args.data_dir.display()))?;
+    let data_dir = args
+        .data_dir
+        .canonicalize()
+        .with_context(|| format!("resolving {}", args.data_dir.display()))?;
+    let _ = std::fs::remove_file(data_dir.join(CLUSTER_FILE));
+    let token = dev_token(&data_dir)?;
+    run(
+        &data_dir,
+        args.http,
+        args.nodes,
+        args.shards,
+        &token,
+        args.fault_injection,
+    )
+    .await
+}
 
 /// The first layout: shard `i` (from 1) on three consecutive nodes,
 /// starting at node `i`, so shards spread evenly.

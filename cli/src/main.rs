@@ -60,7 +60,7 @@ async fn main() -> Result<()> {
     let cli = Cli::parse();
     init_tracing();
     match cli.command {
-        Command::Dev(args) => dev::run(args).await,
+        Command::Dev(args) => dev_cluster::start(args).await,
         Command::Node(args) if args.command.is_some() => cluster::run_node(args).await,
         Command::Node(args) => {
             let Some(config) = args.config else {

@@ -8,7 +8,7 @@
 //!
 //! An entry has no expiry because staleness is cheap to detect: a node that
 //! does not hold the shard refuses with "wrong shard" before reading any
-//! request byte, and [`crate::leader::Cluster`] then drops the entry
+//! request byte, and the client (`Cluster`) then drops the entry
 //! ([`Directory::refresh`]) and asks again. It does the same once when every
 //! replica of an entry is unreachable (the shard may have moved off them).
 //! Unknown workspaces are not cached: one created through another router
@@ -34,7 +34,7 @@ use cairn_proto::cluster::{
 };
 use tonic::transport::Channel;
 
-use crate::leader::{decide, hint_url, Decision, Failure, NodePool, RetryPolicy};
+use crate::policy::{decide, hint_url, Decision, Failure, NodePool, RetryPolicy};
 
 /// Where a workspace's shard lives, as the directory said.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -107,7 +107,7 @@ impl Route {
 /// against requests naming endless workspaces; forgetting costs one lookup.
 pub const MAX_CACHED_WORKSPACES: usize = 100_000;
 
-/// The workspace → route cache, bounded like [`crate::leader::LeaderCache`].
+/// The workspace → route cache, bounded like the leader cache.
 pub struct DirectoryCache {
     entries: Mutex<HashMap<String, Route>>,
     cap: usize,

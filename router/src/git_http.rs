@@ -25,7 +25,7 @@ use tokio::io::{AsyncBufRead, BufReader};
 use tokio_util::io::{ReaderStream, StreamReader};
 use tonic::transport::Channel;
 
-use crate::server::AppState;
+use crate::state::AppState;
 use cairn_client::leader::refused_before_acting;
 use cairn_client::Attempt;
 

@@ -15,6 +15,7 @@ pub mod config;
 pub mod git_http;
 pub mod rest;
 pub mod server;
+pub mod state;
 
 pub use config::Config;
 pub use server::Router;

@@ -19,7 +19,7 @@ use cairn_proto::{limits, metadata};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use crate::server::AppState;
+use crate::state::AppState;
 use cairn_client::Attempt;
 
 /// `{"type":"error","error":{"message":…}}` with `status`.

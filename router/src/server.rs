@@ -13,18 +13,9 @@ use tokio::net::TcpListener;
 
 use crate::auth::{self, AuthFailure};
 use crate::config::Config;
+pub use crate::state::AppState;
 use crate::{git_http, rest};
 use cairn_client::{Cluster, RetryPolicy};
-
-#[derive(Clone)]
-pub struct AppState {
-    pub config: Arc<Config>,
-    /// The storage nodes; every gRPC call goes through its directory
-    /// lookup and leader search.
-    pub cluster: Arc<Cluster>,
-    /// Where clients reach this router, for links (see `Config::base_url`).
-    pub base_url: Arc<str>,
-}
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
