@@ -19,7 +19,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use cairn_packfile::receive::{Command, StagedPack};
+use cairn_packfile::receive::{self, Command, StagedPack};
 use cairn_packfile::store::PackSet;
 use cairn_packfile::ObjectId;
 use cairn_proto::pack::pack_transfer_client::PackTransferClient;
@@ -478,6 +478,12 @@ impl ReplicatedStore {
     ) -> Result<Vec<Result<(), String>>, ReplicatedError> {
         let shard = self.hosted(shard_of_repo(record.id))?;
         self.require_leader(shard)?;
+        if let Some(refused) = self
+            .refused_as_of_now(shard, record, commands, atomic, prior)
+            .await?
+        {
+            return Ok(refused);
+        }
         let push_id = self.fresh_push_id();
         tracing::Span::current().record("push_id", push_id.as_str());
 
@@ -503,6 +509,43 @@ impl ReplicatedStore {
             }
             Err(e) => Err(e.into()),
         }
+    }
+
+    /// The answer to a push every command of which fails against the refs
+    /// as they are now (stale old ids, refs that exist, earlier
+    /// rejections): given without replicating its pack, which nothing would
+    /// keep, or proposing an entry. Checked on this replica's state, then
+    /// again after a read barrier, so a ref moved meanwhile is not missed;
+    /// `None` when some command may apply.
+    async fn refused_as_of_now(
+        &self,
+        shard: u64,
+        record: &RepoRecord,
+        commands: &[Command],
+        atomic: bool,
+        prior: &[Option<String>],
+    ) -> Result<Option<Vec<Result<(), String>>>, ReplicatedError> {
+        let plan = |view: &StateView| -> Result<Vec<Result<(), String>>, ReplicatedError> {
+            // HEAD as of this state: deleting the current branch is refused.
+            let head = match view.get(&keys::repo(&record.workspace, &record.slug))? {
+                Some(v) => decode_record(&keys::repo(&record.workspace, &record.slug), &v)?.head,
+                None => record.head.clone(),
+            };
+            let prefix = keys::refs_of(record.id);
+            let current = refs_from_rows(prefix.len(), view.scan_prefix(&prefix)?, head)
+                .map_err(|e| corrupt(&prefix, e))?;
+            let mut prior = prior.to_vec();
+            prior.resize(commands.len(), None);
+            Ok(receive::plan_updates(&current, commands, atomic, &prior))
+        };
+        if plan(&self.host.state_view(shard)?)?
+            .iter()
+            .any(Result::is_ok)
+        {
+            return Ok(None);
+        }
+        let results = plan(&self.read_view(shard).await?)?;
+        Ok((!results.iter().any(Result::is_ok)).then_some(results))
     }
 
     /// After an unknown outcome, a linearizable read (here, through

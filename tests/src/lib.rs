@@ -890,6 +890,79 @@ if [ -n "$2" ]; then rm -rf "$2"; fi
         )
     }
 
+    /// The id of repository `full_name` (`ws/slug`), from the uuid its REST
+    /// object carries.
+    pub fn repo_id(&self, full_name: &str) -> Result<u64> {
+        let r = self
+            .request("GET", &format!("/2.0/repositories/{full_name}"))
+            .send(self.http_url())?;
+        ensure!(
+            r.status == 200,
+            "GET {full_name}: {} {}",
+            r.status,
+            r.text()
+        );
+        let uuid = r.json()?["uuid"]
+            .as_str()
+            .context("uuid")?
+            .trim_matches(|c| c == '{' || c == '}')
+            .to_owned();
+        let parts: Vec<&str> = uuid.split('-').collect();
+        ensure!(parts.len() == 5, "uuid {uuid}");
+        let hi = u64::from_str_radix(parts[0], 16)?;
+        let lo = u64::from_str_radix(parts[4], 16)?;
+        Ok((hi << 32) | (lo & 0xffff_ffff))
+    }
+
+    /// Every pack file of repository `full_name` on every node's disk —
+    /// committed (`packs/<id>/`) or staged for a commit
+    /// (`staging/transfer/<shard>/<id>/`) — as paths relative to the
+    /// cluster's data folder. A refused push must leave this as it found
+    /// it.
+    pub fn pack_files(&self, full_name: &str) -> Result<BTreeSet<PathBuf>> {
+        let id = self.repo_id(full_name)?.to_string();
+        let mut out = BTreeSet::new();
+        for node in self.node_ids() {
+            let node = self.data_dir.join(format!("node-{node}"));
+            let mut dirs = vec![node.join("packs").join(&id)];
+            if let Ok(shards) = fs::read_dir(node.join("staging").join("transfer")) {
+                for shard in shards {
+                    dirs.push(shard?.path().join(&id));
+                }
+            }
+            for dir in dirs {
+                let Ok(entries) = fs::read_dir(&dir) else {
+                    continue;
+                };
+                for entry in entries {
+                    let path = entry?.path();
+                    out.insert(path.strip_prefix(&self.data_dir)?.to_owned());
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Waits (briefly: replicas apply a moment after the leader answers)
+    /// until the nodes hold exactly the pack files `before` of `full_name`.
+    pub fn assert_pack_files(
+        &self,
+        full_name: &str,
+        before: &BTreeSet<PathBuf>,
+        what: &str,
+    ) -> Result<()> {
+        let mut now = BTreeSet::new();
+        let settled = wait_until("the pack files as before", Duration::from_secs(10), || {
+            now = self.pack_files(full_name)?;
+            Ok((&now == before).then_some(()))
+        });
+        settled.with_context(|| {
+            let added: Vec<_> = now.difference(before).collect();
+            let gone: Vec<_> = before.difference(&now).collect();
+            format!("{what}: pack files left behind {added:?}, gone {gone:?}")
+        })
+    }
+
     /// An authenticated request to the router.
     pub fn request<'a>(&self, method: &'a str, path: &'a str) -> HttpRequest<'a> {
         HttpRequest::new(method, path).header("Authorization", &self.basic_auth())
@@ -1235,14 +1308,15 @@ pub fn describe_replicas(replicas: &[ShardReplicaStatus]) -> String {
         .iter()
         .map(|r| {
             format!(
-                "node {}: leader {} term {} applied {} last_log {} repos {} sum {}",
+                "node {}: leader {} term {} applied {} last_log {} repos {} sum {} packs {}",
                 r.node_id,
                 r.leader_id,
                 r.term,
                 r.applied_index,
                 r.last_log_index,
                 r.repositories,
-                r.state_checksum.get(..12).unwrap_or(&r.state_checksum)
+                r.state_checksum.get(..12).unwrap_or(&r.state_checksum),
+                r.pack_checksum.get(..12).unwrap_or(&r.pack_checksum)
             )
         })
         .collect::<Vec<_>>()
@@ -1401,6 +1475,16 @@ impl Cluster {
                 "replicas diverged: same applied index {applied}, different state \
                  checksums: {last}"
             );
+            // Applied entries placed their packs first: the files the rows
+            // name are on every replica, whole.
+            let packs = &replicas[0].pack_checksum;
+            if settled {
+                ensure!(
+                    replicas.iter().all(|r| &r.pack_checksum == packs),
+                    "replicas diverged: same applied index {applied}, different pack \
+                     files: {last}"
+                );
+            }
             Ok(settled.then_some(replicas))
         });
         res.with_context(|| format!("last seen: {last}"))
@@ -3172,6 +3256,17 @@ pub fn base(c: &Cluster, prefix: &str) -> Result<Base> {
     let work = git.clone_repo(&url, git.scratch("work"), &["-q"])?;
     let before = git.remote_refs(&url)?;
     ensure!(before.len() == 2, "{before:?}");
+    // What the pack checks compare is real: the seeded pack is seen on
+    // every replica.
+    let seeded = c.pack_files(&full)?;
+    ensure!(
+        seeded
+            .iter()
+            .filter(|p| p.to_string_lossy().contains("/packs/"))
+            .count()
+            >= 2 * c.node_ids().len().min(3),
+        "the seeded pack (and index) on every replica: {seeded:?}"
+    );
     Ok(Base {
         git,
         full,
@@ -3259,6 +3354,7 @@ pub fn push_raw(
     updates: &[RefUpdate],
     pack: &[u8],
 ) -> Result<HttpResponse> {
+    let packs = c.pack_files(&b.full)?;
     let body = receive_pack_body(updates, "report-status agent=cairn-tests", pack);
     let r = post(c, &b.full, "git-receive-pack", &body, false)?;
     let rep = PushReport::parse(&r.body);
@@ -3271,5 +3367,6 @@ pub fn push_raw(
     ensure!(is_error(&r), "{what}: no error reported: {}", describe(&r));
     let now = b.git.remote_refs(&b.url)?;
     ensure!(now == b.before, "{what}: refs changed: {now:?}");
+    c.assert_pack_files(&b.full, &packs, what)?;
     Ok(r)
 }

@@ -289,6 +289,7 @@ fn trees_with_a_dot_git_entry_are_rejected() -> Result<()> {
         (".Git", "refs/heads/main"),
     ] {
         let commit = commit_with_dot_git_tree(&b.work, name, &old)?;
+        let packs = c.pack_files(&b.full)?;
         let o = b
             .work
             .cmd()
@@ -311,6 +312,7 @@ fn trees_with_a_dot_git_entry_are_rejected() -> Result<()> {
         );
         let now = b.git.remote_refs(&b.url)?;
         ensure!(now == b.before, "{name}: refs changed: {now:?}");
+        c.assert_pack_files(&b.full, &packs, name)?;
     }
     assert_intact(c, &b)
 }

@@ -32,7 +32,8 @@ fn long_ref(prefix: &str, len: usize) -> String {
 
 /// Pushes `spec` with the real client; it must fail, say why (one of
 /// `words`), and change nothing.
-fn refused_push(b: &Base, spec: &str, words: &[&str]) -> Result<GitOutput> {
+fn refused_push(c: &Cluster, b: &Base, spec: &str, words: &[&str]) -> Result<GitOutput> {
+    let packs = c.pack_files(&b.full)?;
     let o = b.work.cmd().args(["push", &b.url, spec]).fails()?;
     let text = o.all_lower();
     ensure!(
@@ -42,6 +43,7 @@ fn refused_push(b: &Base, spec: &str, words: &[&str]) -> Result<GitOutput> {
     );
     let now = b.git.remote_refs(&b.url)?;
     ensure!(now == b.before, "refs changed: {now:?}");
+    c.assert_pack_files(&b.full, &packs, spec.get(..60).unwrap_or(spec))?;
     Ok(o)
 }
 
@@ -80,10 +82,10 @@ fn over_long_ref_names_are_refused() -> Result<()> {
     let tag = b.work.hash_object_literally("tag", tag_body.as_bytes())?;
     for len in [MAX_REF_NAME + 1, 60_000] {
         let branch = long_ref("refs/heads/", len);
-        let o = refused_push(&b, &format!("{tip}:{branch}"), &["too long"])?;
+        let o = refused_push(c, &b, &format!("{tip}:{branch}"), &["too long"])?;
         eprintln!("branch of {len} bytes: {}", o.stderr.trim());
         let tag_ref = long_ref("refs/tags/", len);
-        refused_push(&b, &format!("{tag}:{tag_ref}"), &["too long"])?;
+        refused_push(c, &b, &format!("{tag}:{tag_ref}"), &["too long"])?;
     }
     still_takes_pushes(&b, "after-long-refs")?;
     assert_intact(c, &b)
@@ -128,7 +130,7 @@ fn hostile_gitmodules_are_refused_in_gits_words() -> Result<()> {
     ];
     for (content, id, message) in attacks {
         let commit = commit_with_gitmodules(&b, content)?;
-        let o = refused_push(&b, &format!("{commit}:refs/heads/main"), &[id])?;
+        let o = refused_push(c, &b, &format!("{commit}:refs/heads/main"), &[id])?;
         ensure!(
             o.stderr.contains(message),
             "{id}: git's wording missing: {o}"
@@ -153,6 +155,7 @@ fn hostile_gitmodules_are_refused_in_gits_words() -> Result<()> {
         .work
         .run(["commit-tree", &tree, "-p", &old, "-m", "symlink"])?;
     refused_push(
+        c,
         &b,
         &format!("{commit}:refs/heads/main"),
         &["gitmodulesSymlink"],
