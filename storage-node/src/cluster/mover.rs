@@ -541,12 +541,14 @@ impl Mover {
                         node_id: *node,
                         applied_index: r.applied_index,
                         checksum: r.state_checksum,
+                        pack_checksum: r.pack_checksum,
                         error: String::new(),
                     },
                     Err(e) => ReplicaChecksum {
                         node_id: *node,
                         applied_index: 0,
                         checksum: String::new(),
+                        pack_checksum: String::new(),
                         error: e.message().to_owned(),
                     },
                 });
@@ -554,8 +556,10 @@ impl Mover {
             let indexes: BTreeSet<u64> = answers.iter().map(|a| a.applied_index).collect();
             let all_ok = answers.iter().all(|a| a.error.is_empty());
             if all_ok && indexes.len() == 1 {
-                let checksums: BTreeSet<&str> =
-                    answers.iter().map(|a| a.checksum.as_str()).collect();
+                let checksums: BTreeSet<(&str, &str)> = answers
+                    .iter()
+                    .map(|a| (a.checksum.as_str(), a.pack_checksum.as_str()))
+                    .collect();
                 return Ok(VerifyShardResponse {
                     shard_id: shard,
                     applied_index: indexes.into_iter().next().unwrap_or(0),

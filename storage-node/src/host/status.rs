@@ -3,6 +3,7 @@
 //! bytes per repository.
 
 use std::collections::BTreeMap;
+use std::path::Path;
 
 use cairn_raft::{GroupId, NodeId};
 
@@ -21,6 +22,9 @@ pub struct ReplicaStatus {
     /// SHA-256 over every replicated row of the shard, read at
     /// `applied_index`; hex.
     pub state_checksum: String,
+    /// SHA-256 over the pack files the rows name, as found on this node's
+    /// disk (see [`pack_checksum`]): replicas holding the same packs agree.
+    pub pack_checksum: String,
     pub repositories: u64,
     pub snapshot_index: Option<u64>,
     pub purged_index: Option<u64>,
@@ -65,6 +69,43 @@ fn repo_usage(rows: &[(Vec<u8>, Vec<u8>)]) -> Vec<RepoUsage> {
         repo.bytes = bytes.get(&repo.id).copied().unwrap_or(0);
     }
     repos
+}
+
+/// A digest of the packs `named` (repository id, pack id) as this node has
+/// them: per pack, whether both files are there, their sizes, and the
+/// checksum trailer each file ends with (a pack's names the pack; an
+/// index's covers it). Reading 40 bytes a pack keeps it cheap; a missing,
+/// truncated or rewritten file changes it.
+fn pack_checksum<'a>(data_dir: &Path, named: impl Iterator<Item = (u64, &'a str)>) -> String {
+    use sha2::Digest as _;
+    let mut hash = sha2::Sha256::new();
+    for (repo, pack) in named {
+        hash.update(repo.to_be_bytes());
+        hash.update(pack.as_bytes());
+        let dir = crate::layout::pack_dir(data_dir, repo);
+        for ext in ["pack", "idx"] {
+            match file_tail(&dir.join(format!("pack-{pack}.{ext}"))) {
+                Ok((len, trailer)) => {
+                    hash.update([1]);
+                    hash.update(len.to_be_bytes());
+                    hash.update(trailer);
+                }
+                Err(_) => hash.update([0]),
+            }
+        }
+    }
+    hash.finalize().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// A file's length and its last 20 bytes.
+fn file_tail(path: &Path) -> std::io::Result<(u64, [u8; 20])> {
+    use std::io::{Read as _, Seek as _, SeekFrom};
+    let mut f = std::fs::File::open(path)?;
+    let len = f.metadata()?.len();
+    let mut tail = [0u8; 20];
+    f.seek(SeekFrom::End(-20))?;
+    f.read_exact(&mut tail)?;
+    Ok((len, tail))
 }
 
 /// Attempts at reading rows and applied index without an apply in between
@@ -175,6 +216,12 @@ impl ShardHost {
         }
         let digest = hash.finalize();
         let state_checksum = digest.iter().map(|b| format!("{b:02x}")).collect();
+        let pack_checksum = pack_checksum(
+            &self.data_dir,
+            rows.iter()
+                .filter(|(k, _)| in_scope(k))
+                .filter_map(|(k, _)| crate::shard::state::keys::parse_pack(k)),
+        );
         let metrics = raft.metrics().borrow_watched().clone();
         let repo_rows = crate::shard::state::keys::repos_of("");
         Ok(ReplicaStatus {
@@ -186,6 +233,7 @@ impl ShardHost {
             last_log_index: metrics.last_log_index.unwrap_or(0),
             voters: metrics.membership_config.membership().voter_ids().collect(),
             state_checksum,
+            pack_checksum,
             repositories: if shard == META_GROUP {
                 0
             } else {

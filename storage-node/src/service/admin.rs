@@ -162,6 +162,7 @@ impl Admin for AdminService {
                     last_log_index: r.last_log_index,
                     voters: r.voters,
                     state_checksum: r.state_checksum,
+                    pack_checksum: r.pack_checksum,
                     repositories: r.repositories,
                     snapshot_index: r.snapshot_index.unwrap_or(0),
                     purged_index: r.purged_index.unwrap_or(0),
