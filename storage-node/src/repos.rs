@@ -736,18 +736,20 @@ fn stage_locally(
     // Held so the cleanup worker does not sweep the directory mid-move.
     let _guard = area.hold();
     fs::create_dir_all(&dir).map_err(io_err(&dir))?;
-    // The index last: a staged pack counts once its index exists.
+    // The index last: a staged pack counts once its index exists. Ingest
+    // fsynced both files, so a rename needs only the directory's fsync
+    // below; a copy (another file system) needs its own.
     for (src, dst) in [
         (&staged.pack_path, &pack_dst),
         (&staged.index_path, &idx_dst),
     ] {
         if fs::rename(src, dst).is_err() {
             fs::copy(src, dst).map_err(io_err(dst))?;
+            fs::File::open(dst)
+                .and_then(|f| f.sync_all())
+                .map_err(io_err(dst))?;
             fs::remove_file(src).map_err(io_err(src))?;
         }
-        fs::File::open(dst)
-            .and_then(|f| f.sync_all())
-            .map_err(io_err(dst))?;
     }
     fs::File::open(&dir)
         .and_then(|f| f.sync_all())
