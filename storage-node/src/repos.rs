@@ -544,7 +544,12 @@ impl ReplicatedStore {
         {
             return Ok(None);
         }
-        let results = plan(&self.read_view(shard).await?)?;
+        // No barrier (no quorum, leadership lost): no early answer; the
+        // push takes its normal way and fails there with its own reason.
+        let Ok(view) = self.read_view(shard).await else {
+            return Ok(None);
+        };
+        let results = plan(&view)?;
         Ok((!results.iter().any(Result::is_ok)).then_some(results))
     }
 
