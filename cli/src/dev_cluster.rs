@@ -165,8 +165,18 @@ fn wait_listening(addr: SocketAddr, child: &mut Child, log: &Path) -> Result<()>
             return Ok(());
         }
         if let Some(status) = child.try_wait()? {
+            // The process says why on its last line ("Error: ...").
+            let why = fs::read_to_string(log)
+                .ok()
+                .and_then(|text| {
+                    text.lines()
+                        .rev()
+                        .find(|l| l.starts_with("Error: "))
+                        .map(str::to_owned)
+                })
+                .unwrap_or_default();
             bail!(
-                "process exited ({status}) before listening on {addr}; see {}",
+                "process exited ({status}) before listening on {addr}; see {}\n{why}",
                 log.display()
             );
         }
