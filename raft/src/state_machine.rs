@@ -168,6 +168,23 @@ impl GroupState<'_> {
         })
     }
 
+    /// At most `limit` rows under `prefix` whose key sorts after `after`,
+    /// as of before this entry.
+    pub fn scan_prefix_page(
+        &self,
+        prefix: &[u8],
+        after: Option<&[u8]>,
+        limit: usize,
+    ) -> Result<Vec<Row>, StoreError> {
+        scan_app_prefix_page(self.db, self.cf, self.group, prefix, after, limit).map_err(|source| {
+            StoreError::Db {
+                group: self.group,
+                op: "scan rows",
+                source,
+            }
+        })
+    }
+
     /// Stages a write.
     pub fn put(&mut self, key: &[u8], value: &[u8]) {
         self.batch.put_cf(self.cf, app_key(self.group, key), value);

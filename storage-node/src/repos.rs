@@ -35,9 +35,10 @@ use crate::meta::state::{MetaAnswer, MetaQuery, MetaRequest};
 use crate::names;
 use crate::packs::transfer::{stage_pack, StagingArea};
 use crate::repo::{exists_error, RepoRecord, RepoSnapshot, StoreError};
+use crate::shard::entry::Entry;
 use crate::shard::state::{
-    keys, refs_from_rows, shard_of_repo, LoggedUpdate, PackRef, Refusal, ShardRequest,
-    ShardResponse,
+    git_kinds, keys, refs_from_rows, shard_of_repo, CreateRepo, DeleteRepo, LoggedUpdate, PackRef,
+    Push, Refusal, ShardRequest, ShardResponse,
 };
 
 /// How long a push whose entry's fate is unknown waits for a linearizable
@@ -124,14 +125,7 @@ fn corrupt(key: &[u8], message: impl ToString) -> ReplicatedError {
 }
 
 fn decode_record(key: &[u8], value: &[u8]) -> Result<RepoRecord, ReplicatedError> {
-    serde_json::from_slice(value).map_err(|e| corrupt(key, e))
-}
-
-fn now_secs() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
-        .unwrap_or(0)
+    crate::shard::rows::read_json(key, value).map_err(|e| corrupt(key, e))
 }
 
 /// Repositories served from this node's shard replicas.
@@ -266,13 +260,17 @@ impl ReplicatedStore {
                 return Err(exists_error(workspace, slug).into());
             }
         }
-        let req = ShardRequest::CreateRepo {
-            workspace: ws.clone(),
-            slug: sl.clone(),
-            is_private,
-            description: description.to_owned(),
-            created_at: now_secs(),
-        };
+        let req = ShardRequest::Entry(Entry::new(
+            git_kinds::CREATE,
+            1,
+            None,
+            &CreateRepo {
+                workspace: ws.clone(),
+                slug: sl.clone(),
+                is_private,
+                description: description.to_owned(),
+            },
+        ));
         let record = match self.host.propose(shard, req).await? {
             ShardResponse::Repo(record) => record,
             ShardResponse::Refused(Refusal::RepoExists) => {
@@ -302,10 +300,15 @@ impl ReplicatedStore {
         // Entries name the repository by its stored key.
         let stored = Self::record_in(&self.read_view(shard).await?, workspace, slug)?;
         let (workspace, slug) = (stored.workspace.as_str(), stored.slug.as_str());
-        let req = ShardRequest::DeleteRepo {
-            workspace: workspace.to_owned(),
-            slug: slug.to_owned(),
-        };
+        let req = ShardRequest::Entry(Entry::new(
+            git_kinds::DELETE,
+            1,
+            None,
+            &DeleteRepo {
+                workspace: workspace.to_owned(),
+                slug: slug.to_owned(),
+            },
+        ));
         let forget = MetaRequest::ForgetRepo {
             workspace: workspace.to_owned(),
             slug: slug.to_owned(),
@@ -475,6 +478,7 @@ impl ReplicatedStore {
         atomic: bool,
         prior: &[Option<String>],
         staged: Option<StagedPack>,
+        push_options: &[String],
     ) -> Result<Vec<Result<(), String>>, ReplicatedError> {
         let shard = self.hosted(shard_of_repo(record.id))?;
         self.require_leader(shard)?;
@@ -491,14 +495,20 @@ impl ReplicatedStore {
             Some(staged) => Some(self.replicate_pack(shard, record.id, staged).await?),
             None => None,
         };
-        let req = ShardRequest::Push {
-            repo_id: record.id,
-            push_id: push_id.clone(),
-            pack,
-            updates: commands.iter().map(LoggedUpdate::from_command).collect(),
-            atomic,
-            prior: prior.to_vec(),
-        };
+        let req = ShardRequest::Entry(Entry::new(
+            git_kinds::PUSH,
+            1,
+            None,
+            &Push {
+                repo_id: record.id,
+                push_id: push_id.clone(),
+                pack,
+                updates: commands.iter().map(LoggedUpdate::from_command).collect(),
+                atomic,
+                prior: prior.to_vec(),
+                push_options: push_options.to_vec(),
+            },
+        ));
         match self.host.propose(shard, req).await {
             Ok(ShardResponse::Pushed(results)) => Ok(results),
             Ok(other) => Err(ReplicatedError::Raft(format!(
@@ -586,7 +596,7 @@ impl ReplicatedStore {
         };
         let key = keys::push(&push_id);
         match view.get(&key)? {
-            Some(v) => serde_json::from_slice(&v).map_err(|e| corrupt(&key, e)),
+            Some(v) => crate::shard::rows::read_json(&key, &v).map_err(|e| corrupt(&key, e)),
             None => Err(ReplicatedError::NotApplied { push_id }),
         }
     }

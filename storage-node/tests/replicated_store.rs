@@ -19,6 +19,7 @@ use cairn_storage_node::host::{ShardHostConfig, ShardSpec};
 use cairn_storage_node::packs::transfer::StagingArea;
 use cairn_storage_node::repo::RepoRecord;
 use cairn_storage_node::repos::ReplicatedError;
+use cairn_storage_node::shard::rows;
 use cairn_storage_node::shard::state::keys;
 use tokio::net::TcpListener;
 
@@ -183,7 +184,8 @@ async fn assert_replicated(
         .get(&keys::ref_(record.id, "refs/heads/main"))
         .expect("read")
         .expect("ref row");
-    assert_eq!(row, tip.as_bytes());
+    let key = keys::ref_(record.id, "refs/heads/main");
+    assert_eq!(rows::read_oid(&key, &row).expect("an id row"), tip);
     let dir = node.dir.path().join("packs").join(record.id.to_string());
     for ext in ["pack", "idx"] {
         let path = dir.join(format!("pack-{pack}.{ext}"));
@@ -239,7 +241,7 @@ async fn pushes_replicate_to_a_quorum_and_every_replica_reads_them() {
     );
     let pack1 = staged.id.to_string();
     let results = store
-        .push(&snap.record, &cmds, false, &[None], Some(staged))
+        .push(&snap.record, &cmds, false, &[None], Some(staged), &[])
         .await
         .expect("push");
     assert_eq!(results, vec![Ok(())]);
@@ -258,7 +260,7 @@ async fn pushes_replicate_to_a_quorum_and_every_replica_reads_them() {
     // A stale compare-and-swap is refused and moves nothing.
     let stale = [update("refs/heads/main", None, c1)];
     let results = store
-        .push(&snap.record, &stale, false, &[None], None)
+        .push(&snap.record, &stale, false, &[None], None, &[])
         .await
         .expect("push");
     assert!(results[0].is_err(), "stale push accepted: {results:?}");
@@ -288,7 +290,7 @@ async fn pushes_replicate_to_a_quorum_and_every_replica_reads_them() {
     );
     let pack2 = staged.id.to_string();
     let results = store
-        .push(&snap.record, &cmds, false, &[None], Some(staged))
+        .push(&snap.record, &cmds, false, &[None], Some(staged), &[])
         .await
         .expect("push with one follower down");
     assert_eq!(results, vec![Ok(())]);
@@ -319,7 +321,7 @@ async fn pushes_replicate_to_a_quorum_and_every_replica_reads_them() {
         &client.pack(&format!("{c3}\n^{c2}")),
     );
     match store
-        .push(&snap.record, &cmds, false, &[None], Some(staged))
+        .push(&snap.record, &cmds, false, &[None], Some(staged), &[])
         .await
     {
         Err(ReplicatedError::Transfer { acked, needed, .. }) => {
@@ -360,7 +362,7 @@ async fn a_restarted_follower_fetches_the_pack_it_missed() {
     );
     let pack = staged.id.to_string();
     let results = store
-        .push(&snap.record, &cmds, false, &[None], Some(staged))
+        .push(&snap.record, &cmds, false, &[None], Some(staged), &[])
         .await
         .expect("push with one follower down");
     assert_eq!(results, vec![Ok(())]);
@@ -411,7 +413,7 @@ async fn push_commit(node: &Node, client: &Client, file: &str) -> ObjectId {
     let cmds = [update("refs/heads/main", old, tip)];
     let staged = ingest(node, &cmds, &snap.packs, &client.pack(&tip.to_string()));
     let results = store
-        .push(&snap.record, &cmds, false, &[None], Some(staged))
+        .push(&snap.record, &cmds, false, &[None], Some(staged), &[])
         .await
         .expect("push");
     assert_eq!(results, vec![Ok(())]);

@@ -5,84 +5,11 @@
 use std::path::{Path, PathBuf};
 use std::process::Command as Process;
 
+mod common;
+use common::{StateFixture as Fixture, FIXTURE_SHARD as SHARD};
+
 use cairn_packfile::ObjectId;
-use cairn_raft::types::{Entry, LogId, RaftEntry, RaftStateMachine};
-use cairn_raft::{Command, GroupId, RaftDb, StateView, TypeConfig};
-use cairn_storage_node::packs::placer::LocalPackPlacer;
-use cairn_storage_node::packs::transfer::StagingArea;
-use cairn_storage_node::repo::RepoRecord;
-use cairn_storage_node::shard::state::{keys, LoggedUpdate, PackRef, ShardLogic, ShardRequest};
-
-const SHARD: GroupId = GroupId(3);
-
-struct Fixture {
-    dir: tempfile::TempDir,
-    db: RaftDb,
-    sm: cairn_raft::GroupStateMachine<ShardLogic<LocalPackPlacer>>,
-    next: u64,
-}
-
-impl Fixture {
-    fn new() -> Self {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let db = RaftDb::open(&dir.path().join("rocksdb"), &dir.path().join("snapshots"))
-            .expect("open raft db");
-        let area = StagingArea::at(dir.path());
-        area.create().expect("staging area");
-        let sm = db
-            .state_machine(SHARD, ShardLogic::new(LocalPackPlacer::new(area)))
-            .expect("state machine");
-        Fixture {
-            dir,
-            db,
-            sm,
-            next: 1,
-        }
-    }
-
-    fn view(&self) -> StateView {
-        self.db.state_view(SHARD)
-    }
-
-    async fn apply(&mut self, req: &ShardRequest) -> std::io::Result<()> {
-        let log_id: LogId = cairn_raft::types::log_id::<TypeConfig>(1, 1, self.next);
-        self.next += 1;
-        let entry = Entry::new_normal(log_id, Command::encode(req).expect("encode"));
-        let stream = futures::stream::iter([Ok((entry, None))]);
-        self.sm.apply(stream).await
-    }
-
-    fn repo(&self, ws: &str, slug: &str) -> Option<RepoRecord> {
-        self.view()
-            .get(&keys::repo(ws, slug))
-            .expect("read")
-            .map(|v| serde_json::from_slice(&v).expect("record"))
-    }
-
-    fn refs(&self, id: u64) -> Vec<(String, ObjectId)> {
-        let prefix = keys::refs_of(id);
-        self.view()
-            .scan_prefix(&prefix)
-            .expect("scan")
-            .into_iter()
-            .map(|(k, v)| {
-                (
-                    String::from_utf8(k[prefix.len()..].to_vec()).expect("utf8"),
-                    ObjectId::try_from(v.as_slice()).expect("oid"),
-                )
-            })
-            .collect()
-    }
-
-    fn push_result(&self, push_id: &str) -> Vec<Result<(), String>> {
-        let v = self
-            .view()
-            .get(&keys::push(push_id))
-            .expect("read")
-            .expect("recorded");
-        serde_json::from_slice(&v).expect("results")
-    }
-}
+use cairn_storage_node::shard::state::{keys, LoggedUpdate, PackRef, ShardRequest};
 
 fn oid(n: u8) -> [u8; 20] {
     [n; 20]

@@ -20,6 +20,7 @@ use cairn_packfile::ObjectId;
 use cairn_raft::{StateView, TransportFilter};
 use cairn_storage_node::host::{ShardHostConfig, ShardSpec};
 use cairn_storage_node::packs::transfer::StagingArea;
+use cairn_storage_node::shard::rows;
 use cairn_storage_node::shard::state::{keys, PackRef};
 use tokio::net::TcpListener;
 
@@ -253,7 +254,7 @@ async fn push(leader: &Node, repo: &mut Repo) -> String {
     let pack = staged.id.to_string();
     let results = leader
         .store
-        .push(&snap.record, &cmds, false, &[None], Some(staged))
+        .push(&snap.record, &cmds, false, &[None], Some(staged), &[])
         .await
         .expect("push");
     assert_eq!(results, vec![Ok(())]);
@@ -268,7 +269,7 @@ fn referenced_packs(view: &StateView) -> Vec<(u64, PackRef)> {
         .into_iter()
         .map(|(key, value)| {
             let (repo, _) = keys::parse_pack(&key).expect("pack key");
-            (repo, serde_json::from_slice(&value).expect("pack row"))
+            (repo, rows::read_json(&key, &value).expect("pack row"))
         })
         .collect()
 }

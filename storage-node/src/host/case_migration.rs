@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 use super::{ShardHost, META_GROUP};
 use crate::meta::state::{self as meta_state, MetaRequest, MetaResponse};
 use crate::names::{self, CaseStatus};
+use crate::shard::entry::Entry;
 use crate::shard::state::{self as shard_state, ShardRequest, ShardResponse};
 
 /// Time between passes.
@@ -101,7 +102,13 @@ async fn propose(host: &ShardHost, group: u64) {
                 _ => 0,
             })
     } else {
-        host.propose(group, ShardRequest::CanonicalizeNames)
+        let entry = Entry::new(
+            shard_state::git_kinds::CANONICALIZE,
+            1,
+            None,
+            &shard_state::CanonicalizeNames,
+        );
+        host.propose(group, ShardRequest::Entry(entry))
             .await
             .map(|r| match r {
                 ShardResponse::Canonicalized { renamed, .. } => renamed,

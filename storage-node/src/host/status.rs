@@ -51,11 +51,11 @@ fn repo_usage(rows: &[(Vec<u8>, Vec<u8>)]) -> Vec<RepoUsage> {
     let records = keys::repos_of("");
     for (k, v) in rows {
         if let Some((id, _)) = keys::parse_pack(k) {
-            if let Ok(pack) = serde_json::from_slice::<PackRef>(v) {
+            if let Ok(pack) = crate::shard::rows::read_json::<PackRef>(k, v) {
                 *bytes.entry(id).or_default() += pack.bytes;
             }
         } else if k.starts_with(&records) {
-            if let Ok(r) = serde_json::from_slice::<crate::repo::RepoRecord>(v) {
+            if let Ok(r) = crate::shard::rows::read_json::<crate::repo::RepoRecord>(k, v) {
                 repos.push(RepoUsage {
                     id: r.id,
                     workspace: r.workspace,

@@ -311,6 +311,7 @@ impl Push<'_> {
                     request.caps.atomic,
                     &ing.command_errors,
                     staged,
+                    &request.push_options,
                 )));
                 match applied {
                     Ok(results) => (Ok(()), results),

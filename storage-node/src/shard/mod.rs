@@ -1,4 +1,9 @@
 //! What a shard's replicated state means: repositories, refs and pack
-//! lists, and how each Raft entry changes them (`state`).
+//! lists, and how each Raft entry changes them (`state`); versioned entries
+//! and the registry services add their kinds to (`entry`); the row formats
+//! (`rows`); the event log consumers follow (`events`).
 
+pub mod entry;
+pub mod events;
+pub mod rows;
 pub mod state;

@@ -1,6 +1,13 @@
 //! What a shard's replicated state machine means: repositories, refs and
 //! pack lists, and how each Raft entry changes them.
 //!
+//! Entries are versioned (`entry::Entry`: a kind and its format version);
+//! the git kinds (`GIT_KINDS`) are built in, services register theirs
+//! (`entry::EntryKinds`), the event log's among them. The unversioned
+//! `ShardRequest` variants of earlier releases still apply, exactly as they
+//! did, for logs written before: their rows keep the unversioned format
+//! (`rows`) and they record no events.
+//!
 //! Applying is deterministic on every replica: it reads only the shard's
 //! own state (as of before the entry) and the entry itself — the leader's
 //! clock and choices travel inside the entry. Results are logged, never
@@ -26,6 +33,11 @@ use cairn_packfile::ObjectId;
 use cairn_raft::{ApplyLogic, GroupId, GroupState, StateView, StopSignal};
 use serde::{Deserialize, Serialize};
 
+use std::sync::Arc;
+
+use super::entry::{Entry, EntryKinds, Registry};
+use super::events::{self, Event, EventKind, EventKinds, RefChange};
+use super::rows::{self, Format, RowError};
 use crate::names::{self, CasePlan};
 use crate::repo::RepoRecord;
 
@@ -201,7 +213,58 @@ pub enum ShardRequest {
     /// were compared without case) to their canonical key, and records the
     /// names that clash. Deterministic from the state alone, idempotent.
     CanonicalizeNames,
+    /// A versioned entry; every proposal of this release is one.
+    Entry(Entry),
 }
+
+/// The built-in git kinds and the newest version each reads.
+pub mod git_kinds {
+    pub const CREATE: &str = "repo.create";
+    pub const DELETE: &str = "repo.delete";
+    pub const PUSH: &str = "git.push";
+    pub const CANONICALIZE: &str = "repo.canonicalize-names";
+}
+
+pub const GIT_KINDS: &[(&str, u16)] = &[
+    (git_kinds::CREATE, 1),
+    (git_kinds::DELETE, 1),
+    (git_kinds::PUSH, 1),
+    (git_kinds::CANONICALIZE, 1),
+];
+
+/// `repo.create` v1.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CreateRepo {
+    pub workspace: String,
+    pub slug: String,
+    pub is_private: bool,
+    pub description: String,
+}
+
+/// `repo.delete` v1.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeleteRepo {
+    pub workspace: String,
+    pub slug: String,
+}
+
+/// `git.push` v1.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Push {
+    pub repo_id: u64,
+    /// Chosen by the proposer; identifies the push across retries.
+    pub push_id: String,
+    pub pack: Option<PackRef>,
+    pub updates: Vec<LoggedUpdate>,
+    pub atomic: bool,
+    /// Per-update rejections found while validating the pack.
+    pub prior: Vec<Option<String>>,
+    pub push_options: Vec<String>,
+}
+
+/// `repo.canonicalize-names` v1 (no fields).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CanonicalizeNames;
 
 /// What applying an entry answers.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -218,6 +281,8 @@ pub enum ShardResponse {
         renamed: u64,
         clashes: Vec<Vec<String>>,
     },
+    /// A registered kind's own encoding of its answer.
+    Entry(Vec<u8>),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -286,6 +351,19 @@ pub enum ApplyError {
     },
     #[error("making the packs of shard {shard} present: {source}")]
     Packs { shard: u64, source: std::io::Error },
+    #[error(transparent)]
+    Row(#[from] RowError),
+    /// No registered kind reads this entry: the replica must not guess.
+    #[error("entry kind {kind:?} version {version} is not known here (newest known: {newest:?}); upgrade this node")]
+    UnknownEntry {
+        kind: String,
+        version: u16,
+        newest: Option<u16>,
+    },
+    #[error("entry kind {0:?} is registered twice")]
+    DuplicateKind(String),
+    #[error("entry of kind {kind:?} does not decode: {message}")]
+    Payload { kind: String, message: String },
 }
 
 /// Pack rows handed to the placer at once: bounds memory however many packs
@@ -295,11 +373,39 @@ const RECONCILE_PAGE: usize = 256;
 /// The `ApplyLogic` of every shard group.
 pub struct ShardLogic<P> {
     placer: P,
+    /// Kinds beyond the built-in git ones.
+    registry: Registry,
 }
 
 impl<P: PackPlacer> ShardLogic<P> {
+    /// The git kinds and the event log's.
     pub fn new(placer: P) -> Self {
-        ShardLogic { placer }
+        Self::with_kinds(placer, Vec::new()).expect("the built-in kinds do not clash")
+    }
+
+    /// Also the kinds of `services` (see `entry`).
+    pub fn with_kinds(placer: P, services: Vec<Arc<dyn EntryKinds>>) -> Result<Self, ApplyError> {
+        let mut registry = Registry::default();
+        for kinds in std::iter::once(Arc::new(EventKinds) as Arc<dyn EntryKinds>).chain(services) {
+            if let Some((kind, _)) = kinds
+                .kinds()
+                .iter()
+                .find(|(k, _)| GIT_KINDS.iter().any(|(g, _)| g == k))
+            {
+                return Err(ApplyError::DuplicateKind((*kind).to_owned()));
+            }
+            registry.register(kinds)?;
+        }
+        Ok(ShardLogic { placer, registry })
+    }
+
+    /// Every kind this shard applies, with the newest version of each.
+    pub fn kinds(&self) -> Vec<(&'static str, u16)> {
+        GIT_KINDS
+            .iter()
+            .copied()
+            .chain(self.registry.kinds())
+            .collect()
     }
 }
 
@@ -315,15 +421,9 @@ fn read_json<T: for<'de> Deserialize<'de>>(
     key: &[u8],
 ) -> Result<Option<T>, ApplyError> {
     match state.get(key)? {
-        Some(v) => serde_json::from_slice(&v)
-            .map(Some)
-            .map_err(|e| corrupt(key, e)),
+        Some(v) => Ok(Some(rows::read_json(key, &v)?)),
         None => Ok(None),
     }
-}
-
-fn json<T: Serialize>(value: &T) -> Vec<u8> {
-    serde_json::to_vec(value).expect("shard rows always serialise")
 }
 
 /// Reads a repository's refs from rows `(key, value)` under `keys::refs_of`.
@@ -335,16 +435,18 @@ pub fn refs_from_rows(
     let mut refs = Vec::with_capacity(rows.len());
     for (k, v) in rows {
         let name = String::from_utf8(k[prefix_len..].to_vec()).map_err(|e| corrupt(&k, e))?;
-        let target = ObjectId::try_from(v.as_slice()).map_err(|e| corrupt(&k, e))?;
+        let target = rows::read_oid(&k, &v)?;
         refs.push(RefRecord { name, target });
     }
     Ok(RepoRefs::new(refs, Some(head)))
 }
 
 impl<P: PackPlacer> ShardLogic<P> {
+    #[allow(clippy::too_many_arguments)]
     fn create_repo(
         &self,
         state: &mut GroupState<'_>,
+        fmt: Format,
         workspace: String,
         slug: String,
         is_private: bool,
@@ -379,11 +481,12 @@ impl<P: PackPlacer> ShardLogic<P> {
             description,
             created_at,
         };
+        // The counter is a bare number in every format: nothing else reads it.
         state.put(keys::NEXT_REPO, &(counter + 1).to_be_bytes());
-        state.put(&key, &json(&record));
+        state.put(&key, &rows::json(fmt, &record));
         state.put(
             &keys::repo_by_id(id),
-            format!("{}/{}", record.workspace, record.slug).as_bytes(),
+            &rows::text(fmt, &format!("{}/{}", record.workspace, record.slug)),
         );
         Ok(ShardResponse::Repo(record))
     }
@@ -391,27 +494,41 @@ impl<P: PackPlacer> ShardLogic<P> {
     fn delete_repo(
         &self,
         state: &mut GroupState<'_>,
+        fmt: Format,
         workspace: &str,
         slug: &str,
-    ) -> Result<ShardResponse, ApplyError> {
+    ) -> Result<(ShardResponse, Vec<RefChange>), ApplyError> {
         let key = keys::repo(workspace, slug);
         let Some(record) = read_json::<RepoRecord>(state, &key)? else {
-            return Ok(ShardResponse::Refused(Refusal::RepoNotFound));
+            return Ok((ShardResponse::Refused(Refusal::RepoNotFound), Vec::new()));
         };
         state.delete(&key);
         state.delete(&keys::repo_by_id(record.id));
-        for prefix in [keys::refs_of(record.id), keys::packs_of(record.id)] {
-            for (k, _) in state.scan_prefix(&prefix)? {
-                state.delete(&k);
-            }
+        let refs = keys::refs_of(record.id);
+        let mut removed = Vec::new();
+        for (k, v) in state.scan_prefix(&refs)? {
+            removed.push(RefChange {
+                name: String::from_utf8_lossy(&k[refs.len()..]).into_owned(),
+                old: rows::read_oid(&k, &v)?.to_string(),
+                new: ObjectId::null(gix_hash::Kind::Sha1).to_string(),
+            });
+            state.delete(&k);
         }
-        self.settle_clash(state, &format!("{workspace}/{slug}"))?;
-        Ok(ShardResponse::Deleted(record))
+        for (k, _) in state.scan_prefix(&keys::packs_of(record.id))? {
+            state.delete(&k);
+        }
+        self.settle_clash(state, fmt, &format!("{workspace}/{slug}"))?;
+        Ok((ShardResponse::Deleted(record), removed))
     }
 
     /// After `deleted` (a stored `workspace/slug`) is gone: if it was one of
     /// a clash, the clash shrinks, and its last name takes the canonical key.
-    fn settle_clash(&self, state: &mut GroupState<'_>, deleted: &str) -> Result<(), ApplyError> {
+    fn settle_clash(
+        &self,
+        state: &mut GroupState<'_>,
+        fmt: Format,
+        deleted: &str,
+    ) -> Result<(), ApplyError> {
         let canonical = names::canonical(deleted);
         let clash_key = keys::case_clash(&canonical);
         let Some(mut left) = read_json::<Vec<String>>(state, &clash_key)? else {
@@ -419,12 +536,12 @@ impl<P: PackPlacer> ShardLogic<P> {
         };
         left.retain(|n| n != deleted);
         if left.len() > 1 {
-            state.put(&clash_key, &json(&left));
+            state.put(&clash_key, &rows::json(fmt, &left));
             return Ok(());
         }
         state.delete(&clash_key);
         if let Some(last) = left.pop() {
-            self.rename_repo(state, &last, &canonical)?;
+            self.rename_repo(state, fmt, &last, &canonical)?;
         }
         Ok(())
     }
@@ -434,6 +551,7 @@ impl<P: PackPlacer> ShardLogic<P> {
     fn rename_repo(
         &self,
         state: &mut GroupState<'_>,
+        fmt: Format,
         from: &str,
         to: &str,
     ) -> Result<(), ApplyError> {
@@ -457,12 +575,16 @@ impl<P: PackPlacer> ShardLogic<P> {
         record.workspace = to_ws;
         record.slug = to_slug;
         state.delete(&from_key);
-        state.put(&to_key, &json(&record));
-        state.put(&keys::repo_by_id(record.id), to.as_bytes());
+        state.put(&to_key, &rows::json(fmt, &record));
+        state.put(&keys::repo_by_id(record.id), &rows::text(fmt, to));
         Ok(())
     }
 
-    fn canonicalize_names(&self, state: &mut GroupState<'_>) -> Result<ShardResponse, ApplyError> {
+    fn canonicalize_names(
+        &self,
+        state: &mut GroupState<'_>,
+        fmt: Format,
+    ) -> Result<ShardResponse, ApplyError> {
         let stored: Vec<String> = state
             .scan_prefix(keys::REPOS)?
             .into_iter()
@@ -470,7 +592,7 @@ impl<P: PackPlacer> ShardLogic<P> {
             .collect();
         let CasePlan { renames, clashes } = names::plan_case_migration(stored);
         for (from, to) in &renames {
-            self.rename_repo(state, from, to)?;
+            self.rename_repo(state, fmt, from, to)?;
         }
         for (k, _) in state.scan_prefix(keys::CASE_CLASHES)? {
             let canonical = String::from_utf8_lossy(&k[keys::CASE_CLASHES.len()..]).into_owned();
@@ -479,7 +601,7 @@ impl<P: PackPlacer> ShardLogic<P> {
             }
         }
         for (canonical, names) in &clashes {
-            state.put(&keys::case_clash(canonical), &json(names));
+            state.put(&keys::case_clash(canonical), &rows::json(fmt, names));
         }
         Ok(ShardResponse::Canonicalized {
             renamed: renames.len() as u64,
@@ -495,7 +617,7 @@ impl<P: PackPlacer> ShardLogic<P> {
         let Some(name) = state.get(&keys::repo_by_id(id))? else {
             return Ok(None);
         };
-        let name = String::from_utf8(name).map_err(|e| corrupt(&keys::repo_by_id(id), e))?;
+        let name = rows::read_text(&keys::repo_by_id(id), &name)?;
         let (ws, slug) = name
             .split_once('/')
             .ok_or_else(|| corrupt(&keys::repo_by_id(id), "not workspace/slug"))?;
@@ -503,17 +625,24 @@ impl<P: PackPlacer> ShardLogic<P> {
         Ok(read_json::<RepoRecord>(state, &key)?.map(|r| (key, r)))
     }
 
-    #[allow(clippy::too_many_arguments)]
+    /// A push; with `entry` (a versioned one), its event too.
     fn push(
         &self,
         state: &mut GroupState<'_>,
-        repo_id: u64,
-        push_id: &str,
-        pack: Option<PackRef>,
-        updates: &[LoggedUpdate],
-        atomic: bool,
-        prior: &[Option<String>],
+        fmt: Format,
+        push: &Push,
+        entry: Option<&Entry>,
     ) -> Result<ShardResponse, ApplyError> {
+        let Push {
+            repo_id,
+            push_id,
+            pack,
+            updates,
+            atomic,
+            prior,
+            push_options,
+        } = push;
+        let (repo_id, atomic) = (*repo_id, *atomic);
         let push_key = keys::push(push_id);
         if let Some(done) = read_json::<Vec<Result<(), String>>>(state, &push_key)? {
             return Ok(ShardResponse::Pushed(done));
@@ -534,7 +663,7 @@ impl<P: PackPlacer> ShardLogic<P> {
         let results = receive::plan_updates(&current, &commands, atomic, &prior);
 
         if results.iter().any(|r| r.is_ok()) {
-            if let Some(pack) = &pack {
+            if let Some(pack) = pack {
                 self.placer
                     .ensure(state.group(), repo_id, pack)
                     .map_err(|source| ApplyError::Pack {
@@ -542,7 +671,7 @@ impl<P: PackPlacer> ShardLogic<P> {
                         pack: pack.id.clone(),
                         source,
                     })?;
-                state.put(&keys::pack(repo_id, &pack.id), &json(pack));
+                state.put(&keys::pack(repo_id, &pack.id), &rows::json(fmt, pack));
             }
             let mut created_branch = None;
             for (cmd, res) in commands.iter().zip(&results) {
@@ -553,7 +682,7 @@ impl<P: PackPlacer> ShardLogic<P> {
                 if cmd.new.is_null() {
                     state.delete(&key);
                 } else {
-                    state.put(&key, cmd.new.as_bytes());
+                    state.put(&key, &rows::oid(fmt, &cmd.new));
                     if cmd.old.is_null() && cmd.name.starts_with("refs/heads/") {
                         created_branch.get_or_insert(cmd.name.clone());
                     }
@@ -569,12 +698,37 @@ impl<P: PackPlacer> ShardLogic<P> {
             if let (false, Some(branch)) = (head_exists_after, created_branch) {
                 let mut updated = record.clone();
                 updated.head = branch;
-                state.put(&record_key, &json(&updated));
+                state.put(&record_key, &rows::json(fmt, &updated));
+            }
+            if let Some(entry) = entry {
+                let changes = commands
+                    .iter()
+                    .zip(&results)
+                    .filter(|(_, r)| r.is_ok())
+                    .map(|(c, _)| RefChange {
+                        name: c.name.clone(),
+                        old: c.old.to_string(),
+                        new: c.new.to_string(),
+                    })
+                    .collect();
+                events::record(
+                    state,
+                    &Event {
+                        index: state.log_id().index(),
+                        at_ms: entry.at_ms,
+                        kind: EventKind::Push,
+                        repo_id,
+                        repository: format!("{}/{}", record.workspace, record.slug),
+                        changes,
+                        actor: entry.actor.clone(),
+                        push_options: push_options.clone(),
+                    },
+                )?;
             }
         }
-        state.put(&push_key, &json(&results));
+        state.put(&push_key, &rows::json(fmt, &results));
         let index = state.log_id().index();
-        state.put(&keys::push_by_age(index, push_id), b"");
+        state.put(&keys::push_by_age(index, push_id), &rows::marker(fmt));
         prune_push_results(state, index)?;
         Ok(ShardResponse::Pushed(results))
     }
@@ -614,6 +768,82 @@ fn prune_push_results(state: &mut GroupState<'_>, index: u64) -> Result<(), Appl
     Ok(())
 }
 
+impl<P: PackPlacer> ShardLogic<P> {
+    /// A versioned entry: a git kind, or a registered one.
+    fn apply_entry(
+        &self,
+        state: &mut GroupState<'_>,
+        entry: &Entry,
+    ) -> Result<ShardResponse, ApplyError> {
+        let git = GIT_KINDS
+            .iter()
+            .find(|(k, _)| *k == entry.kind)
+            .map(|(_, newest)| *newest);
+        let Some(newest) = git else {
+            let handler = self.registry.handler(&entry.kind, entry.version)?;
+            return Ok(ShardResponse::Entry(handler.apply(state, entry)?));
+        };
+        if entry.version > newest {
+            let err = ApplyError::UnknownEntry {
+                kind: entry.kind.clone(),
+                version: entry.version,
+                newest: Some(newest),
+            };
+            tracing::error!(error = %err, "cannot apply a shard entry; this replica stops applying");
+            return Err(err);
+        }
+        let fmt = Format::V1;
+        let index = state.log_id().index();
+        let event = |kind, record: &RepoRecord, changes| Event {
+            index,
+            at_ms: entry.at_ms,
+            kind,
+            repo_id: record.id,
+            repository: format!("{}/{}", record.workspace, record.slug),
+            changes,
+            actor: entry.actor.clone(),
+            push_options: Vec::new(),
+        };
+        match entry.kind.as_str() {
+            git_kinds::CREATE => {
+                let c: CreateRepo = entry.decode()?;
+                let created_at = entry.at_ms.div_euclid(1000);
+                let response = self.create_repo(
+                    state,
+                    fmt,
+                    c.workspace,
+                    c.slug,
+                    c.is_private,
+                    c.description,
+                    created_at,
+                )?;
+                if let ShardResponse::Repo(record) = &response {
+                    let e = event(EventKind::RepoCreated, record, Vec::new());
+                    events::record(state, &e)?;
+                }
+                Ok(response)
+            }
+            git_kinds::DELETE => {
+                let d: DeleteRepo = entry.decode()?;
+                let (response, removed) = self.delete_repo(state, fmt, &d.workspace, &d.slug)?;
+                if let ShardResponse::Deleted(record) = &response {
+                    let e = event(EventKind::RepoDeleted, record, removed);
+                    events::record(state, &e)?;
+                }
+                Ok(response)
+            }
+            git_kinds::PUSH => {
+                let p: Push = entry.decode()?;
+                self.push(state, fmt, &p, Some(entry))
+            }
+            _ => {
+                let _: CanonicalizeNames = entry.decode()?;
+                self.canonicalize_names(state, fmt)
+            }
+        }
+    }
+}
+
 impl<P: PackPlacer> ApplyLogic for ShardLogic<P> {
     type Request = ShardRequest;
     type Response = ShardResponse;
@@ -631,10 +861,18 @@ impl<P: PackPlacer> ApplyLogic for ShardLogic<P> {
                 is_private,
                 description,
                 created_at,
-            } => self.create_repo(state, workspace, slug, is_private, description, created_at),
-            ShardRequest::DeleteRepo { workspace, slug } => {
-                self.delete_repo(state, &workspace, &slug)
-            }
+            } => self.create_repo(
+                state,
+                Format::Legacy,
+                workspace,
+                slug,
+                is_private,
+                description,
+                created_at,
+            ),
+            ShardRequest::DeleteRepo { workspace, slug } => Ok(self
+                .delete_repo(state, Format::Legacy, &workspace, &slug)?
+                .0),
             ShardRequest::Push {
                 repo_id,
                 push_id,
@@ -642,8 +880,20 @@ impl<P: PackPlacer> ApplyLogic for ShardLogic<P> {
                 updates,
                 atomic,
                 prior,
-            } => self.push(state, repo_id, &push_id, pack, &updates, atomic, &prior),
-            ShardRequest::CanonicalizeNames => self.canonicalize_names(state),
+            } => {
+                let push = Push {
+                    repo_id,
+                    push_id,
+                    pack,
+                    updates,
+                    atomic,
+                    prior,
+                    push_options: Vec::new(),
+                };
+                self.push(state, Format::Legacy, &push, None)
+            }
+            ShardRequest::CanonicalizeNames => self.canonicalize_names(state, Format::Legacy),
+            ShardRequest::Entry(entry) => self.apply_entry(state, &entry),
         }
     }
 
@@ -670,7 +920,7 @@ impl<P: PackPlacer> ApplyLogic for ShardLogic<P> {
             for (key, value) in &rows {
                 let (repo_id, pack_hex) =
                     keys::parse_pack(key).ok_or_else(|| corrupt(key, "not a pack key"))?;
-                let pack: PackRef = serde_json::from_slice(value).map_err(|e| corrupt(key, e))?;
+                let pack: PackRef = rows::read_json(key, value)?;
                 if pack.id != pack_hex {
                     return Err(corrupt(key, "pack row names another pack"));
                 }

@@ -4,6 +4,18 @@
 
 use std::future::Future;
 use std::path::Path;
+
+use cairn_packfile::ObjectId;
+use cairn_raft::types::{Entry, LogId, RaftEntry, RaftStateMachine};
+use cairn_raft::{GroupId, RaftDb, StateView, TypeConfig};
+use cairn_storage_node::packs::placer::LocalPackPlacer;
+use cairn_storage_node::packs::transfer::StagingArea;
+use cairn_storage_node::repo::RepoRecord;
+use cairn_storage_node::shard::rows;
+use cairn_storage_node::shard::state::{keys, ShardLogic, ShardRequest};
+
+/// The shard id of a [`StateFixture`].
+pub const FIXTURE_SHARD: GroupId = GroupId(3);
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -168,5 +180,76 @@ impl Node {
                 .expect("server stops")
                 .expect("server task");
         }
+    }
+}
+
+/// One shard's state machine over real RocksDB in a temp dir, fed entries
+/// by hand (log index 1, 2, …), as the raft layer would apply them.
+pub struct StateFixture {
+    pub dir: tempfile::TempDir,
+    pub db: RaftDb,
+    pub sm: cairn_raft::GroupStateMachine<ShardLogic<LocalPackPlacer>>,
+    pub next: u64,
+}
+
+impl StateFixture {
+    pub fn new() -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let db = RaftDb::open(&dir.path().join("rocksdb"), &dir.path().join("snapshots"))
+            .expect("open raft db");
+        let area = StagingArea::at(dir.path());
+        area.create().expect("staging area");
+        let sm = db
+            .state_machine(FIXTURE_SHARD, ShardLogic::new(LocalPackPlacer::new(area)))
+            .expect("state machine");
+        StateFixture {
+            dir,
+            db,
+            sm,
+            next: 1,
+        }
+    }
+
+    pub fn view(&self) -> StateView {
+        self.db.state_view(FIXTURE_SHARD)
+    }
+
+    pub async fn apply(&mut self, req: &ShardRequest) -> std::io::Result<()> {
+        let log_id: LogId = cairn_raft::types::log_id::<TypeConfig>(1, 1, self.next);
+        self.next += 1;
+        let entry = Entry::new_normal(log_id, cairn_raft::Command::encode(req).expect("encode"));
+        let stream = futures::stream::iter([Ok((entry, None))]);
+        self.sm.apply(stream).await
+    }
+
+    pub fn repo(&self, ws: &str, slug: &str) -> Option<RepoRecord> {
+        self.view()
+            .get(&keys::repo(ws, slug))
+            .expect("read")
+            .map(|v| rows::read_json(&keys::repo(ws, slug), &v).expect("record"))
+    }
+
+    pub fn refs(&self, id: u64) -> Vec<(String, ObjectId)> {
+        let prefix = keys::refs_of(id);
+        self.view()
+            .scan_prefix(&prefix)
+            .expect("scan")
+            .into_iter()
+            .map(|(k, v)| {
+                (
+                    String::from_utf8(k[prefix.len()..].to_vec()).expect("utf8"),
+                    rows::read_oid(&k, &v).expect("oid"),
+                )
+            })
+            .collect()
+    }
+
+    pub fn push_result(&self, push_id: &str) -> Vec<Result<(), String>> {
+        let v = self
+            .view()
+            .get(&keys::push(push_id))
+            .expect("read")
+            .expect("recorded");
+        rows::read_json(&keys::push(push_id), &v).expect("results")
     }
 }
