@@ -6,6 +6,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             "proto/cairn/pack_transfer.proto",
             "proto/cairn/raft.proto",
             "proto/cairn/cluster.proto",
+            "proto/cairn/events.proto",
         ],
         &["proto"],
     )?;

@@ -138,7 +138,7 @@ enum ShardCommand {
     },
 }
 
-fn node_urls(target: &Target) -> Result<Vec<String>> {
+pub(crate) fn node_urls(target: &Target) -> Result<Vec<String>> {
     if let Some(u) = &target.node {
         return Ok(vec![u.clone()]);
     }
@@ -155,7 +155,7 @@ fn node_urls(target: &Target) -> Result<Vec<String>> {
 }
 
 /// A client of the first node that accepts a connection.
-async fn connect(urls: &[String]) -> Result<ClusterClient<Channel>> {
+pub(crate) async fn connect(urls: &[String]) -> Result<ClusterClient<Channel>> {
     let mut last = None;
     for url in urls {
         match ClusterClient::connect(url.clone()).await {

@@ -11,6 +11,7 @@ mod admin;
 mod cluster;
 mod dev;
 mod dev_cluster;
+mod events;
 mod plan;
 
 #[derive(Parser)]
@@ -24,7 +25,6 @@ struct Cli {
 enum Command {
     /// Start a local cluster (storage node + router) with data in one folder.
     Dev(dev::DevArgs),
-    /// Run a storage node.
     /// Run a storage node (`--config`), or `cairn node add|drain|remove`.
     Node(cluster::NodeArgs),
     /// Run the HTTP router.
@@ -38,6 +38,8 @@ enum Command {
     Cluster(cluster::ClusterArgs),
     /// Shard replicas: `cairn shard move|rebalance|leader|verify`.
     Shard(cluster::ShardArgs),
+    /// The shards' event logs: `cairn events tail|retention`.
+    Events(events::EventsArgs),
 }
 
 fn read_toml<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
@@ -88,6 +90,7 @@ async fn main() -> Result<()> {
         Command::Admin(args) => admin::run(args).await,
         Command::Cluster(args) => cluster::run_cluster(args).await,
         Command::Shard(args) => cluster::run_shard(args).await,
+        Command::Events(args) => events::run(args).await,
     }
 }
 

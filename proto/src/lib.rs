@@ -25,6 +25,10 @@ pub mod cluster {
     tonic::include_proto!("cairn.cluster.v1");
 }
 
+pub mod events {
+    tonic::include_proto!("cairn.events.v1");
+}
+
 /// Bounds on what clients may store, shared by the router (which answers
 /// with the offending field) and the storage nodes (which enforce them).
 pub mod limits {

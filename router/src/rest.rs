@@ -71,7 +71,7 @@ fn grpc_error(s: tonic::Status) -> Response {
 }
 
 /// Seconds since the epoch as RFC 3339 UTC (days-from-civil inverted).
-fn rfc3339(secs: i64) -> String {
+pub fn rfc3339(secs: i64) -> String {
     let days = secs.div_euclid(86_400);
     let rem = secs.rem_euclid(86_400);
     let z = days + 719_468;

@@ -20,6 +20,9 @@ use crate::service::admin::AdminService;
 use crate::service::cluster::ClusterService;
 use crate::service::git::GitService;
 use cairn_proto::cluster::cluster_server::ClusterServer;
+use cairn_proto::events::events_server::EventsServer;
+
+use crate::service::events::EventsService;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -135,6 +138,7 @@ impl StorageNode {
                 .add_service(git)
                 .add_service(admin)
                 .add_service(cluster)
+                .add_service(EventsServer::new(EventsService::new(shard_host.clone())))
                 .add_service(PackTransferServer::new(pack_transfer))
                 .add_service(raft)
                 // Accepted streams get TCP_NODELAY: under Nagle a response's

@@ -358,4 +358,79 @@ async fn at_the_bound_the_oldest_go_and_a_reader_behind_learns_of_its_gap() {
     let caught_up = events::read(&f.view(), 6, 100).expect("read");
     assert_eq!(caught_up.gap, None);
     assert_eq!(caught_up.events.len(), 3);
+    // A tighter bound acts with the entry that sets it, not the next push.
+    f.apply(&entry(
+        events::kinds::RETENTION,
+        T0 + 10,
+        &Retention {
+            min_age_ms: 3_600_000,
+            max_events: 1,
+            max_bytes: 1 << 30,
+        },
+    ))
+    .await
+    .expect("retention");
+    let kept: Vec<u64> = all_events(&f.view())
+        .events
+        .iter()
+        .map(|e| e.index)
+        .collect();
+    assert_eq!(kept, [9]);
+}
+
+#[tokio::test]
+async fn an_ack_that_passes_old_events_removes_them_at_once() {
+    let mut f = Fixture::new();
+    f.apply(&entry(
+        events::kinds::RETENTION,
+        T0,
+        &Retention {
+            min_age_ms: 0,
+            max_events: 1000,
+            max_bytes: 1 << 30,
+        },
+    ))
+    .await
+    .expect("retention");
+    f.apply(&entry(
+        events::kinds::REGISTER,
+        T0,
+        &Register {
+            consumer: "only".into(),
+            from: Some(0),
+        },
+    ))
+    .await
+    .expect("register");
+    f.apply(&create("app", T0)).await.expect("create");
+    let id = f.repo("w", "app").expect("created").id;
+    for n in 1..=3u8 {
+        f.apply(&push(
+            id,
+            &format!("p{n}"),
+            vec![update("refs/heads/main", n - 1, n)],
+            T0 + i64::from(n),
+        ))
+        .await
+        .expect("push");
+    }
+    let indexes = |f: &Fixture| -> Vec<u64> {
+        all_events(&f.view())
+            .events
+            .iter()
+            .map(|e| e.index)
+            .collect()
+    };
+    assert_eq!(indexes(&f), [3, 4, 5, 6]);
+    f.apply(&entry(
+        events::kinds::ACK,
+        T0 + 10,
+        &Ack {
+            consumer: "only".into(),
+            position: 5,
+        },
+    ))
+    .await
+    .expect("ack");
+    assert_eq!(indexes(&f), [6], "passed and old enough: gone with the ack");
 }

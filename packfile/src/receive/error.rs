@@ -147,6 +147,8 @@ pub enum ReceiveError {
     TooManyCommands { limit: usize },
     #[error("too many push options (limit {limit})")]
     TooManyPushOptions { limit: usize },
+    #[error("push option too long (limit {limit} bytes)")]
+    PushOptionTooLong { limit: usize },
     #[error("protocol error: push option is not valid UTF-8")]
     NonUtf8PushOption,
     #[error("protocol error: input ended before the command list was complete")]

@@ -39,6 +39,9 @@ pub struct Limits {
     pub max_commands: usize,
     /// Most push options accepted in one push.
     pub max_push_options: usize,
+    /// Longest push option accepted, in bytes: options are kept with the
+    /// push's event.
+    pub max_push_option_bytes: usize,
     /// Largest pack (as sent, trailer included) accepted; reading stops there.
     pub max_pack_bytes: u64,
     /// Most objects a pack header may announce.
@@ -61,6 +64,7 @@ impl Default for Limits {
         Limits {
             max_commands: 10_000,
             max_push_options: 100,
+            max_push_option_bytes: 1024,
             max_pack_bytes: 2 << 30,
             max_objects: 10_000_000,
             alloc_limit_bytes: 512 << 20,

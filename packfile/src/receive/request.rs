@@ -191,6 +191,11 @@ pub fn read_request<R: Read>(
                         });
                     }
                     let text = d.strip_suffix(b"\n").unwrap_or(&d);
+                    if text.len() > limits.max_push_option_bytes {
+                        return Err(ReceiveError::PushOptionTooLong {
+                            limit: limits.max_push_option_bytes,
+                        });
+                    }
                     let option = String::from_utf8(text.to_vec())
                         .map_err(|_| ReceiveError::NonUtf8PushOption)?;
                     push_options.push(option);
@@ -434,5 +439,11 @@ mod tests {
             .unwrap()
             .unwrap();
         assert_eq!(req.push_options, vec!["one"]);
+        let long = "x".repeat(Limits::default().max_push_option_bytes + 1);
+        let bytes = pkts(&[l1.as_bytes(), b"", long.as_bytes(), b""]);
+        assert!(matches!(
+            read_request(&mut PktReader::new(&bytes[..]), &Limits::default()),
+            Err(ReceiveError::PushOptionTooLong { limit: 1024 })
+        ));
     }
 }

@@ -1,8 +1,10 @@
 //! The node's gRPC services: `Git` (`git`, with `bridge` between tonic
 //! streams and the blocking protocol code), `Admin` (`admin`) and
-//! `Cluster` (`cluster`). They translate; the work is done below them.
+//! `Cluster` (`cluster`) and `Events` (`events`). They translate; the work
+//! is done below them.
 
 pub mod admin;
 pub mod bridge;
 pub mod cluster;
+pub mod events;
 pub mod git;

@@ -127,6 +127,19 @@ pub struct Consumer {
     pub position: u64,
 }
 
+/// Consumers a shard keeps at most: each holds events back and is read by
+/// every prune.
+pub const MAX_CONSUMERS: usize = 64;
+
+/// What the applying entry changed that [`prune`] must see.
+#[derive(Clone, Copy)]
+enum Changed<'a> {
+    Nothing,
+    Retention(Retention),
+    /// A consumer's cursor, new or moved.
+    Cursor(&'a str, u64),
+}
+
 /// Events removed per applied entry at most: bounded work, still faster
 /// than entries add them.
 const PRUNE_BATCH: usize = 64;
@@ -149,7 +162,7 @@ pub fn record(state: &mut GroupState<'_>, event: &Event) -> Result<(), ApplyErro
     stats.count += 1;
     stats.bytes += row.len() as u64;
     state.put(&keys::event(event.index), &row);
-    prune(state, stats, event.at_ms)
+    prune(state, stats, event.at_ms, Changed::Nothing)
 }
 
 fn consumers(state: &GroupState<'_>) -> Result<Vec<(String, Consumer)>, ApplyError> {
@@ -165,11 +178,29 @@ fn consumers(state: &GroupState<'_>) -> Result<Vec<(String, Consumer)>, ApplyErr
 
 /// Removes the oldest events that may go (see the module doc), at most
 /// [`PRUNE_BATCH`], and writes the stats back.
-fn prune(state: &mut GroupState<'_>, mut stats: Stats, now_ms: i64) -> Result<(), ApplyError> {
-    let retention: Retention = get(state, keys::RETENTION)?.unwrap_or_default();
+///
+/// Reads see the state as of before the entry, so an entry that changes
+/// the retention or a cursor passes the new one in `changed`.
+fn prune(
+    state: &mut GroupState<'_>,
+    mut stats: Stats,
+    now_ms: i64,
+    changed: Changed<'_>,
+) -> Result<(), ApplyError> {
+    let retention = match changed {
+        Changed::Retention(r) => r,
+        _ => get(state, keys::RETENTION)?.unwrap_or_default(),
+    };
     let slowest = consumers(state)?
-        .iter()
-        .map(|(_, c)| c.position)
+        .into_iter()
+        .map(|(name, c)| match changed {
+            Changed::Cursor(changed, position) if changed == name => position,
+            _ => c.position,
+        })
+        .chain(match changed {
+            Changed::Cursor(_, position) => Some(position),
+            _ => None,
+        })
         .min()
         .unwrap_or(u64::MAX);
     // One row at a time: the common case, nothing to remove, reads one.
@@ -290,6 +321,7 @@ pub struct EventKinds;
 impl EventKinds {
     fn set_cursor(
         state: &mut GroupState<'_>,
+        is_new: bool,
         name: &str,
         position: u64,
         now_ms: i64,
@@ -297,10 +329,17 @@ impl EventKinds {
         if !valid_consumer(name) {
             return Ok(Answer::Refused(format!("invalid consumer name {name:?}")));
         }
+        if is_new && consumers(state)?.len() >= MAX_CONSUMERS {
+            return Ok(Answer::Refused(format!(
+                "a shard keeps at most {MAX_CONSUMERS} consumers; unregister one first"
+            )));
+        }
+        // Nobody passes what has not happened yet.
+        let position = position.min(state.log_id().index());
         let consumer = Consumer { position };
         state.put(&keys::consumer(name), &rows::json(Format::V1, &consumer));
         let stats: Stats = get(state, keys::STATS)?.unwrap_or_default();
-        prune(state, stats, now_ms)?;
+        prune(state, stats, now_ms, Changed::Cursor(name, position))?;
         Ok(Answer::Consumer(Some(consumer)))
     }
 }
@@ -323,7 +362,7 @@ impl EntryKinds for EventKinds {
                     Some(existing) => Answer::Consumer(Some(existing)),
                     None => {
                         let from = r.from.unwrap_or_else(|| state.log_id().index());
-                        Self::set_cursor(state, &r.consumer, from, entry.at_ms)?
+                        Self::set_cursor(state, true, &r.consumer, from, entry.at_ms)?
                     }
                 }
             }
@@ -334,10 +373,16 @@ impl EntryKinds for EventKinds {
                     Some(c) if c.position >= a.position => {
                         // Not moved, but time passed: retention may act.
                         let stats: Stats = get(state, keys::STATS)?.unwrap_or_default();
-                        prune(state, stats, entry.at_ms)?;
+                        prune(state, stats, entry.at_ms, Changed::Nothing)?;
                         Answer::Consumer(Some(c))
                     }
-                    _ => Self::set_cursor(state, &a.consumer, a.position, entry.at_ms)?,
+                    now => Self::set_cursor(
+                        state,
+                        now.is_none(),
+                        &a.consumer,
+                        a.position,
+                        entry.at_ms,
+                    )?,
                 }
             }
             kinds::UNREGISTER => {
@@ -352,7 +397,7 @@ impl EntryKinds for EventKinds {
                 } else {
                     state.put(keys::RETENTION, &rows::json(Format::V1, &r));
                     let stats: Stats = get(state, keys::STATS)?.unwrap_or_default();
-                    prune(state, stats, entry.at_ms)?;
+                    prune(state, stats, entry.at_ms, Changed::Retention(r))?;
                     Answer::Consumer(None)
                 }
             }
