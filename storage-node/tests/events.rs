@@ -1,13 +1,16 @@
 //! The shard's event log over real RocksDB: which entries write an event
 //! and what it says, versioned entries and rows (an unknown kind or
 //! version stops applying), consumers' cursors, retention by consumers and
-//! age, the size bound and the gap a reader behind it is told about.
+//! age, the size bound and the gap a reader behind it is told about; a
+//! service's own kinds and rows registered beside them.
 
 mod common;
 use common::StateFixture as Fixture;
 
-use cairn_raft::StateView;
-use cairn_storage_node::shard::entry::Entry;
+use std::sync::Arc;
+
+use cairn_raft::{GroupState, StateView};
+use cairn_storage_node::shard::entry::{Entry, EntryKinds};
 use cairn_storage_node::shard::events::{self, Ack, Event, EventKind, Register, Retention};
 use cairn_storage_node::shard::state::{
     git_kinds, keys, CreateRepo, DeleteRepo, LoggedUpdate, Push, ShardRequest,
@@ -433,4 +436,72 @@ async fn an_ack_that_passes_old_events_removes_them_at_once() {
     .await
     .expect("ack");
     assert_eq!(indexes(&f), [6], "passed and old enough: gone with the ack");
+}
+
+/// A service's kinds as a later one would add them: a note per repository
+/// under its own rows.
+struct Notes {
+    rows: &'static [&'static [u8]],
+}
+
+impl EntryKinds for Notes {
+    fn kinds(&self) -> &'static [(&'static str, u16)] {
+        &[("notes.add", 1)]
+    }
+
+    fn row_prefixes(&self) -> &'static [&'static [u8]] {
+        self.rows
+    }
+
+    fn apply(
+        &self,
+        state: &mut GroupState<'_>,
+        entry: &Entry,
+    ) -> Result<Vec<u8>, cairn_storage_node::shard::state::ApplyError> {
+        let text: String = entry.decode()?;
+        let mut key = self.rows[0].to_vec();
+        key.extend_from_slice(&state.log_id().index().to_be_bytes());
+        state.put(&key, text.as_bytes());
+        Ok(text.len().to_le_bytes().to_vec())
+    }
+}
+
+#[tokio::test]
+async fn a_service_adds_kinds_and_rows_without_editing_the_shard() {
+    let mut f = Fixture::with_kinds(vec![Arc::new(Notes { rows: &[b"v/"] })]);
+    f.apply(&create("app", T0)).await.expect("create");
+    f.apply(&entry("notes.add", T0, &"hello".to_owned()))
+        .await
+        .expect("a registered kind applies");
+    let rows = f.view().scan_prefix(b"v/").expect("scan");
+    assert_eq!(rows.len(), 1);
+    assert_eq!(rows[0].1, b"hello");
+    // A version newer than the service reads stops applying, as for git's.
+    let mut newer = Entry::new("notes.add", 2, None, &"x".to_owned());
+    newer.at_ms = T0;
+    let err = f
+        .apply(&ShardRequest::Entry(newer))
+        .await
+        .expect_err("newer version");
+    assert!(format!("{err:?}").contains("notes.add"), "{err:?}");
+}
+
+#[test]
+fn kinds_and_row_families_must_not_overlap() {
+    let logic = |rows: &'static [&'static [u8]]| {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let area = cairn_storage_node::packs::transfer::StagingArea::at(dir.path());
+        cairn_storage_node::shard::state::ShardLogic::with_kinds(
+            cairn_storage_node::packs::placer::LocalPackPlacer::new(area),
+            vec![Arc::new(Notes { rows }) as Arc<dyn EntryKinds>],
+        )
+        .map(|_| ())
+        .map_err(|e| e.to_string())
+    };
+    assert_eq!(logic(&[b"v/"]), Ok(()));
+    // Inside the event log's rows, or around the git rows: refused.
+    let err = logic(&[b"e/notes"]).expect_err("overlaps events");
+    assert!(err.contains("events.register"), "{err}");
+    let err = logic(&[b"r"]).expect_err("overlaps repositories");
+    assert!(err.contains("git"), "{err}");
 }

@@ -65,6 +65,10 @@ pub trait EntryKinds: Send + Sync + 'static {
     /// The kinds handled, each with the newest format version it reads.
     fn kinds(&self) -> &'static [(&'static str, u16)];
 
+    /// Key prefixes of the row families its kinds write; no two families
+    /// may overlap (one prefix starting another), the git rows included.
+    fn row_prefixes(&self) -> &'static [&'static [u8]];
+
     /// Applies `entry` (one of [`EntryKinds::kinds`], at a version it
     /// reads): reads and writes only `state`, deterministically; returns
     /// the kind's own encoding of its answer.
@@ -75,16 +79,47 @@ pub trait EntryKinds: Send + Sync + 'static {
 #[derive(Default, Clone)]
 pub struct Registry {
     by_kind: BTreeMap<&'static str, (u16, Arc<dyn EntryKinds>)>,
+    /// Row prefixes taken, each with the family that took it.
+    rows: Vec<(&'static [u8], &'static str)>,
 }
 
 impl Registry {
-    /// Adds `kinds`; a kind registered twice is a wiring mistake, answered
-    /// by the error naming it.
+    /// Takes `prefixes` for `family`'s rows; one that overlaps a prefix
+    /// already taken is a wiring mistake, answered by the error naming both.
+    pub fn reserve_rows(
+        &mut self,
+        family: &'static str,
+        prefixes: &[&'static [u8]],
+    ) -> Result<(), ApplyError> {
+        for &p in prefixes {
+            if let Some((taken, by)) = self
+                .rows
+                .iter()
+                .find(|(t, _)| t.starts_with(p) || p.starts_with(t))
+            {
+                return Err(ApplyError::OverlappingRows {
+                    prefix: String::from_utf8_lossy(p).into_owned(),
+                    family,
+                    taken: String::from_utf8_lossy(taken).into_owned(),
+                    by,
+                });
+            }
+            self.rows.push((p, family));
+        }
+        Ok(())
+    }
+
+    /// Adds `kinds` and reserves their rows; a kind registered twice is a
+    /// wiring mistake, answered by the error naming it.
     pub fn register(&mut self, kinds: Arc<dyn EntryKinds>) -> Result<(), ApplyError> {
-        for &(kind, version) in kinds.kinds() {
+        let family = kinds.kinds().first().map_or("(no kinds)", |(k, _)| *k);
+        for &(kind, _) in kinds.kinds() {
             if self.by_kind.contains_key(kind) {
                 return Err(ApplyError::DuplicateKind(kind.to_owned()));
             }
+        }
+        self.reserve_rows(family, kinds.row_prefixes())?;
+        for &(kind, version) in kinds.kinds() {
             self.by_kind.insert(kind, (version, kinds.clone()));
         }
         Ok(())

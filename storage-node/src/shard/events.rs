@@ -354,6 +354,10 @@ impl EntryKinds for EventKinds {
         ]
     }
 
+    fn row_prefixes(&self) -> &'static [&'static [u8]] {
+        &[keys::EVENTS, keys::STATS, keys::RETENTION, keys::CONSUMERS]
+    }
+
     fn apply(&self, state: &mut GroupState<'_>, entry: &Entry) -> Result<Vec<u8>, ApplyError> {
         let answer = match entry.kind.as_str() {
             kinds::REGISTER => {

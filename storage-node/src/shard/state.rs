@@ -136,6 +136,19 @@ pub mod keys {
         with_id(PUSHES_BY_AGE, index, push_id.as_bytes())
     }
 
+    /// Every prefix above: the git rows, which no service's rows may
+    /// overlap.
+    pub const GIT_ROWS: &[&[u8]] = &[
+        NEXT_REPO,
+        REPOS,
+        b"i/",
+        b"f/",
+        PACKS,
+        CASE_CLASHES,
+        b"u/",
+        PUSHES_BY_AGE,
+    ];
+
     fn with_id(tag: &[u8], id: u64, rest: &[u8]) -> Vec<u8> {
         let mut k = Vec::with_capacity(tag.len() + 8 + rest.len());
         k.extend_from_slice(tag);
@@ -362,6 +375,13 @@ pub enum ApplyError {
     },
     #[error("entry kind {0:?} is registered twice")]
     DuplicateKind(String),
+    #[error("rows {prefix:?} of {family} overlap rows {taken:?} of {by}")]
+    OverlappingRows {
+        prefix: String,
+        family: &'static str,
+        taken: String,
+        by: &'static str,
+    },
     #[error("entry of kind {kind:?} does not decode: {message}")]
     Payload { kind: String, message: String },
 }
@@ -386,6 +406,7 @@ impl<P: PackPlacer> ShardLogic<P> {
     /// Also the kinds of `services` (see `entry`).
     pub fn with_kinds(placer: P, services: Vec<Arc<dyn EntryKinds>>) -> Result<Self, ApplyError> {
         let mut registry = Registry::default();
+        registry.reserve_rows("git", keys::GIT_ROWS)?;
         for kinds in std::iter::once(Arc::new(EventKinds) as Arc<dyn EntryKinds>).chain(services) {
             if let Some((kind, _)) = kinds
                 .kinds()

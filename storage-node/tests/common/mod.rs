@@ -11,6 +11,7 @@ use cairn_raft::{GroupId, RaftDb, StateView, TypeConfig};
 use cairn_storage_node::packs::placer::LocalPackPlacer;
 use cairn_storage_node::packs::transfer::StagingArea;
 use cairn_storage_node::repo::RepoRecord;
+use cairn_storage_node::shard::entry::EntryKinds;
 use cairn_storage_node::shard::rows;
 use cairn_storage_node::shard::state::{keys, ShardLogic, ShardRequest};
 
@@ -194,13 +195,20 @@ pub struct StateFixture {
 
 impl StateFixture {
     pub fn new() -> Self {
+        Self::with_kinds(Vec::new())
+    }
+
+    /// With the entry kinds of `services` registered too.
+    pub fn with_kinds(services: Vec<std::sync::Arc<dyn EntryKinds>>) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let db = RaftDb::open(&dir.path().join("rocksdb"), &dir.path().join("snapshots"))
             .expect("open raft db");
         let area = StagingArea::at(dir.path());
         area.create().expect("staging area");
+        let logic =
+            ShardLogic::with_kinds(LocalPackPlacer::new(area), services).expect("kinds register");
         let sm = db
-            .state_machine(FIXTURE_SHARD, ShardLogic::new(LocalPackPlacer::new(area)))
+            .state_machine(FIXTURE_SHARD, logic)
             .expect("state machine");
         StateFixture {
             dir,
