@@ -235,9 +235,13 @@ impl Tail {
                     Ok(Some(batch)) => {
                         self.print(shard.id, &batch)?;
                         position = Some(batch.position);
+                        // A failed ack only means more repeats after a
+                        // restart; the next batch acks again.
                         if self.consumer.is_some() && batch.position > acked {
-                            self.ack(&shard, batch.position).await?;
-                            acked = batch.position;
+                            match self.ack(&shard, batch.position).await {
+                                Ok(()) => acked = batch.position,
+                                Err(e) => eprintln!("shard {}: ack failed: {e:#}", shard.id),
+                            }
                         }
                     }
                     // The stream went idle: done.
@@ -283,27 +287,31 @@ impl Tail {
         .map(|_| ())
     }
 
-    /// Prints `batch` and flushes, so what is acknowledged was printed.
+    /// Prints `batch` in one write and flushes, so what is acknowledged
+    /// was printed, and a tail killed midway leaves whole lines.
     fn print(&self, shard: u64, batch: &EventBatch) -> Result<()> {
-        let mut out = std::io::stdout().lock();
+        let mut text = String::new();
         if let Some(gap) = &batch.gap {
-            if self.json {
-                writeln!(
-                    out,
-                    "{}",
-                    json!({"shard": shard, "gap": {"from": gap.from, "to": gap.to}})
-                )?;
+            let line = if self.json {
+                json!({"shard": shard, "gap": {"from": gap.from, "to": gap.to}}).to_string()
             } else {
-                writeln!(
-                    out,
+                format!(
                     "shard {shard} gap: events {}-{} are gone; reconcile from the current state",
                     gap.from, gap.to
-                )?;
-            }
+                )
+            };
+            text.push_str(&line);
+            text.push('\n');
         }
         for e in &batch.events {
-            writeln!(out, "{}", self.line(e))?;
+            text.push_str(&self.line(e));
+            text.push('\n');
         }
+        if text.is_empty() {
+            return Ok(());
+        }
+        let mut out = std::io::stdout().lock();
+        out.write_all(text.as_bytes())?;
         out.flush()?;
         Ok(())
     }

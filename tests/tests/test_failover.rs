@@ -8,8 +8,7 @@
 //! replicas must have applied the same log and hold the same state.
 //! Timings are printed, never asserted: CI machines are too noisy.
 
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -27,115 +26,6 @@ const CONVERGE_TIMEOUT: Duration = Duration::from_secs(120);
 fn one_at_a_time() -> MutexGuard<'static, ()> {
     static LOCK: Mutex<()> = Mutex::new(());
     LOCK.lock().unwrap_or_else(PoisonError::into_inner)
-}
-
-/// Pushers running in their own threads until stopped, each counting its
-/// acknowledged pushes so the test can wait for progress.
-struct PusherThreads {
-    stop: StopOnDrop,
-    accepted: Vec<Arc<AtomicUsize>>,
-    handles: Vec<thread::JoinHandle<Result<BranchPusher>>>,
-}
-
-impl PusherThreads {
-    fn start(pushers: Vec<BranchPusher>) -> Self {
-        let stop = Arc::new(AtomicBool::new(false));
-        let mut accepted = Vec::new();
-        let mut handles = Vec::new();
-        for mut p in pushers {
-            let stop = Arc::clone(&stop);
-            let count = Arc::new(AtomicUsize::new(0));
-            accepted.push(Arc::clone(&count));
-            handles.push(thread::spawn(move || {
-                while !stop.load(Ordering::SeqCst) {
-                    if p.push_next()?.outcome.is_accepted() {
-                        count.fetch_add(1, Ordering::SeqCst);
-                    } else {
-                        // No hammering while the cluster elects a leader.
-                        thread::sleep(Duration::from_millis(100));
-                    }
-                }
-                Ok(p)
-            }));
-        }
-        Self {
-            stop: StopOnDrop(stop),
-            accepted,
-            handles,
-        }
-    }
-
-    /// Acknowledged pushes so far, over all pushers.
-    fn accepted(&self) -> usize {
-        self.accepted.iter().map(|c| c.load(Ordering::SeqCst)).sum()
-    }
-
-    /// Waits until `more` further pushes were acknowledged.
-    fn wait_accepted(&self, more: usize, timeout: Duration) -> Result<()> {
-        let target = self.accepted() + more;
-        wait_until(&format!("{more} more accepted pushes"), timeout, || {
-            Ok((self.accepted() >= target).then_some(()))
-        })
-    }
-
-    /// Stops the pushers after their current push and returns them.
-    fn finish(self) -> Result<Vec<BranchPusher>> {
-        drop(self.stop);
-        self.handles
-            .into_iter()
-            .map(|h| h.join().map_err(|_| anyhow!("pusher thread panicked"))?)
-            .collect()
-    }
-}
-
-/// Checks every pusher against a fresh, fsck-clean clone of its repository;
-/// reports every violation, not just the first.
-fn verify_pushers(
-    c: &Cluster,
-    git: &Git,
-    pushers: &[BranchPusher],
-    repos: &[String],
-) -> Result<PushTally> {
-    let mut total = PushTally::default();
-    let mut violations = Vec::new();
-    for full in repos {
-        let url = c.repo_url(full);
-        let clone = git.clone_repo(&url, git.scratch("verify"), &[])?;
-        clone.assert_fsck_clean()?;
-        for p in pushers.iter().filter(|p| p.url == url) {
-            match p.verify(&clone) {
-                Ok(t) => {
-                    println!("  {full} {}: {t}", p.branch);
-                    total.add(&t);
-                }
-                Err(e) => {
-                    println!("  {full} {}: VIOLATION {e:#}", p.branch);
-                    violations.push(format!("{full} {}: {e:#}", p.branch));
-                }
-            }
-        }
-    }
-    if !violations.is_empty() {
-        print_failure_reasons(pushers);
-        bail!("{}", violations.join("\n"));
-    }
-    Ok(total)
-}
-
-/// How many pushes failed for each reason, to see which paths were hit.
-fn print_failure_reasons(pushers: &[BranchPusher]) {
-    let mut reasons: std::collections::BTreeMap<String, usize> = Default::default();
-    for a in pushers.iter().flat_map(BranchPusher::attempts) {
-        let key = match &a.outcome {
-            PushOutcome::Accepted => continue,
-            PushOutcome::Rejected(r) => format!("rejected: {r}"),
-            PushOutcome::Unknown(r) => format!("unknown: {r}"),
-        };
-        *reasons.entry(key).or_default() += 1;
-    }
-    for (r, n) in reasons {
-        println!("  {n:4} × {r}");
-    }
 }
 
 #[test]
