@@ -122,7 +122,10 @@ pub async fn run(args: EventsArgs) -> Result<()> {
             idle_ms,
         } => {
             let shards = shards(&urls, scope.as_deref()).await?;
-            anyhow::ensure!(!shards.is_empty(), "no shard to follow");
+            anyhow::ensure!(
+                !shards.is_empty(),
+                "no shard to follow: the cluster directory lists none yet (is the cluster still starting?)"
+            );
             let tasks: Vec<_> = shards
                 .into_iter()
                 .map(|shard| {
@@ -132,6 +135,7 @@ pub async fn run(args: EventsArgs) -> Result<()> {
                         json,
                         idle_ms: idle_ms.unwrap_or(0),
                         pool: NodePool::default(),
+                        cluster: urls.clone(),
                     };
                     tokio::spawn(async move { tail.follow(shard, after).await })
                 })
@@ -187,12 +191,14 @@ struct Tail {
     json: bool,
     idle_ms: u32,
     pool: NodePool,
+    /// Where to ask again for a shard's replicas once none answers.
+    cluster: Vec<String>,
 }
 
 impl Tail {
     /// Follows one shard until the stream goes idle (`--idle-ms`), moving
     /// to another replica when one fails.
-    async fn follow(&self, shard: ShardNodes, after: u64) -> Result<()> {
+    async fn follow(&self, mut shard: ShardNodes, after: u64) -> Result<()> {
         if let Some(consumer) = &self.consumer {
             let request = ConsumerRequest {
                 shard_id: shard.id,
@@ -210,7 +216,16 @@ impl Tail {
         let mut acked = 0;
         let mut turn = 0usize;
         loop {
-            let url = &shard.urls[turn % shard.urls.len().max(1)];
+            if turn > 0 && turn.is_multiple_of(shard.urls.len().max(1)) {
+                // Every replica failed once: the shard may have moved.
+                if let Ok(now) = shards(&self.cluster, None).await {
+                    if let Some(moved) = now.into_iter().find(|s| s.id == shard.id) {
+                        shard = moved;
+                    }
+                }
+            }
+            anyhow::ensure!(!shard.urls.is_empty(), "shard {} has no replicas", shard.id);
+            let url = &shard.urls[turn % shard.urls.len()];
             turn += 1;
             let request = SubscribeRequest {
                 shard_id: shard.id,
@@ -225,6 +240,18 @@ impl Tail {
             };
             let mut stream = match stream {
                 Ok(s) => s.into_inner(),
+                // Asking again cannot help.
+                Err(status)
+                    if matches!(
+                        status.code(),
+                        tonic::Code::InvalidArgument
+                            | tonic::Code::NotFound
+                            | tonic::Code::PermissionDenied
+                            | tonic::Code::Unauthenticated
+                    ) =>
+                {
+                    anyhow::bail!("shard {}: {}", shard.id, status.message())
+                }
                 Err(_) => {
                     tokio::time::sleep(Duration::from_millis(200)).await;
                     continue;

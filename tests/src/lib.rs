@@ -3218,6 +3218,17 @@ mod cluster_directory {
             bail!("no node answered ClusterStatus: {}", errors.join("; "))
         }
 
+        /// Waits until the cluster directory, bootstrapped in the background
+        /// after the first election, lists at least one shard.
+        pub fn wait_directory(&self, timeout: Duration) -> Result<ClusterStatusResponse> {
+            wait_until("the cluster directory to list a shard", timeout, || {
+                Ok(self
+                    .cluster_status_any()
+                    .ok()
+                    .filter(|s| s.shards.iter().any(|s| s.placement.is_some())))
+            })
+        }
+
         /// Starts `cairn ARGS --node <node's URL>` with stdout and stderr piped
         /// (e.g. a move to interrupt while it runs). The caller reaps it.
         pub fn spawn_cli_at(&self, node: u64, args: &[&str]) -> Result<Child> {

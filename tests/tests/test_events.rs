@@ -503,6 +503,8 @@ fn a_slow_consumer_holds_nothing_back_at_the_bound_and_learns_of_its_gap() -> Re
     let _serial = one_at_a_time();
     let c = Cluster::start_with_nodes(3)?;
     c.wait_leader(LEADER_TIMEOUT)?;
+    // The first tail registers on every shard the directory lists.
+    c.wait_directory(LEADER_TIMEOUT)?;
     let git = Git::new()?;
     let json = |args: &[&str]| -> Result<Vec<Value>> {
         let out = c.cli(&[&["events", "tail", "--json", "--idle-ms", "1500"], args].concat())?;
