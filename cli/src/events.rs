@@ -121,7 +121,14 @@ pub async fn run(args: EventsArgs) -> Result<()> {
             json,
             idle_ms,
         } => {
-            let shards = shards(&urls, scope.as_deref()).await?;
+            // A cluster moments old lists its shards once its directory
+            // is bootstrapped: wait a little for that.
+            let until = std::time::Instant::now() + Duration::from_secs(15);
+            let mut shards = shards(&urls, scope.as_deref()).await?;
+            while shards.is_empty() && std::time::Instant::now() < until {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                shards = self::shards(&urls, scope.as_deref()).await?;
+            }
             anyhow::ensure!(
                 !shards.is_empty(),
                 "no shard to follow: the cluster directory lists none yet (is the cluster still starting?)"
