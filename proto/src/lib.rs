@@ -29,6 +29,10 @@ pub mod events {
     tonic::include_proto!("cairn.events.v1");
 }
 
+pub mod identity {
+    tonic::include_proto!("cairn.identity.v1");
+}
+
 /// Bounds on what clients may store, shared by the router (which answers
 /// with the offending field) and the storage nodes (which enforce them).
 pub mod limits {
@@ -44,4 +48,8 @@ pub mod metadata {
     /// from the requested one only in case (value `case`).
     pub const NAME_CONFLICT: &str = "x-cairn-name-conflict";
     pub const NAME_CONFLICT_CASE: &str = "case";
+    /// The identity a router authenticated for the request (a username,
+    /// `token:<id>`, or absent for anonymous): recorded in log entries and
+    /// events, and checked against branch restrictions.
+    pub const ACTOR: &str = "x-cairn-actor";
 }

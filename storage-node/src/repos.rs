@@ -36,10 +36,12 @@ use crate::names;
 use crate::packs::transfer::{stage_pack, StagingArea};
 use crate::repo::{exists_error, RepoRecord, RepoSnapshot, StoreError};
 use crate::shard::entry::Entry;
+use crate::shard::restrictions;
 use crate::shard::state::{
     git_kinds, keys, refs_from_rows, shard_of_repo, CreateRepo, DeleteRepo, LoggedUpdate, PackRef,
     Push, Refusal, ShardRequest, ShardResponse,
 };
+use cairn_identity::restriction::BranchRestriction;
 
 /// How long a push whose entry's fate is unknown waits for a linearizable
 /// read (a new leader) to settle it.
@@ -47,6 +49,15 @@ const SETTLE_TIMEOUT: Duration = Duration::from_secs(8);
 
 /// How long a push waits for a quorum of replicas to stage its pack.
 const STAGE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// What a push carries besides its commands and pack.
+#[derive(Debug, Clone, Default)]
+pub struct PushExtras {
+    /// `git push -o` options, bounded by the protocol limits.
+    pub push_options: Vec<String>,
+    /// Who pushes (see `cairn_proto::metadata::ACTOR`).
+    pub actor: Option<String>,
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ReplicatedError {
@@ -294,6 +305,86 @@ impl ReplicatedStore {
         Ok(record)
     }
 
+    /// The repository's branch restrictions (a linearizable read).
+    pub async fn branch_restrictions(
+        &self,
+        workspace: &str,
+        slug: &str,
+    ) -> Result<Vec<BranchRestriction>, ReplicatedError> {
+        let view = self.read_view(self.shard_of(workspace).await?).await?;
+        let record = Self::record_in(&view, workspace, slug)?;
+        restrictions::list(&view, record.id).map_err(|e| ReplicatedError::Raft(e.to_string()))
+    }
+
+    /// Stores (`id` 0: creates) a branch restriction through the shard
+    /// leader. `Ok(Err(why))` is a refusal; nothing changed.
+    pub async fn set_branch_restriction(
+        &self,
+        workspace: &str,
+        slug: &str,
+        restriction: BranchRestriction,
+        actor: Option<String>,
+    ) -> Result<Result<BranchRestriction, String>, ReplicatedError> {
+        let shard = self.shard_of(workspace).await?;
+        self.require_leader(shard)?;
+        let record = Self::record_in(&self.read_view(shard).await?, workspace, slug)?;
+        let entry = Entry::new(
+            restrictions::kinds::SET,
+            1,
+            actor,
+            &restrictions::Set {
+                repo_id: record.id,
+                restriction,
+            },
+        );
+        match self.restriction_entry(shard, entry).await? {
+            restrictions::Answer::Stored(r) => Ok(Ok(r)),
+            restrictions::Answer::Refused(why) => Ok(Err(why)),
+            restrictions::Answer::NotFound => Ok(Err("no such branch restriction".into())),
+            restrictions::Answer::Deleted => Err(ReplicatedError::Raft("unexpected answer".into())),
+        }
+    }
+
+    /// Deletes a branch restriction; `Ok(false)` if there was none.
+    pub async fn delete_branch_restriction(
+        &self,
+        workspace: &str,
+        slug: &str,
+        id: u64,
+        actor: Option<String>,
+    ) -> Result<bool, ReplicatedError> {
+        let shard = self.shard_of(workspace).await?;
+        self.require_leader(shard)?;
+        let record = Self::record_in(&self.read_view(shard).await?, workspace, slug)?;
+        let entry = Entry::new(
+            restrictions::kinds::DELETE,
+            1,
+            actor,
+            &restrictions::Delete {
+                repo_id: record.id,
+                id,
+            },
+        );
+        Ok(matches!(
+            self.restriction_entry(shard, entry).await?,
+            restrictions::Answer::Deleted
+        ))
+    }
+
+    async fn restriction_entry(
+        &self,
+        shard: u64,
+        entry: Entry,
+    ) -> Result<restrictions::Answer, ReplicatedError> {
+        match self.host.propose(shard, ShardRequest::Entry(entry)).await? {
+            ShardResponse::Entry(bytes) => postcard::from_bytes(&bytes)
+                .map_err(|e| ReplicatedError::Raft(format!("decoding an answer: {e}"))),
+            other => Err(ReplicatedError::Raft(format!(
+                "unexpected answer {other:?}"
+            ))),
+        }
+    }
+
     #[tracing::instrument(skip(self), fields(node = self.node_id()))]
     pub async fn delete_repo(&self, workspace: &str, slug: &str) -> Result<(), ReplicatedError> {
         let shard = self.shard_of(workspace).await?;
@@ -478,8 +569,12 @@ impl ReplicatedStore {
         atomic: bool,
         prior: &[Option<String>],
         staged: Option<StagedPack>,
-        push_options: &[String],
+        extras: PushExtras,
     ) -> Result<Vec<Result<(), String>>, ReplicatedError> {
+        let PushExtras {
+            push_options,
+            actor,
+        } = extras;
         let shard = self.hosted(shard_of_repo(record.id))?;
         self.require_leader(shard)?;
         if let Some(refused) = self
@@ -498,7 +593,7 @@ impl ReplicatedStore {
         let req = ShardRequest::Entry(Entry::new(
             git_kinds::PUSH,
             1,
-            None,
+            actor,
             &Push {
                 repo_id: record.id,
                 push_id: push_id.clone(),
@@ -506,7 +601,7 @@ impl ReplicatedStore {
                 updates: commands.iter().map(LoggedUpdate::from_command).collect(),
                 atomic,
                 prior: prior.to_vec(),
-                push_options: push_options.to_vec(),
+                push_options,
             },
         ));
         match self.host.propose(shard, req).await {

@@ -19,8 +19,10 @@ use crate::repos::{ReplicatedError, ReplicatedStore};
 use crate::service::admin::AdminService;
 use crate::service::cluster::ClusterService;
 use crate::service::git::GitService;
+use crate::service::identity::IdentityService;
 use cairn_proto::cluster::cluster_server::ClusterServer;
 use cairn_proto::events::events_server::EventsServer;
+use cairn_proto::identity::identity_server::IdentityServer;
 
 use crate::service::events::EventsService;
 
@@ -139,6 +141,9 @@ impl StorageNode {
                 .add_service(admin)
                 .add_service(cluster)
                 .add_service(EventsServer::new(EventsService::new(shard_host.clone())))
+                .add_service(IdentityServer::new(IdentityService::new(
+                    repos.directory().clone(),
+                )))
                 .add_service(PackTransferServer::new(pack_transfer))
                 .add_service(raft)
                 // Accepted streams get TCP_NODELAY: under Nagle a response's

@@ -241,7 +241,14 @@ async fn pushes_replicate_to_a_quorum_and_every_replica_reads_them() {
     );
     let pack1 = staged.id.to_string();
     let results = store
-        .push(&snap.record, &cmds, false, &[None], Some(staged), &[])
+        .push(
+            &snap.record,
+            &cmds,
+            false,
+            &[None],
+            Some(staged),
+            Default::default(),
+        )
         .await
         .expect("push");
     assert_eq!(results, vec![Ok(())]);
@@ -260,7 +267,14 @@ async fn pushes_replicate_to_a_quorum_and_every_replica_reads_them() {
     // A stale compare-and-swap is refused and moves nothing.
     let stale = [update("refs/heads/main", None, c1)];
     let results = store
-        .push(&snap.record, &stale, false, &[None], None, &[])
+        .push(
+            &snap.record,
+            &stale,
+            false,
+            &[None],
+            None,
+            Default::default(),
+        )
         .await
         .expect("push");
     assert!(results[0].is_err(), "stale push accepted: {results:?}");
@@ -290,7 +304,14 @@ async fn pushes_replicate_to_a_quorum_and_every_replica_reads_them() {
     );
     let pack2 = staged.id.to_string();
     let results = store
-        .push(&snap.record, &cmds, false, &[None], Some(staged), &[])
+        .push(
+            &snap.record,
+            &cmds,
+            false,
+            &[None],
+            Some(staged),
+            Default::default(),
+        )
         .await
         .expect("push with one follower down");
     assert_eq!(results, vec![Ok(())]);
@@ -321,7 +342,14 @@ async fn pushes_replicate_to_a_quorum_and_every_replica_reads_them() {
         &client.pack(&format!("{c3}\n^{c2}")),
     );
     match store
-        .push(&snap.record, &cmds, false, &[None], Some(staged), &[])
+        .push(
+            &snap.record,
+            &cmds,
+            false,
+            &[None],
+            Some(staged),
+            Default::default(),
+        )
         .await
     {
         Err(ReplicatedError::Transfer { acked, needed, .. }) => {
@@ -362,7 +390,14 @@ async fn a_restarted_follower_fetches_the_pack_it_missed() {
     );
     let pack = staged.id.to_string();
     let results = store
-        .push(&snap.record, &cmds, false, &[None], Some(staged), &[])
+        .push(
+            &snap.record,
+            &cmds,
+            false,
+            &[None],
+            Some(staged),
+            Default::default(),
+        )
         .await
         .expect("push with one follower down");
     assert_eq!(results, vec![Ok(())]);
@@ -413,7 +448,14 @@ async fn push_commit(node: &Node, client: &Client, file: &str) -> ObjectId {
     let cmds = [update("refs/heads/main", old, tip)];
     let staged = ingest(node, &cmds, &snap.packs, &client.pack(&tip.to_string()));
     let results = store
-        .push(&snap.record, &cmds, false, &[None], Some(staged), &[])
+        .push(
+            &snap.record,
+            &cmds,
+            false,
+            &[None],
+            Some(staged),
+            Default::default(),
+        )
         .await
         .expect("push");
     assert_eq!(results, vec![Ok(())]);

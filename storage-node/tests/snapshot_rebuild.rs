@@ -254,7 +254,14 @@ async fn push(leader: &Node, repo: &mut Repo) -> String {
     let pack = staged.id.to_string();
     let results = leader
         .store
-        .push(&snap.record, &cmds, false, &[None], Some(staged), &[])
+        .push(
+            &snap.record,
+            &cmds,
+            false,
+            &[None],
+            Some(staged),
+            Default::default(),
+        )
         .await
         .expect("push");
     assert_eq!(results, vec![Ok(())]);

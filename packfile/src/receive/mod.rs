@@ -11,6 +11,7 @@
 //! only moved into place by the caller once the ref updates are decided.
 
 mod advertise;
+mod ancestry;
 mod connectivity;
 mod error;
 mod fsck;
@@ -23,6 +24,7 @@ mod request;
 
 pub use crate::refs::MAX_REF_NAME_LEN;
 pub use advertise::{advertise, CAPABILITIES};
+pub use ancestry::is_ancestor;
 pub use connectivity::MISSING_OBJECTS;
 pub use error::{FsckId, ReceiveError};
 pub use fsck::{check_object, FsckError};

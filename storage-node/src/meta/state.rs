@@ -117,6 +117,9 @@ pub enum MetaRequest {
     /// key, and records the workspace names that clash. Deterministic from
     /// the state alone, idempotent.
     CanonicalizeNames,
+    /// A change to users, credentials, permissions or the audit log (see
+    /// `cairn_identity::change`).
+    Identity(Box<cairn_identity::change::Request>),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -135,6 +138,7 @@ pub enum MetaResponse {
         workspace_clashes: Vec<Vec<String>>,
         repo_clashes: Vec<Vec<String>>,
     },
+    Identity(cairn_identity::change::Outcome),
 }
 
 /// Row keys of the meta group.
@@ -429,6 +433,7 @@ impl MetaLogic {
                 Done
             }
             MetaRequest::CanonicalizeNames => Self::canonicalize_names(state)?,
+            MetaRequest::Identity(request) => super::identity::apply(state, *request)?,
         })
     }
 
@@ -656,6 +661,17 @@ pub enum MetaQuery {
     Workspace(String),
     Workspaces,
     Repos(String),
+    /// The identity snapshot, unless the caller's version is current.
+    IdentitySnapshot {
+        known_version: u64,
+    },
+    /// One user, password hash included (for sign-in).
+    IdentityUser(String),
+    /// Audit records after `after`, oldest first.
+    Audit {
+        after: u64,
+        limit: u32,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -664,6 +680,10 @@ pub enum MetaAnswer {
     Workspace(Option<WorkspaceRecord>),
     Workspaces(Vec<WorkspaceRecord>),
     Repos(Vec<RepoRecord>),
+    Identity(Box<cairn_identity::Snapshot>),
+    IdentityUnchanged(u64),
+    IdentityUser(Option<Box<cairn_identity::User>>),
+    Audit(Vec<cairn_identity::change::AuditEvent>),
 }
 
 impl MetaQuery {
@@ -673,6 +693,9 @@ impl MetaQuery {
             MetaQuery::Workspace(name) => MetaAnswer::Workspace(read::workspace(view, name)?),
             MetaQuery::Workspaces => MetaAnswer::Workspaces(read::workspaces(view)?),
             MetaQuery::Repos(ws) => MetaAnswer::Repos(read::repos(view, ws)?),
+            MetaQuery::IdentitySnapshot { .. }
+            | MetaQuery::IdentityUser(_)
+            | MetaQuery::Audit { .. } => super::identity::answer(view, self)?,
         })
     }
 }

@@ -12,6 +12,10 @@ use cairn_proto::admin::{
     SetFaultsRequest, SetFaultsResponse, ShardReplicaStatus, ShardStatusRequest,
     ShardStatusResponse, TransferLeaderRequest, TransferLeaderResponse,
 };
+use cairn_proto::admin::{
+    BranchRestrictionResponse, BranchRestrictionsRequest, BranchRestrictionsResponse,
+    DeleteBranchRestrictionRequest, DeleteBranchRestrictionResponse, SetBranchRestrictionRequest,
+};
 use cairn_raft::TransportFilter;
 use tonic::{Request, Response, Status};
 
@@ -51,6 +55,20 @@ fn propose_status(e: ProposeError) -> Status {
         ProposeError::UnknownShard(s) => Status::not_found(format!("shard {s} is not hosted here")),
         other => Status::unavailable(other.to_string()),
     }
+}
+
+fn json<T: serde::Serialize>(v: &T) -> Result<Vec<u8>, Status> {
+    serde_json::to_vec(v).map_err(|e| Status::internal(format!("encoding: {e}")))
+}
+
+/// The identity the router authenticated (see `metadata::ACTOR`).
+pub fn actor_of<T>(request: &Request<T>) -> Option<String> {
+    request
+        .metadata()
+        .get(cairn_proto::metadata::ACTOR)
+        .and_then(|v| v.to_str().ok())
+        .filter(|a| !a.is_empty() && a.len() <= 128)
+        .map(str::to_owned)
 }
 
 fn to_proto(r: RepoRecord) -> Repository {
@@ -254,5 +272,62 @@ impl Admin for AdminService {
             "fault injection: outgoing raft traffic to these peers dropped"
         );
         Ok(Response::new(SetFaultsResponse {}))
+    }
+
+    async fn list_branch_restrictions(
+        &self,
+        request: Request<BranchRestrictionsRequest>,
+    ) -> Result<Response<BranchRestrictionsResponse>, Status> {
+        let r = request.into_inner();
+        let list = Box::pin(self.repos.branch_restrictions(&r.workspace, &r.slug))
+            .await
+            .map_err(status_of)?;
+        Ok(Response::new(BranchRestrictionsResponse {
+            restrictions_json: json(&list)?.into(),
+        }))
+    }
+
+    async fn set_branch_restriction(
+        &self,
+        request: Request<SetBranchRestrictionRequest>,
+    ) -> Result<Response<BranchRestrictionResponse>, Status> {
+        let actor = actor_of(&request);
+        let r = request.into_inner();
+        let restriction = serde_json::from_slice(&r.restriction_json)
+            .map_err(|e| Status::invalid_argument(format!("malformed restriction: {e}")))?;
+        let stored =
+            Box::pin(
+                self.repos
+                    .set_branch_restriction(&r.workspace, &r.slug, restriction, actor),
+            )
+            .await
+            .map_err(status_of)?;
+        match stored {
+            Ok(r) => Ok(Response::new(BranchRestrictionResponse {
+                restriction_json: json(&r)?.into(),
+            })),
+            Err(why) if why.starts_with("no such") => Err(Status::not_found(why)),
+            Err(why) => Err(Status::invalid_argument(why)),
+        }
+    }
+
+    async fn delete_branch_restriction(
+        &self,
+        request: Request<DeleteBranchRestrictionRequest>,
+    ) -> Result<Response<DeleteBranchRestrictionResponse>, Status> {
+        let actor = actor_of(&request);
+        let r = request.into_inner();
+        let deleted =
+            Box::pin(
+                self.repos
+                    .delete_branch_restriction(&r.workspace, &r.slug, r.id, actor),
+            )
+            .await
+            .map_err(status_of)?;
+        if deleted {
+            Ok(Response::new(DeleteBranchRestrictionResponse {}))
+        } else {
+            Err(Status::not_found("no such branch restriction"))
+        }
     }
 }

@@ -18,9 +18,11 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::repo::{RepoSnapshot, StagingDir, StoreError};
-use crate::repos::{ReplicatedError, ReplicatedStore};
+use crate::repos::{PushExtras, ReplicatedError, ReplicatedStore};
 use crate::service::bridge::{forward_inbound, ChannelReader, ChunkWriter, CHANNEL_DEPTH};
 use crate::status::status_of;
+use cairn_identity::restriction::{self, BranchRestriction, RestrictionKind, Update};
+use cairn_packfile::store::PackSet;
 
 pub const AGENT: &str = concat!("cairn/", env!("CARGO_PKG_VERSION"));
 
@@ -175,6 +177,7 @@ impl Git for GitService {
         &self,
         request: Request<Streaming<ReceivePackRequest>>,
     ) -> Result<Response<ChunkStream>, Status> {
+        let actor = crate::service::admin::actor_of(&request);
         let mut inbound = request.into_inner();
         let first = inbound
             .message()
@@ -193,6 +196,12 @@ impl Git for GitService {
         };
         let snap = self.snapshot(first.repo).await?;
         tracing::Span::current().record("repo", snap.record.id);
+        let restrictions = Box::pin(
+            self.repos
+                .branch_restrictions(&snap.record.workspace, &snap.record.slug),
+        )
+        .await
+        .map_err(status_of)?;
         let input = forward_inbound(inbound, first.data, |m: ReceivePackRequest| m.data);
         let repos = self.repos.clone();
         let data_dir = self.data_dir.clone();
@@ -206,6 +215,8 @@ impl Git for GitService {
                 data_dir: &data_dir,
                 runtime: &runtime,
                 limits: &limits,
+                actor,
+                restrictions,
             };
             if let Err(e) = push.run(snap, input, out) {
                 tracing::warn!(error = %e, "receive-pack failed");
@@ -258,9 +269,67 @@ struct Push<'a> {
     data_dir: &'a Path,
     runtime: &'a tokio::runtime::Handle,
     limits: &'a Limits,
+    /// Who pushes, as the router authenticated them.
+    actor: Option<String>,
+    /// The repository's branch restrictions as of the push's start.
+    restrictions: Vec<BranchRestriction>,
 }
 
 impl Push<'_> {
+    /// Adds the refusals of branch restrictions to the per-command errors.
+    fn restrict(
+        &self,
+        request: &receive::PushRequest,
+        snap: &RepoSnapshot,
+        ing: &mut Ingested,
+    ) -> Result<(), PushError> {
+        if self.restrictions.is_empty() {
+            return Ok(());
+        }
+        let guards_history = self
+            .restrictions
+            .iter()
+            .any(|r| r.kind == RestrictionKind::Force);
+        let staged = match (&ing.pack, guards_history) {
+            (Some(p), true) => Some(PackSet::default().with_bundle(Arc::new(
+                cairn_packfile::store::open_bundle(&p.index_path).map_err(std::io::Error::other)?,
+            ))),
+            _ => None,
+        };
+        let actor = self.actor.as_deref().unwrap_or_default();
+        for (cmd, err) in request.commands.iter().zip(ing.command_errors.iter_mut()) {
+            if err.is_some() {
+                continue;
+            }
+            let update = if cmd.old.is_null() {
+                Update::Create
+            } else if cmd.new.is_null() {
+                Update::Delete
+            } else if !guards_history {
+                Update::FastForward
+            } else {
+                let mut packs = vec![&snap.packs];
+                packs.extend(staged.as_ref());
+                match receive::is_ancestor(&packs, &cmd.old, &cmd.new) {
+                    Ok(true) => Update::FastForward,
+                    Ok(false) => Update::Force,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "ancestry unreadable; taken as a rewrite");
+                        Update::Force
+                    }
+                }
+            };
+            *err = restriction::refusal(
+                &self.restrictions,
+                &cmd.name,
+                &snap.record.head,
+                actor,
+                update,
+            );
+        }
+        Ok(())
+    }
+
     /// Commands, pack ingestion and validation, the replicated
     /// compare-and-swap, the report.
     fn run(
@@ -298,7 +367,8 @@ impl Push<'_> {
             })
         };
         let (unpack, results) = match ingested {
-            Ok(ing) => {
+            Ok(mut ing) => {
+                self.restrict(&request, &snap, &mut ing)?;
                 // A push nobody can accept needs no pack on any replica.
                 let staged = if ing.command_errors.iter().all(Option::is_some) {
                     None
@@ -311,7 +381,10 @@ impl Push<'_> {
                     request.caps.atomic,
                     &ing.command_errors,
                     staged,
-                    &request.push_options,
+                    PushExtras {
+                        push_options: request.push_options.clone(),
+                        actor: self.actor.clone(),
+                    },
                 )));
                 match applied {
                     Ok(results) => (Ok(()), results),

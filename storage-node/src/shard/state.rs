@@ -407,7 +407,11 @@ impl<P: PackPlacer> ShardLogic<P> {
     pub fn with_kinds(placer: P, services: Vec<Arc<dyn EntryKinds>>) -> Result<Self, ApplyError> {
         let mut registry = Registry::default();
         registry.reserve_rows("git", keys::GIT_ROWS)?;
-        for kinds in std::iter::once(Arc::new(EventKinds) as Arc<dyn EntryKinds>).chain(services) {
+        let built_in: [Arc<dyn EntryKinds>; 2] = [
+            Arc::new(EventKinds),
+            Arc::new(super::restrictions::RestrictionKinds),
+        ];
+        for kinds in built_in.into_iter().chain(services) {
             if let Some((kind, _)) = kinds
                 .kinds()
                 .iter()
