@@ -3,7 +3,7 @@
 //! one-voter groups through the same code) and a router process on
 //! localhost, data in one folder, kept across restarts.
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
@@ -63,24 +63,6 @@ pub struct DevProcess {
 
 pub const CLUSTER_FILE: &str = "dev-cluster.json";
 
-/// The dev token persists so clone URLs stay valid across restarts.
-pub(crate) fn dev_token(data_dir: &Path) -> Result<String> {
-    let path = data_dir.join("dev-token");
-    if let Ok(t) = std::fs::read_to_string(&path) {
-        let t = t.trim().to_owned();
-        if t.len() >= 16 {
-            return Ok(t);
-        }
-    }
-    let mut raw = [0u8; 20];
-    std::fs::File::open("/dev/urandom")
-        .and_then(|mut f| f.read_exact(&mut raw))
-        .context("reading /dev/urandom for the dev token")?;
-    let token: String = raw.iter().map(|b| format!("{b:02x}")).collect();
-    write_private(&path, token.as_bytes())?;
-    Ok(token)
-}
-
 pub(crate) fn write_private(path: &Path, data: &[u8]) -> Result<()> {
     use std::os::unix::fs::OpenOptionsExt;
     let tmp = path.with_extension("tmp");
@@ -124,15 +106,26 @@ pub fn print_banner(data_dir: &Path, cluster: &DevCluster) {
     }
     println!("  router:        {http_url}");
     println!("  clone URL:     {http_url}/<workspace>/<repo>.git");
-    println!("  username:      {}", cluster.username);
+    println!("  username:      {} (site administrator)", cluster.username);
     println!("  password:      {token}");
+    println!(
+        "                 (an API token, kept in {}/dev-token)",
+        data_dir.display()
+    );
     println!();
     println!("Create a repository and push to it:");
-    println!("  curl -u x-token-auth:{token} -X POST {http_url}/2.0/repositories/myteam/hello");
+    println!(
+        "  curl -u {}:{token} -X POST {http_url}/2.0/repositories/myteam/hello",
+        cluster.username
+    );
     println!(
         "  (or: cairn admin --data-dir {} repo create myteam/hello)",
         data_dir.display()
     );
-    println!("  git push http://x-token-auth:{token}@{host}/myteam/hello.git main");
+    println!(
+        "  git push http://{}:{token}@{host}/myteam/hello.git main",
+        cluster.username
+    );
+    println!("Add users and tokens: cairn user add NAME; cairn token create --user NAME");
     let _ = std::io::stdout().flush();
 }

@@ -18,15 +18,12 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
-use crate::dev::{
-    dev_token, write_private, DevArgs, DevCluster, DevNode, DevProcess, CLUSTER_FILE,
-};
+use crate::dev::{write_private, DevArgs, DevCluster, DevNode, DevProcess, CLUSTER_FILE};
 
 /// Replicas of each dev shard (fewer only on a two-node cluster).
 const DEV_REPLICATION: usize = 3;
 
-/// `cairn dev`: prepares the data folder and its token, then runs the
-/// cluster.
+/// `cairn dev`: prepares the data folder, then runs the cluster.
 pub async fn start(args: DevArgs) -> Result<()> {
     std::fs::create_dir_all(&args.data_dir)
         .with_context(|| format!("creating {}", args.data_dir.display()))?;
@@ -35,13 +32,11 @@ pub async fn start(args: DevArgs) -> Result<()> {
         .canonicalize()
         .with_context(|| format!("resolving {}", args.data_dir.display()))?;
     let _ = std::fs::remove_file(data_dir.join(CLUSTER_FILE));
-    let token = dev_token(&data_dir)?;
     run(
         &data_dir,
         args.http,
         args.nodes,
         args.shards,
-        &token,
         args.fault_injection,
     )
     .await
@@ -129,7 +124,7 @@ pub fn node_config(
     )
 }
 
-fn router_config(http: SocketAddr, nodes: &[(u64, SocketAddr)], token: &str) -> String {
+fn router_config(http: SocketAddr, nodes: &[(u64, SocketAddr)]) -> String {
     let urls: Vec<String> = nodes
         .iter()
         .map(|(_, a)| format!("\"http://{a}\""))
@@ -138,8 +133,7 @@ fn router_config(http: SocketAddr, nodes: &[(u64, SocketAddr)], token: &str) -> 
         "# Written by `cairn dev`.\n\
          http-addr = \"{http}\"\n\
          storage-node = {first}\n\
-         storage-nodes = [{all}]\n\
-         token = \"{token}\"\n",
+         storage-nodes = [{all}]\n",
         first = urls[0],
         all = urls.join(", "),
     )
@@ -242,7 +236,6 @@ pub async fn run(
     http: SocketAddr,
     nodes: u64,
     shards: u64,
-    token: &str,
     fault_injection: bool,
 ) -> Result<()> {
     let exe = std::env::current_exe().context("locating the cairn binary")?;
@@ -329,7 +322,7 @@ pub async fn run(
         });
         children.0.push(child);
     }
-    write_private(&router_cfg, router_config(http, &addrs, token).as_bytes())?;
+    write_private(&router_cfg, router_config(http, &addrs).as_bytes())?;
     let router_log = logs.join("router.log");
     let router = spawn(
         &exe,
@@ -366,11 +359,14 @@ pub async fn run(
         );
     }
 
+    let token = ensure_admin(data_dir, &addrs, http)
+        .await
+        .context("setting up the admin user")?;
     let http_url = format!("http://{http}");
     let cluster = DevCluster {
         http_url: http_url.clone(),
-        username: "x-token-auth".into(),
-        token: token.to_owned(),
+        username: ADMIN.into(),
+        token,
         nodes: dev_nodes,
         router: DevProcess {
             pid: router_pid,
@@ -395,6 +391,103 @@ pub async fn run(
     eprintln!("stopping");
     drop(children);
     Ok(())
+}
+
+/// The site administrator `cairn dev` makes on first start.
+const ADMIN: &str = "admin";
+
+/// How long the first start may take to accept the admin user.
+const ADMIN_WAIT: Duration = Duration::from_secs(60);
+
+/// Makes sure user `admin` exists with a live token kept in
+/// `<data>/dev-token` (mode 0600, the one place a secret is kept in
+/// clear), and that the router accepts it; returns the token.
+async fn ensure_admin(
+    data_dir: &Path,
+    nodes: &[(u64, SocketAddr)],
+    http: SocketAddr,
+) -> Result<String> {
+    use cairn_identity::token;
+    let dir =
+        crate::identity::Directory::new(nodes.iter().map(|(_, a)| format!("http://{a}")).collect());
+    let until = Instant::now() + ADMIN_WAIT;
+    // The meta group may still be electing and bootstrapping.
+    let snapshot = loop {
+        match dir.snapshot().await {
+            Ok(s) => break s,
+            Err(e) if Instant::now() < until => {
+                tracing::debug!(error = %e, "identity service not ready");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(e) => return Err(e),
+        }
+    };
+    if !snapshot.users.iter().any(|u| u.username == ADMIN) {
+        dir.add_user(cairn_identity::User {
+            uuid: crate::identity::new_uuid(),
+            username: ADMIN.into(),
+            display_name: "Administrator".into(),
+            email: String::new(),
+            site_admin: true,
+            password_hash: None,
+            created_at: 0,
+        })
+        .await?;
+    }
+    let path = data_dir.join("dev-token");
+    let kept = fs::read_to_string(&path)
+        .ok()
+        .map(|t| t.trim().to_owned())
+        .filter(|t| token::is_token(t))
+        .filter(|t| {
+            let key = token::decode_hex(&snapshot.token_key).unwrap_or_default();
+            snapshot.tokens.iter().any(|r| {
+                Some(r.id.as_str()) == token::id_of(t)
+                    && r.is_live(crate::identity::now())
+                    && token::matches(&key, t, &r.hash)
+            })
+        });
+    let secret = match kept {
+        Some(t) => t,
+        None => {
+            let (_, secret) = dir
+                .create_token(
+                    cairn_identity::TokenOwner::User(ADMIN.into()),
+                    cairn_identity::Scope::ALL.to_vec(),
+                    None,
+                    "cairn dev".into(),
+                )
+                .await?;
+            write_private(&path, secret.as_bytes())?;
+            secret
+        }
+    };
+    // The router learns of new tokens within a poll; be sure before
+    // printing it.
+    loop {
+        match router_accepts(http, ADMIN, &secret).await {
+            Ok(true) => return Ok(secret),
+            _ if Instant::now() < until => tokio::time::sleep(Duration::from_millis(100)).await,
+            Ok(false) => bail!("the router does not accept the admin token"),
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Whether `GET /2.0/user` with `user:token` answers 200.
+async fn router_accepts(http: SocketAddr, user: &str, token: &str) -> Result<bool> {
+    use base64::Engine;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut conn = tokio::net::TcpStream::connect(http).await?;
+    let auth = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{token}"));
+    let req = format!(
+        "GET /2.0/user HTTP/1.1\r\nHost: {http}\r\nAuthorization: Basic {auth}\r\n\
+         Connection: close\r\n\r\n"
+    );
+    conn.write_all(req.as_bytes()).await?;
+    let mut head = [0u8; 12];
+    conn.read_exact(&mut head).await?;
+    Ok(head.starts_with(b"HTTP/1.1 200"))
 }
 
 #[cfg(test)]

@@ -12,6 +12,7 @@ mod cluster;
 mod dev;
 mod dev_cluster;
 mod events;
+mod identity;
 mod plan;
 
 #[derive(Parser)]
@@ -40,6 +41,14 @@ enum Command {
     Shard(cluster::ShardArgs),
     /// The shards' event logs: `cairn events tail|retention`.
     Events(events::EventsArgs),
+    /// Users: `cairn user add|list`.
+    User(identity::UserArgs),
+    /// API and access tokens: `cairn token create|list|revoke`.
+    Token(identity::TokenArgs),
+    /// Permissions and workspace roles: `cairn perm grant|revoke|role|list`.
+    Perm(identity::PermArgs),
+    /// The audit log: `cairn audit tail`.
+    Audit(identity::AuditArgs),
 }
 
 fn read_toml<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
@@ -91,6 +100,10 @@ async fn main() -> Result<()> {
         Command::Cluster(args) => cluster::run_cluster(args).await,
         Command::Shard(args) => cluster::run_shard(args).await,
         Command::Events(args) => events::run(args).await,
+        Command::User(args) => identity::run_user(args).await,
+        Command::Token(args) => identity::run_token(args).await,
+        Command::Perm(args) => identity::run_perm(args).await,
+        Command::Audit(args) => identity::run_audit(args).await,
     }
 }
 

@@ -21,9 +21,12 @@ pub struct Config {
     /// both are given.
     #[serde(default)]
     pub storage_nodes: Vec<String>,
-    /// The access token clients present (Basic `x-token-auth:<token>` or
-    /// Bearer). Every request except `/healthz` must carry it.
-    pub token: String,
+    /// An operator token: whoever presents it (Basic
+    /// `x-token-auth:<token>` or Bearer) administers every repository. A
+    /// break-glass credential for a cluster whose users are not set up;
+    /// leave it out otherwise. Users' own tokens are in the identity model.
+    #[serde(default)]
+    pub token: Option<String>,
     /// Base URL clients reach the router at (`http(s)://host[:port][/path]`),
     /// for the links in REST answers. When absent, links name the listen
     /// address; never a request's `Host` header, which any client can set.
@@ -67,7 +70,7 @@ pub enum ConfigError {
 }
 
 impl Config {
-    pub fn new(storage_node: String, token: String) -> Self {
+    pub fn new(storage_node: String, token: Option<String>) -> Self {
         Config {
             http_addr: default_http_addr(),
             storage_node,
@@ -105,7 +108,7 @@ impl Config {
         {
             return Err(ConfigError::BadStorageNode(bad.clone()));
         }
-        if self.token.len() < 16 {
+        if self.token.as_ref().is_some_and(|t| t.len() < 16) {
             return Err(ConfigError::WeakToken);
         }
         if let Some(url) = &self.public_url {
@@ -146,14 +149,17 @@ mod tests {
 
     #[test]
     fn single_node_still_valid() {
-        let c = Config::new("http://127.0.0.1:7410".into(), "0123456789abcdef".into());
+        let c = Config::new(
+            "http://127.0.0.1:7410".into(),
+            Some("0123456789abcdef".into()),
+        );
         assert!(c.validate().is_ok());
         assert_eq!(c.nodes(), vec!["http://127.0.0.1:7410".to_owned()]);
     }
 
     #[test]
     fn node_list_merged_and_validated() {
-        let mut c = Config::new(String::new(), "0123456789abcdef".into());
+        let mut c = Config::new(String::new(), Some("0123456789abcdef".into()));
         assert!(matches!(c.validate(), Err(ConfigError::NoStorageNode)));
         c.storage_nodes = vec!["http://a:1".into(), "http://b:1".into()];
         assert!(c.validate().is_ok());
@@ -168,7 +174,10 @@ mod tests {
 
     #[test]
     fn links_come_from_the_config_or_the_listen_address() {
-        let mut c = Config::new("http://127.0.0.1:7410".into(), "0123456789abcdef".into());
+        let mut c = Config::new(
+            "http://127.0.0.1:7410".into(),
+            Some("0123456789abcdef".into()),
+        );
         let bound: SocketAddr = "127.0.0.1:8123".parse().unwrap();
         assert_eq!(c.base_url(bound), "http://127.0.0.1:8123");
         assert_eq!(

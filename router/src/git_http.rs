@@ -3,6 +3,9 @@
 //! replicas of the workspace's shard. A workspace the directory does not
 //! know gets the same 404 as a missing repository (git prints "repository
 //! '…' not found"), without any call to a storage node's `Git` service.
+//! Each request is authorized first (read to fetch, write to push): a
+//! private repository the caller cannot read answers exactly as a missing
+//! one.
 
 use std::io;
 use std::pin::Pin;
@@ -11,7 +14,7 @@ use std::task::{Context, Poll};
 
 use async_compression::tokio::bufread::GzipDecoder;
 use axum::body::Body;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Extension, Path, Query, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
@@ -25,9 +28,11 @@ use tokio::io::{AsyncBufRead, BufReader};
 use tokio_util::io::{ReaderStream, StreamReader};
 use tonic::transport::Channel;
 
+use crate::authz::{self, Caller, Style};
 use crate::state::AppState;
 use cairn_client::leader::refused_before_acting;
 use cairn_client::Attempt;
+use cairn_identity::Action;
 
 fn git_client(channel: Channel) -> GitClient<Channel> {
     GitClient::new(channel).max_decoding_message_size(16 << 20)
@@ -70,9 +75,28 @@ fn plain(status: StatusCode, msg: &str) -> Response {
     resp
 }
 
+/// Authorization of a git request on `workspace/repo` (`repo` may end in
+/// `.git`), before anything reaches a storage node.
+async fn allowed(
+    st: &AppState,
+    caller: &Caller,
+    workspace: &str,
+    repo: &str,
+    action: Action,
+) -> Result<(), Response> {
+    let slug = repo.strip_suffix(".git").unwrap_or(repo);
+    authz::authorize(st, caller, workspace, slug, action, Style::Git)
+        .await
+        .map(|_| ())
+        .map_err(|mut r| {
+            no_cache(r.headers_mut());
+            r
+        })
+}
+
 /// A gRPC failure before any response byte, as git's HTTP client expects it.
 /// `NotFound` covers an unknown workspace as well as an unknown repository.
-fn status_response(status: tonic::Status) -> Response {
+pub(crate) fn status_response(status: tonic::Status) -> Response {
     use tonic::Code;
     match status.code() {
         Code::NotFound => plain(StatusCode::NOT_FOUND, "Repository not found"),
@@ -118,6 +142,7 @@ pub struct ServiceQuery {
 
 pub async fn info_refs(
     State(st): State<AppState>,
+    Extension(caller): Extension<Caller>,
     Path((workspace, repo)): Path<(String, String)>,
     Query(q): Query<ServiceQuery>,
     headers: HeaderMap,
@@ -133,6 +158,13 @@ pub async fn info_refs(
             )
         }
     };
+    let action = match service {
+        GitService::ReceivePack => Action::Write,
+        _ => Action::Read,
+    };
+    if let Err(r) = allowed(&st, &caller, &workspace, &repo, action).await {
+        return r;
+    }
     let protocol = git_protocol(&headers);
     let key = workspace.clone();
     let req = AdvertiseRefsRequest {
@@ -242,10 +274,14 @@ fn check_content_type(headers: &HeaderMap, expected: &'static str) -> Result<(),
 
 pub async fn upload_pack(
     State(st): State<AppState>,
+    Extension(caller): Extension<Caller>,
     Path((workspace, repo)): Path<(String, String)>,
     headers: HeaderMap,
     body: Body,
 ) -> Response {
+    if let Err(r) = allowed(&st, &caller, &workspace, &repo, Action::Read).await {
+        return r;
+    }
     if let Err(r) = check_content_type(&headers, "application/x-git-upload-pack-request") {
         return r.into_response();
     }
@@ -284,10 +320,14 @@ pub async fn upload_pack(
 
 pub async fn receive_pack(
     State(st): State<AppState>,
+    Extension(caller): Extension<Caller>,
     Path((workspace, repo)): Path<(String, String)>,
     headers: HeaderMap,
     body: Body,
 ) -> Response {
+    if let Err(r) = allowed(&st, &caller, &workspace, &repo, Action::Write).await {
+        return r;
+    }
     if let Err(r) = check_content_type(&headers, "application/x-git-receive-pack-request") {
         return r.into_response();
     }
@@ -321,7 +361,9 @@ pub async fn receive_pack(
         git_protocol: git_protocol(&headers),
         data: Bytes::new(),
     };
+    let actor = crate::authz::actor_metadata(&caller);
     let call = st.cluster.call(&key, |ch| {
+        let actor = actor.clone();
         let messages = std::iter::once(first.clone())
             .chain(prefix.iter().map(|data| ReceivePackRequest {
                 data: data.clone(),
@@ -336,7 +378,13 @@ pub async fn receive_pack(
                     data,
                     ..Default::default()
                 }));
-            match git_client(ch).receive_pack(stream).await {
+            let mut request = tonic::Request::new(stream);
+            if let Some(a) = actor {
+                request
+                    .metadata_mut()
+                    .insert(cairn_proto::metadata::ACTOR, a);
+            }
+            match git_client(ch).receive_pack(request).await {
                 Ok(r) => Ok(r.into_inner()),
                 // Replayed only if the node certainly did not apply it (it
                 // refused as a follower or as not holding the shard): a

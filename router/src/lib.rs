@@ -9,13 +9,22 @@
 //! the shard) it reads ahead a bounded prefix of the request body.
 //! It must not depend on the storage node crate; it speaks only the gRPC
 //! contracts in `cairn-proto`.
+//!
+//! Every request is authenticated (`auth`) against the identity snapshot
+//! it keeps (`identity`) and authorized (`authz`) before any storage node
+//! sees it.
 
+pub mod accounts;
 pub mod auth;
+pub mod authz;
 pub mod config;
 pub mod git_http;
+pub mod identity;
 pub mod rest;
+pub mod restrictions;
 pub mod server;
 pub mod state;
+pub mod workspaces;
 
 pub use config::Config;
 pub use server::Router;

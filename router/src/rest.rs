@@ -6,7 +6,7 @@
 //! since on Bitbucket a workspace exists before its repositories.
 
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{Path, State};
+use axum::extract::{Extension, Path, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -19,8 +19,12 @@ use cairn_proto::{limits, metadata};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
+use crate::authz::{self, Caller, Style};
+use crate::identity::now;
 use crate::state::AppState;
 use cairn_client::Attempt;
+use cairn_identity::change::AuditEvent;
+use cairn_identity::policy::{self, Action, Decision, RepoRef};
 
 /// `{"type":"error","error":{"message":…}}` with `status`.
 pub fn error(status: StatusCode, message: &str) -> Response {
@@ -47,7 +51,7 @@ fn field_error(field: &str, message: &str) -> Response {
 /// Largest REST request body; every field Cairn stores is far smaller.
 pub const MAX_BODY_BYTES: usize = 64 << 10;
 
-fn grpc_error(s: tonic::Status) -> Response {
+pub(crate) fn grpc_error(s: tonic::Status) -> Response {
     use tonic::Code;
     match s.code() {
         Code::NotFound => error(StatusCode::NOT_FOUND, s.message()),
@@ -124,11 +128,80 @@ pub struct CreateBody {
     description: Option<String>,
 }
 
+/// `?page=&pagelen=` of a listing (Bitbucket: pagelen 10 by default, at
+/// most 100).
+#[derive(Debug, Default, Deserialize)]
+pub struct PageQuery {
+    page: Option<usize>,
+    pagelen: Option<usize>,
+}
+
+/// Most pages a listing walks into.
+const MAX_PAGE: usize = 100_000;
+
+/// One page of `values` in Bitbucket's envelope, with `next` when more
+/// follow. `path` is the listing's path for the links.
+pub fn page(st: &AppState, path: &str, values: Vec<Value>, q: &PageQuery) -> Value {
+    let pagelen = q.pagelen.unwrap_or(10).clamp(1, 100);
+    let page = q.page.unwrap_or(1).clamp(1, MAX_PAGE);
+    let size = values.len();
+    let start = (page - 1).saturating_mul(pagelen).min(size);
+    let end = (start + pagelen).min(size);
+    let values: Vec<Value> = values.into_iter().skip(start).take(end - start).collect();
+    let mut out = json!({"pagelen": pagelen, "size": size, "page": page, "values": values});
+    if end < size {
+        out["next"] = json!(format!(
+            "{}{path}?page={}&pagelen={pagelen}",
+            st.base_url,
+            page + 1
+        ));
+    }
+    if page > 1 {
+        out["previous"] = json!(format!(
+            "{}{path}?page={}&pagelen={pagelen}",
+            st.base_url,
+            page - 1
+        ));
+    }
+    out
+}
+
+/// Queues an audit record of `action` on `target` by `caller`.
+pub(crate) fn audit(st: &AppState, caller: &Caller, action: &str, target: String, detail: String) {
+    st.identities.record(AuditEvent {
+        seq: 0,
+        at: now(),
+        actor: caller.principal.actor(),
+        from: caller.from.clone(),
+        action: action.to_owned(),
+        target,
+        detail,
+    });
+}
+
 pub async fn create(
     State(st): State<AppState>,
+    Extension(caller): Extension<Caller>,
     Path((workspace, slug)): Path<(String, String)>,
     body: Result<axum::body::Bytes, BytesRejection>,
 ) -> Response {
+    let index = st.identities.index();
+    // Those who may create workspaces need not ask whether it exists.
+    let exists = if policy::may_create_repository(&index, &caller.principal, &workspace, false)
+        == Decision::Allow
+    {
+        false
+    } else {
+        match st.cluster.route(&workspace).await {
+            Ok(_) => true,
+            Err(s) if s.code() == tonic::Code::NotFound => false,
+            Err(s) => return grpc_error(s),
+        }
+    };
+    match policy::may_create_repository(&index, &caller.principal, &workspace, exists) {
+        Decision::Allow => {}
+        d => return authz::refusal(d, Style::Rest, &format!("{workspace}/{slug}")),
+    }
     let body = match body {
         Ok(b) => b,
         Err(r) if r.status() == StatusCode::PAYLOAD_TOO_LARGE => {
@@ -184,6 +257,13 @@ pub async fn create(
         Ok(r) => {
             let base = &st.base_url;
             let repo = r.into_inner();
+            audit(
+                &st,
+                &caller,
+                "repo:create",
+                format!("{}/{}", repo.workspace, repo.slug),
+                if repo.is_private { "private" } else { "public" }.into(),
+            );
             let mut resp =
                 (StatusCode::CREATED, Json(repository_json(&repo, base))).into_response();
             if let Ok(loc) =
@@ -199,8 +279,14 @@ pub async fn create(
 
 pub async fn get(
     State(st): State<AppState>,
+    Extension(caller): Extension<Caller>,
     Path((workspace, slug)): Path<(String, String)>,
 ) -> Response {
+    if let Err(r) =
+        authz::authorize(&st, &caller, &workspace, &slug, Action::Read, Style::Rest).await
+    {
+        return r;
+    }
     let req = GetRepositoryRequest { workspace, slug };
     let call = st.cluster.call_read(&req.workspace, |ch| {
         let req = req.clone();
@@ -214,8 +300,14 @@ pub async fn get(
 
 pub async fn delete(
     State(st): State<AppState>,
+    Extension(caller): Extension<Caller>,
     Path((workspace, slug)): Path<(String, String)>,
 ) -> Response {
+    if let Err(r) =
+        authz::authorize(&st, &caller, &workspace, &slug, Action::Delete, Style::Rest).await
+    {
+        return r;
+    }
     let req = DeleteRepositoryRequest { workspace, slug };
     let call = st.cluster.call(&req.workspace, |ch| {
         let req = req.clone();
@@ -227,12 +319,27 @@ pub async fn delete(
         }
     });
     match call.await {
-        Ok(_) => StatusCode::NO_CONTENT.into_response(),
+        Ok(_) => {
+            st.repos.forget(&req.workspace, &req.slug);
+            audit(
+                &st,
+                &caller,
+                "repo:delete",
+                format!("{}/{}", req.workspace, req.slug),
+                String::new(),
+            );
+            StatusCode::NO_CONTENT.into_response()
+        }
         Err(s) => grpc_error(s),
     }
 }
 
-pub async fn list(State(st): State<AppState>, Path(workspace): Path<String>) -> Response {
+/// The workspace's repositories the caller may read.
+pub async fn list(
+    State(st): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Path(workspace): Path<String>,
+) -> Response {
     let req = ListRepositoriesRequest { workspace };
     let call = st.cluster.call_read(&req.workspace, |ch| {
         let req = req.clone();
@@ -240,10 +347,20 @@ pub async fn list(State(st): State<AppState>, Path(workspace): Path<String>) -> 
     });
     match call.await {
         Ok(r) => {
+            let index = st.identities.index();
             let values: Vec<Value> = r
                 .into_inner()
                 .repositories
                 .iter()
+                .filter(|r| {
+                    let repo = RepoRef {
+                        workspace: &r.workspace,
+                        slug: &r.slug,
+                        is_private: r.is_private,
+                    };
+                    policy::decide(&index, &caller.principal, Some(repo), Action::Read)
+                        == Decision::Allow
+                })
                 .map(|r| repository_json(r, &st.base_url))
                 .collect();
             Json(

@@ -3,8 +3,8 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use axum::extract::{DefaultBodyLimit, Request, State};
-use axum::http::{header, HeaderValue, StatusCode};
+use axum::extract::{ConnectInfo, DefaultBodyLimit, Request, State};
+use axum::http::StatusCode;
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -12,10 +12,13 @@ use axum::serve::ListenerExt as _;
 use tokio::net::TcpListener;
 
 use crate::auth::{self, AuthFailure};
+use crate::authz::{self, Caller, Style};
 use crate::config::Config;
+use crate::identity::{self, Identities};
 pub use crate::state::AppState;
-use crate::{git_http, rest};
+use crate::{accounts, git_http, rest, restrictions, workspaces};
 use cairn_client::{Cluster, RetryPolicy};
+use cairn_identity::change::AuditEvent;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -30,31 +33,60 @@ pub enum StartError {
     },
 }
 
+/// How long a starting router waits for the identity snapshot before
+/// serving without one (every token refused until it arrives).
+const STARTUP_SNAPSHOT_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// A running router.
 pub struct Router {
     pub http_addr: SocketAddr,
     task: tokio::task::JoinHandle<std::io::Result<()>>,
 }
 
-async fn require_token(State(st): State<AppState>, req: Request, next: Next) -> Response {
-    match auth::check(req.headers(), &st.config.token) {
-        Ok(()) => next.run(req).await,
-        Err(failure) => {
-            let is_rest = req.uri().path().starts_with("/2.0/");
-            let msg = match failure {
-                AuthFailure::Missing => "Authentication required",
-                AuthFailure::Invalid => "Invalid credentials",
-            };
-            let mut resp = if is_rest {
-                rest::error(StatusCode::UNAUTHORIZED, msg)
+/// Authenticates every request but `/healthz`: the caller goes into the
+/// request's extensions for the handlers' authorization. A credential
+/// that names nobody is refused (and audited), never taken as anonymous.
+async fn authenticate(State(st): State<AppState>, mut req: Request, next: Next) -> Response {
+    let from = req
+        .extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|c| c.0.ip().to_string())
+        .unwrap_or_default();
+    let index = st.identities.index();
+    let result = auth::authenticate(
+        req.headers(),
+        &index,
+        st.config.token.as_deref(),
+        identity::now(),
+    );
+    match result {
+        Ok((principal, token)) => {
+            if let Some(id) = token {
+                st.identities.touch(&id);
+            }
+            req.extensions_mut().insert(Caller { principal, from });
+            next.run(req).await
+        }
+        Err(AuthFailure::Invalid(why)) => {
+            st.identities.record(AuditEvent {
+                seq: 0,
+                at: identity::now(),
+                actor: String::new(),
+                from,
+                action: "signin:failed".into(),
+                target: auth::claimed_name(req.headers()),
+                detail: why.into(),
+            });
+            let style = if req.uri().path().starts_with("/2.0/") {
+                Style::Rest
             } else {
-                (StatusCode::UNAUTHORIZED, format!("{msg}\n")).into_response()
+                Style::Git
             };
-            resp.headers_mut().insert(
-                header::WWW_AUTHENTICATE,
-                HeaderValue::from_static("Basic realm=\"Cairn\""),
-            );
-            resp
+            let resp = match style {
+                Style::Rest => rest::error(StatusCode::UNAUTHORIZED, "Invalid credentials"),
+                Style::Git => (StatusCode::UNAUTHORIZED, "Invalid credentials\n").into_response(),
+            };
+            authz::challenge(resp)
         }
     }
 }
@@ -68,6 +100,42 @@ pub fn app(state: AppState) -> axum::Router {
             post(rest::create).get(rest::get).delete(rest::delete),
         )
         .route("/2.0/repositories/{workspace}", get(rest::list))
+        .route(
+            "/2.0/repositories/{workspace}/{slug}/branch-restrictions",
+            get(restrictions::list).post(restrictions::create),
+        )
+        .route(
+            "/2.0/repositories/{workspace}/{slug}/branch-restrictions/{id}",
+            get(restrictions::get)
+                .put(restrictions::update)
+                .delete(restrictions::delete),
+        )
+        .route(
+            "/2.0/repositories/{workspace}/{slug}/permissions-config/users",
+            get(workspaces::repo_users),
+        )
+        .route(
+            "/2.0/repositories/{workspace}/{slug}/permissions-config/users/{user}",
+            get(workspaces::repo_user)
+                .put(workspaces::set_repo_user)
+                .delete(workspaces::delete_repo_user),
+        )
+        .route("/2.0/workspaces", get(workspaces::list))
+        .route("/2.0/workspaces/{workspace}", get(workspaces::get))
+        .route(
+            "/2.0/workspaces/{workspace}/members",
+            get(workspaces::members),
+        )
+        .route(
+            "/2.0/workspaces/{workspace}/permissions",
+            get(workspaces::permissions),
+        )
+        .route(
+            "/2.0/user/permissions/repositories",
+            get(workspaces::my_repositories),
+        )
+        .route("/2.0/user", get(accounts::me))
+        .route("/2.0/users/{user}", get(accounts::user))
         .layer(DefaultBodyLimit::max(rest::MAX_BODY_BYTES));
     let protected = axum::Router::new()
         .route("/{workspace}/{repo}/info/refs", get(git_http::info_refs))
@@ -80,7 +148,7 @@ pub fn app(state: AppState) -> axum::Router {
             post(git_http::receive_pack),
         )
         .merge(rest_routes)
-        .layer(middleware::from_fn_with_state(state.clone(), require_token));
+        .layer(middleware::from_fn_with_state(state.clone(), authenticate));
     axum::Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .merge(protected)
@@ -107,14 +175,30 @@ impl Router {
                 "no public-url configured: links in REST answers name localhost; set public-url"
             );
         }
+        let cluster = if config.pinned {
+            Cluster::pinned(config.nodes(), RetryPolicy::default())
+        } else {
+            Cluster::new(config.nodes(), RetryPolicy::default())
+        };
+        let identities = Identities::new();
+        // Callers are refused until the first snapshot: wait for it a while
+        // (the nodes may still be starting), then go on refreshing.
+        let until = tokio::time::Instant::now() + STARTUP_SNAPSHOT_WAIT;
+        while tokio::time::Instant::now() < until {
+            match identities.try_refresh(&cluster).await {
+                Ok(()) => break,
+                // Nodes without the service: nothing to wait for.
+                Err(s) if s.code() == tonic::Code::Unimplemented => break,
+                Err(_) => tokio::time::sleep(identity::POLL).await,
+            }
+        }
+        identities.spawn(Arc::clone(&cluster));
         let state = AppState {
-            cluster: if config.pinned {
-                Cluster::pinned(config.nodes(), RetryPolicy::default())
-            } else {
-                Cluster::new(config.nodes(), RetryPolicy::default())
-            },
+            cluster,
             base_url: config.base_url(http_addr).into(),
             config: Arc::new(config),
+            identities,
+            repos: Arc::default(),
         };
         let app = app(state);
         // TCP_NODELAY on every accepted stream: under Nagle the small
@@ -125,7 +209,13 @@ impl Router {
                 tracing::debug!(error = %e, "TCP_NODELAY not set");
             }
         });
-        let task = tokio::spawn(async move { axum::serve(listener, app).await });
+        let task = tokio::spawn(async move {
+            axum::serve(
+                listener,
+                app.into_make_service_with_connect_info::<SocketAddr>(),
+            )
+            .await
+        });
         tracing::info!(addr = %http_addr, "router serving");
         Ok(Router { http_addr, task })
     }

@@ -125,7 +125,7 @@ async fn start_peer_with(
 }
 
 async fn start_router(nodes: Vec<String>) -> SocketAddr {
-    let mut config = Config::new(String::new(), TOKEN.to_owned());
+    let mut config = Config::new(String::new(), Some(TOKEN.to_owned()));
     config.storage_nodes = nodes;
     config.http_addr = "127.0.0.1:0".parse().expect("addr");
     Router::start(config).await.expect("router").http_addr
