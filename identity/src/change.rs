@@ -492,6 +492,11 @@ where
         }
         Change::AddKey(mut key) => {
             check_text("label", &key.label, MAX_LABEL_BYTES)?;
+            check_text("comment", &key.comment, MAX_LABEL_BYTES)?;
+            // The fingerprint is the key's: computed here, never taken.
+            let parsed = crate::sshkey::parse(&format!("{} {}", key.algorithm, key.key))
+                .map_err(ChangeError::Refused)?;
+            key.fingerprint = parsed.fingerprint;
             let row = keys::with(keys::KEYS, &[&key.fingerprint]);
             if rows.get(&row).map_err(|e| corrupt(&row, e))?.is_some() {
                 return refuse("this key is already registered");

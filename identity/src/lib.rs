@@ -8,6 +8,7 @@
 //! * `password` — the slow salted hash of web sign-in passwords;
 //! * `policy` — the one function that decides whether a principal may
 //!   read, write or administer a repository, with Bitbucket's scopes;
+//! * `sshkey` — SSH public keys: parsed, checked, fingerprinted;
 //! * `restriction` — branch restrictions and which ref updates they
 //!   refuse;
 //! * `change` — the identity changes the meta group applies, each checked
@@ -21,6 +22,7 @@ pub mod model;
 pub mod password;
 pub mod policy;
 pub mod restriction;
+pub mod sshkey;
 pub mod token;
 
 pub use change::{Change, ChangeError};

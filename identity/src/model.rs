@@ -276,6 +276,8 @@ impl TokenRecord {
 /// repository's deploy key (read only, that repository).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SshKey {
+    /// `{…}`: names the key in REST paths.
+    pub uuid: String,
     /// `SHA256:` fingerprint of the key blob, as `ssh-keygen -l` prints it.
     pub fingerprint: String,
     pub owner: KeyOwner,
@@ -283,6 +285,8 @@ pub struct SshKey {
     pub algorithm: String,
     /// Base64 key blob, as in `authorized_keys`.
     pub key: String,
+    /// The comment after the key, as pasted.
+    pub comment: String,
     pub label: String,
     pub created_at: i64,
     #[serde(default)]
