@@ -46,6 +46,9 @@ pub enum StoreError {
     RepoCaseClash { requested: String, existing: String },
     #[error(transparent)]
     InvalidName(#[from] NameError),
+    /// A request's value is not acceptable (e.g. a main branch name).
+    #[error("{0}")]
+    InvalidArgument(String),
     #[error("I/O on {path}: {source}")]
     Io { path: PathBuf, source: io::Error },
     #[error("corrupt record under key {key:?}: {message}")]

@@ -39,7 +39,7 @@ use crate::shard::entry::Entry;
 use crate::shard::restrictions;
 use crate::shard::state::{
     git_kinds, keys, refs_from_rows, shard_of_repo, CreateRepo, DeleteRepo, LoggedUpdate, PackRef,
-    Push, Refusal, ShardRequest, ShardResponse,
+    Push, Refusal, ShardRequest, ShardResponse, UpdateRepo,
 };
 use cairn_identity::restriction::BranchRestriction;
 
@@ -251,13 +251,26 @@ impl ReplicatedStore {
         Ok(self.host.state_view(shard)?)
     }
 
-    #[tracing::instrument(skip(self, description), fields(node = self.node_id()))]
     pub async fn create_repo(
         &self,
         workspace: &str,
         slug: &str,
         is_private: bool,
         description: &str,
+    ) -> Result<RepoRecord, ReplicatedError> {
+        self.create_repo_as(workspace, slug, is_private, description, None)
+            .await
+    }
+
+    /// Creates a repository, its entry naming `actor`.
+    #[tracing::instrument(skip(self, description), fields(node = self.node_id()))]
+    pub async fn create_repo_as(
+        &self,
+        workspace: &str,
+        slug: &str,
+        is_private: bool,
+        description: &str,
+        actor: Option<String>,
     ) -> Result<RepoRecord, ReplicatedError> {
         let (ws, sl) = (names::canonical(workspace), names::canonical(slug));
         names::validate("workspace", &ws).map_err(StoreError::from)?;
@@ -274,7 +287,7 @@ impl ReplicatedStore {
         let req = ShardRequest::Entry(Entry::new(
             git_kinds::CREATE,
             1,
-            None,
+            actor,
             &CreateRepo {
                 workspace: ws.clone(),
                 slug: sl.clone(),
@@ -303,6 +316,45 @@ impl ReplicatedStore {
             .write(MetaRequest::RecordRepo(record.clone()))
             .await?;
         Ok(record)
+    }
+
+    /// Changes a repository's visibility, description or main branch
+    /// (`None`: unchanged), through the shard leader.
+    pub async fn update_repo_as(
+        &self,
+        workspace: &str,
+        slug: &str,
+        change: (Option<bool>, Option<String>, Option<String>),
+        actor: Option<String>,
+    ) -> Result<RepoRecord, ReplicatedError> {
+        let (is_private, description, head) = change;
+        let shard = self.shard_of(workspace).await?;
+        self.require_leader(shard)?;
+        let stored = Self::record_in(&self.read_view(shard).await?, workspace, slug)?;
+        let req = ShardRequest::Entry(Entry::new(
+            git_kinds::UPDATE,
+            1,
+            actor,
+            &UpdateRepo {
+                workspace: stored.workspace.clone(),
+                slug: stored.slug.clone(),
+                is_private,
+                description,
+                head,
+            },
+        ));
+        match self.host.propose(shard, req).await? {
+            ShardResponse::Repo(record) => {
+                self.directory
+                    .write(MetaRequest::RecordRepo(record.clone()))
+                    .await?;
+                Ok(record)
+            }
+            ShardResponse::Refused(Refusal::InvalidName(why)) => {
+                Err(StoreError::InvalidArgument(why).into())
+            }
+            other => Err(self.refused(&stored.workspace, &stored.slug, other)),
+        }
     }
 
     /// The repository's branch restrictions (a linearizable read).
@@ -385,8 +437,18 @@ impl ReplicatedStore {
         }
     }
 
-    #[tracing::instrument(skip(self), fields(node = self.node_id()))]
     pub async fn delete_repo(&self, workspace: &str, slug: &str) -> Result<(), ReplicatedError> {
+        self.delete_repo_as(workspace, slug, None).await
+    }
+
+    /// Deletes a repository, its entry naming `actor`.
+    #[tracing::instrument(skip(self), fields(node = self.node_id()))]
+    pub async fn delete_repo_as(
+        &self,
+        workspace: &str,
+        slug: &str,
+        actor: Option<String>,
+    ) -> Result<(), ReplicatedError> {
         let shard = self.shard_of(workspace).await?;
         // Entries name the repository by its stored key.
         let stored = Self::record_in(&self.read_view(shard).await?, workspace, slug)?;
@@ -394,7 +456,7 @@ impl ReplicatedStore {
         let req = ShardRequest::Entry(Entry::new(
             git_kinds::DELETE,
             1,
-            None,
+            actor,
             &DeleteRepo {
                 workspace: workspace.to_owned(),
                 slug: slug.to_owned(),

@@ -37,7 +37,9 @@ pub fn store_status(e: StoreError) -> Status {
             );
             status
         }
-        StoreError::InvalidName(_) => Status::invalid_argument(e.to_string()),
+        StoreError::InvalidName(_) | StoreError::InvalidArgument(_) => {
+            Status::invalid_argument(e.to_string())
+        }
         other => {
             tracing::error!(error = %other, "storage failure");
             Status::internal(other.to_string())

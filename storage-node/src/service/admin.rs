@@ -15,6 +15,7 @@ use cairn_proto::admin::{
 use cairn_proto::admin::{
     BranchRestrictionResponse, BranchRestrictionsRequest, BranchRestrictionsResponse,
     DeleteBranchRestrictionRequest, DeleteBranchRestrictionResponse, SetBranchRestrictionRequest,
+    UpdateRepositoryRequest,
 };
 use cairn_raft::TransportFilter;
 use tonic::{Request, Response, Status};
@@ -90,15 +91,36 @@ impl Admin for AdminService {
         &self,
         request: Request<CreateRepositoryRequest>,
     ) -> Result<Response<Repository>, Status> {
+        let actor = actor_of(&request);
         let r = request.into_inner();
-        let rec =
-            Box::pin(
-                self.repos
-                    .create_repo(&r.workspace, &r.slug, r.is_private, &r.description),
-            )
-            .await
-            .map_err(status_of)?;
+        let rec = Box::pin(self.repos.create_repo_as(
+            &r.workspace,
+            &r.slug,
+            r.is_private,
+            &r.description,
+            actor,
+        ))
+        .await
+        .map_err(status_of)?;
         tracing::info!(repo = rec.id, workspace = %rec.workspace, slug = %rec.slug, "repository created");
+        Ok(Response::new(to_proto(rec)))
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn update_repository(
+        &self,
+        request: Request<UpdateRepositoryRequest>,
+    ) -> Result<Response<Repository>, Status> {
+        let actor = actor_of(&request);
+        let r = request.into_inner();
+        let rec = Box::pin(self.repos.update_repo_as(
+            &r.workspace,
+            &r.slug,
+            (r.is_private, r.description, r.head),
+            actor,
+        ))
+        .await
+        .map_err(status_of)?;
         Ok(Response::new(to_proto(rec)))
     }
 
@@ -107,8 +129,9 @@ impl Admin for AdminService {
         &self,
         request: Request<DeleteRepositoryRequest>,
     ) -> Result<Response<DeleteRepositoryResponse>, Status> {
+        let actor = actor_of(&request);
         let r = request.into_inner();
-        Box::pin(self.repos.delete_repo(&r.workspace, &r.slug))
+        Box::pin(self.repos.delete_repo_as(&r.workspace, &r.slug, actor))
             .await
             .map_err(status_of)?;
         Ok(Response::new(DeleteRepositoryResponse {}))

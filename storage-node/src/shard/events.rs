@@ -57,6 +57,8 @@ pub enum EventKind {
     Push,
     RepoCreated,
     RepoDeleted,
+    /// Visibility, description or main branch changed.
+    RepoUpdated,
 }
 
 impl EventKind {
@@ -65,6 +67,7 @@ impl EventKind {
             EventKind::Push => "push",
             EventKind::RepoCreated => "repo:created",
             EventKind::RepoDeleted => "repo:deleted",
+            EventKind::RepoUpdated => "repo:updated",
         }
     }
 }

@@ -235,6 +235,7 @@ pub mod git_kinds {
     pub const CREATE: &str = "repo.create";
     pub const DELETE: &str = "repo.delete";
     pub const PUSH: &str = "git.push";
+    pub const UPDATE: &str = "repo.update";
     pub const CANONICALIZE: &str = "repo.canonicalize-names";
 }
 
@@ -243,7 +244,19 @@ pub const GIT_KINDS: &[(&str, u16)] = &[
     (git_kinds::DELETE, 1),
     (git_kinds::PUSH, 1),
     (git_kinds::CANONICALIZE, 1),
+    (git_kinds::UPDATE, 1),
 ];
+
+/// `repo.update` v1: what changes (`None`: unchanged).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UpdateRepo {
+    pub workspace: String,
+    pub slug: String,
+    pub is_private: Option<bool>,
+    pub description: Option<String>,
+    /// Full ref name, `refs/heads/…`.
+    pub head: Option<String>,
+}
 
 /// `repo.create` v1.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -467,6 +480,40 @@ pub fn refs_from_rows(
 }
 
 impl<P: PackPlacer> ShardLogic<P> {
+    fn update_repo(
+        state: &mut GroupState<'_>,
+        fmt: Format,
+        u: UpdateRepo,
+    ) -> Result<ShardResponse, ApplyError> {
+        let key = keys::repo(&u.workspace, &u.slug);
+        let Some(row) = state.get(&key)? else {
+            return Ok(ShardResponse::Refused(Refusal::RepoNotFound));
+        };
+        let mut record: RepoRecord = rows::read_json(&key, &row)?;
+        if let Some(d) = u.description {
+            if let Err(e) = names::validate_description(&d) {
+                return Ok(ShardResponse::Refused(Refusal::InvalidName(e.to_string())));
+            }
+            record.description = d;
+        }
+        if let Some(head) = u.head {
+            let valid = head.starts_with("refs/heads/")
+                && head.len() <= cairn_packfile::receive::MAX_REF_NAME_LEN
+                && cairn_packfile::receive::check_ref_name(&head).is_ok();
+            if !valid {
+                return Ok(ShardResponse::Refused(Refusal::InvalidName(format!(
+                    "invalid main branch {head:?}"
+                ))));
+            }
+            record.head = head;
+        }
+        if let Some(p) = u.is_private {
+            record.is_private = p;
+        }
+        state.put(&key, &rows::json(fmt, &record));
+        Ok(ShardResponse::Repo(record))
+    }
+
     #[allow(clippy::too_many_arguments)]
     fn create_repo(
         &self,
@@ -860,6 +907,15 @@ impl<P: PackPlacer> ShardLogic<P> {
             git_kinds::PUSH => {
                 let p: Push = entry.decode()?;
                 self.push(state, fmt, &p, Some(entry))
+            }
+            git_kinds::UPDATE => {
+                let u: UpdateRepo = entry.decode()?;
+                let response = Self::update_repo(state, fmt, u)?;
+                if let ShardResponse::Repo(record) = &response {
+                    let e = event(EventKind::RepoUpdated, record, Vec::new());
+                    events::record(state, &e)?;
+                }
+                Ok(response)
             }
             _ => {
                 let _: CanonicalizeNames = entry.decode()?;
