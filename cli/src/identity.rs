@@ -1,4 +1,4 @@
-//! `cairn user|token|perm|audit`: users, credentials and permissions in the
+//! `cairn user|token|perm|ssh-key|audit`: users, credentials and permissions in the
 //! cluster directory, through any storage node's `Identity` service.
 //!
 //! Secrets are made here and shown once: a token is generated locally and
@@ -6,6 +6,7 @@
 //! leaves this process.
 
 use std::io::Read;
+use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use cairn_client::{follow_leader, Attempt, NodePool, RetryPolicy};
@@ -115,6 +116,30 @@ enum PermCommand {
     },
     /// List permissions and roles.
     List,
+}
+
+#[derive(Args)]
+pub struct SshKeyArgs {
+    #[command(flatten)]
+    target: Target,
+    #[command(subcommand)]
+    command: SshKeyCommand,
+}
+
+#[derive(Subcommand)]
+enum SshKeyCommand {
+    /// Add USER's public key from FILE (`-`: standard input), e.g.
+    /// ~/.ssh/id_ed25519.pub.
+    Add {
+        user: String,
+        file: PathBuf,
+        #[arg(long, default_value = "")]
+        label: String,
+    },
+    /// List USER's keys.
+    List { user: String },
+    /// Remove a key by its fingerprint (`SHA256:…`).
+    Remove { fingerprint: String },
 }
 
 #[derive(Args)]
@@ -471,6 +496,64 @@ pub async fn run_perm(args: PermArgs) -> Result<()> {
             for g in &snap.grants {
                 println!("{} {} on {}", g.user, g.level.as_str(), g.target);
             }
+        }
+    }
+    Ok(())
+}
+
+pub async fn run_ssh_key(args: SshKeyArgs) -> Result<()> {
+    let dir = Directory::of(&args.target)?;
+    match args.command {
+        SshKeyCommand::Add { user, file, label } => {
+            let mut text = String::new();
+            if file.as_os_str() == "-" {
+                std::io::stdin()
+                    .take(cairn_identity::sshkey::MAX_LINE as u64 + 1)
+                    .read_to_string(&mut text)?;
+            } else {
+                std::fs::File::open(&file)
+                    .with_context(|| format!("reading {}", file.display()))?
+                    .take(cairn_identity::sshkey::MAX_LINE as u64 + 1)
+                    .read_to_string(&mut text)?;
+            }
+            let parsed = cairn_identity::sshkey::parse(text.trim()).map_err(anyhow::Error::msg)?;
+            let key = cairn_identity::SshKey {
+                uuid: new_uuid(),
+                fingerprint: parsed.fingerprint,
+                owner: cairn_identity::KeyOwner::User(user.to_ascii_lowercase()),
+                algorithm: parsed.algorithm,
+                key: parsed.blob,
+                comment: parsed.comment,
+                label,
+                created_at: 0,
+                last_used: None,
+            };
+            match dir.change(Change::AddKey(key)).await? {
+                Outcome::Key(k) => println!("added {} {} for {user}", k.algorithm, k.fingerprint),
+                other => bail!("unexpected answer {other:?}"),
+            }
+        }
+        SshKeyCommand::List { user } => {
+            let owner = cairn_identity::KeyOwner::User(user.to_ascii_lowercase());
+            for k in dir
+                .snapshot()
+                .await?
+                .ssh_keys
+                .iter()
+                .filter(|k| k.owner == owner)
+            {
+                println!(
+                    "{} {} {:?} {:?}",
+                    k.fingerprint, k.algorithm, k.comment, k.label
+                );
+            }
+        }
+        SshKeyCommand::Remove { fingerprint } => {
+            dir.change(Change::RemoveKey {
+                fingerprint: fingerprint.clone(),
+            })
+            .await?;
+            println!("removed {fingerprint}");
         }
     }
     Ok(())

@@ -47,6 +47,8 @@ enum Command {
     Token(identity::TokenArgs),
     /// Permissions and workspace roles: `cairn perm grant|revoke|role|list`.
     Perm(identity::PermArgs),
+    /// SSH public keys: `cairn ssh-key add|list|remove`.
+    SshKey(identity::SshKeyArgs),
     /// The audit log: `cairn audit tail`.
     Audit(identity::AuditArgs),
 }
@@ -103,6 +105,7 @@ async fn main() -> Result<()> {
         Command::User(args) => identity::run_user(args).await,
         Command::Token(args) => identity::run_token(args).await,
         Command::Perm(args) => identity::run_perm(args).await,
+        Command::SshKey(args) => identity::run_ssh_key(args).await,
         Command::Audit(args) => identity::run_audit(args).await,
     }
 }

@@ -20,6 +20,7 @@ pub mod authz;
 pub mod config;
 pub mod git_http;
 pub mod identity;
+pub mod keys;
 pub mod rest;
 pub mod restrictions;
 pub mod server;

@@ -13,7 +13,7 @@ use axum::Json;
 use cairn_proto::admin::admin_client::AdminClient;
 use cairn_proto::admin::{
     CreateRepositoryRequest, DeleteRepositoryRequest, GetRepositoryRequest,
-    ListRepositoriesRequest, Repository,
+    ListRepositoriesRequest, Repository, UpdateRepositoryRequest,
 };
 use cairn_proto::{limits, metadata};
 use serde::Deserialize;
@@ -166,6 +166,18 @@ pub fn page(st: &AppState, path: &str, values: Vec<Value>, q: &PageQuery) -> Val
     out
 }
 
+/// `message` as a gRPC request carrying the caller's identity.
+fn with_actor<T>(
+    message: T,
+    actor: Option<tonic::metadata::AsciiMetadataValue>,
+) -> tonic::Request<T> {
+    let mut req = tonic::Request::new(message);
+    if let Some(a) = actor {
+        req.metadata_mut().insert(cairn_proto::metadata::ACTOR, a);
+    }
+    req
+}
+
 /// Queues an audit record of `action` on `target` by `caller`.
 pub(crate) fn audit(st: &AppState, caller: &Caller, action: &str, target: String, detail: String) {
     st.identities.record(AuditEvent {
@@ -244,8 +256,9 @@ pub async fn create(
         is_private: parsed.is_private.unwrap_or(true),
         description: parsed.description.unwrap_or_default(),
     };
+    let actor = authz::actor_metadata(&caller);
     let call = st.cluster.call(&req.workspace, |ch| {
-        let req = req.clone();
+        let req = with_actor(req.clone(), actor.clone());
         async move {
             AdminClient::new(ch)
                 .create_repository(req)
@@ -298,6 +311,98 @@ pub async fn get(
     }
 }
 
+#[derive(Debug, Default, Deserialize)]
+pub struct UpdateBody {
+    #[serde(default)]
+    is_private: Option<bool>,
+    #[serde(default)]
+    description: Option<String>,
+    #[serde(default)]
+    mainbranch: Option<BranchName>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub struct BranchName {
+    name: String,
+}
+
+/// `PUT /2.0/repositories/{ws}/{slug}`: visibility, description and main
+/// branch (admin). Other fields of the body are ignored, as Bitbucket
+/// ignores read-only ones.
+pub async fn update(
+    State(st): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Path((workspace, slug)): Path<(String, String)>,
+    body: Result<axum::body::Bytes, BytesRejection>,
+) -> Response {
+    if let Err(r) =
+        authz::authorize(&st, &caller, &workspace, &slug, Action::Admin, Style::Rest).await
+    {
+        return r;
+    }
+    let body = match body {
+        Ok(b) => b,
+        Err(r) => return error(r.status(), &r.body_text()),
+    };
+    let parsed: UpdateBody = match serde_json::from_slice(&body) {
+        Ok(b) => b,
+        Err(e) => return error(StatusCode::BAD_REQUEST, &format!("invalid JSON body: {e}")),
+    };
+    if let Some(d) = &parsed.description {
+        if d.len() > limits::MAX_DESCRIPTION_BYTES {
+            return field_error(
+                "description",
+                &format!(
+                    "description is {} bytes long; the limit is {}",
+                    d.len(),
+                    limits::MAX_DESCRIPTION_BYTES
+                ),
+            );
+        }
+    }
+    let head = parsed.mainbranch.map(|b| {
+        if b.name.starts_with("refs/") {
+            b.name
+        } else {
+            format!("refs/heads/{}", b.name)
+        }
+    });
+    let req = UpdateRepositoryRequest {
+        workspace: workspace.clone(),
+        slug: slug.clone(),
+        is_private: parsed.is_private,
+        description: parsed.description,
+        head,
+    };
+    let actor = authz::actor_metadata(&caller);
+    let call = st.cluster.call(&workspace, |ch| {
+        let req = with_actor(req.clone(), actor.clone());
+        async move {
+            AdminClient::new(ch)
+                .update_repository(req)
+                .await
+                .map_err(Attempt::mutation)
+        }
+    });
+    match call.await {
+        Ok(r) => {
+            let repo = r.into_inner();
+            st.repos.forget(&workspace, &slug);
+            let full = format!("{}/{}", repo.workspace, repo.slug);
+            if parsed.is_private.is_some() {
+                let to = if repo.is_private { "private" } else { "public" };
+                audit(&st, &caller, "repo:visibility", full.clone(), to.into());
+            }
+            audit(&st, &caller, "repo:update", full, String::new());
+            Json(repository_json(&repo, &st.base_url)).into_response()
+        }
+        Err(s) if s.code() == tonic::Code::InvalidArgument => {
+            field_error("mainbranch", s.message())
+        }
+        Err(s) => grpc_error(s),
+    }
+}
+
 pub async fn delete(
     State(st): State<AppState>,
     Extension(caller): Extension<Caller>,
@@ -309,8 +414,9 @@ pub async fn delete(
         return r;
     }
     let req = DeleteRepositoryRequest { workspace, slug };
+    let actor = authz::actor_metadata(&caller);
     let call = st.cluster.call(&req.workspace, |ch| {
-        let req = req.clone();
+        let req = with_actor(req.clone(), actor.clone());
         async move {
             AdminClient::new(ch)
                 .delete_repository(req)

@@ -7,7 +7,7 @@ use axum::extract::{ConnectInfo, DefaultBodyLimit, Request, State};
 use axum::http::StatusCode;
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{delete, get, post};
 use axum::serve::ListenerExt as _;
 use tokio::net::TcpListener;
 
@@ -16,7 +16,7 @@ use crate::authz::{self, Caller, Style};
 use crate::config::Config;
 use crate::identity::{self, Identities};
 pub use crate::state::AppState;
-use crate::{accounts, git_http, rest, restrictions, workspaces};
+use crate::{accounts, git_http, keys, rest, restrictions, workspaces};
 use cairn_client::{Cluster, RetryPolicy};
 use cairn_identity::change::AuditEvent;
 
@@ -97,7 +97,10 @@ pub fn app(state: AppState) -> axum::Router {
     let rest_routes = axum::Router::new()
         .route(
             "/2.0/repositories/{workspace}/{slug}",
-            post(rest::create).get(rest::get).delete(rest::delete),
+            post(rest::create)
+                .get(rest::get)
+                .put(rest::update)
+                .delete(rest::delete),
         )
         .route("/2.0/repositories/{workspace}", get(rest::list))
         .route(
@@ -134,6 +137,27 @@ pub fn app(state: AppState) -> axum::Router {
             "/2.0/user/permissions/repositories",
             get(workspaces::my_repositories),
         )
+        .route(
+            "/2.0/users/{user}/ssh-keys",
+            get(keys::user_keys).post(keys::add_user_key),
+        )
+        .route(
+            "/2.0/users/{user}/ssh-keys/{key}",
+            get(keys::user_key).delete(keys::delete_user_key),
+        )
+        .route(
+            "/2.0/repositories/{workspace}/{slug}/deploy-keys",
+            get(keys::deploy_keys).post(keys::add_deploy_key),
+        )
+        .route(
+            "/2.0/repositories/{workspace}/{slug}/deploy-keys/{id}",
+            get(keys::deploy_key).delete(keys::delete_deploy_key),
+        )
+        .route(
+            "/2.0/user/tokens",
+            get(accounts::tokens).post(accounts::create_token),
+        )
+        .route("/2.0/user/tokens/{id}", delete(accounts::revoke_token))
         .route("/2.0/user", get(accounts::me))
         .route("/2.0/users/{user}", get(accounts::user))
         .layer(DefaultBodyLimit::max(rest::MAX_BODY_BYTES));

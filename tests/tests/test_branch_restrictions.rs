@@ -3,8 +3,8 @@
 //! receive-pack against the real git client with git's own wording —
 //! force pushes and deletions of `main` refused, pushes to `release/*`
 //! only by the users the restriction names — while nothing a refused push
-//! sent changes the repository. Pushes carry their pusher into the event
-//! log.
+//! sent changes the repository. Pushes and repository creation carry
+//! their actor into the event log.
 
 use std::thread;
 use std::time::Duration;
@@ -248,9 +248,17 @@ fn branch_restrictions_refuse_force_pushes_and_deletions_in_gits_words() -> Resu
         "events tail: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let actors: Vec<String> = String::from_utf8_lossy(&out.stdout)
+    let events: Vec<Value> = String::from_utf8_lossy(&out.stdout)
         .lines()
         .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .collect();
+    let created = events.iter().find(|v| v["kind"] == "repo:created");
+    ensure!(
+        created.is_some_and(|v| v["actor"] == "admin"),
+        "the creation names its creator: {created:?}"
+    );
+    let actors: Vec<String> = events
+        .iter()
         .filter(|v| v["kind"] == "push")
         .map(|v| v["actor"].as_str().unwrap_or_default().to_owned())
         .collect();
