@@ -36,6 +36,9 @@ pub struct DevArgs {
 #[derive(Debug, Serialize, Deserialize)]
 pub struct DevCluster {
     pub http_url: String,
+    /// `ssh://git@host:port`, for `git clone ssh://git@host:port/ws/repo.git`.
+    #[serde(default)]
+    pub ssh_url: String,
     pub username: String,
     pub token: String,
     pub nodes: Vec<DevNode>,
@@ -106,6 +109,12 @@ pub fn print_banner(data_dir: &Path, cluster: &DevCluster) {
     }
     println!("  router:        {http_url}");
     println!("  clone URL:     {http_url}/<workspace>/<repo>.git");
+    if !cluster.ssh_url.is_empty() {
+        println!(
+            "  SSH clone URL: {}/<workspace>/<repo>.git",
+            cluster.ssh_url
+        );
+    }
     println!("  username:      {} (site administrator)", cluster.username);
     println!("  password:      {token}");
     println!(

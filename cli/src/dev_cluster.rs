@@ -124,7 +124,12 @@ pub fn node_config(
     )
 }
 
-fn router_config(http: SocketAddr, nodes: &[(u64, SocketAddr)]) -> String {
+fn router_config(
+    http: SocketAddr,
+    ssh: SocketAddr,
+    host_key: &Path,
+    nodes: &[(u64, SocketAddr)],
+) -> String {
     let urls: Vec<String> = nodes
         .iter()
         .map(|(_, a)| format!("\"http://{a}\""))
@@ -133,7 +138,10 @@ fn router_config(http: SocketAddr, nodes: &[(u64, SocketAddr)]) -> String {
         "# Written by `cairn dev`.\n\
          http-addr = \"{http}\"\n\
          storage-node = {first}\n\
-         storage-nodes = [{all}]\n",
+         storage-nodes = [{all}]\n\
+         ssh-addr = \"{ssh}\"\n\
+         ssh-host-key = \"{key}\"\n",
+        key = host_key.display(),
         first = urls[0],
         all = urls.join(", "),
     )
@@ -322,7 +330,15 @@ pub async fn run(
         });
         children.0.push(child);
     }
-    write_private(&router_cfg, router_config(http, &addrs).as_bytes())?;
+    let ssh = match remembered_addr(&router_cfg, "ssh-addr") {
+        Some(a) => a,
+        None => SocketAddr::from(([127, 0, 0, 1], free_port()?)),
+    };
+    let host_key = data_dir.join("ssh_host_ed25519_key");
+    write_private(
+        &router_cfg,
+        router_config(http, ssh, &host_key, &addrs).as_bytes(),
+    )?;
     let router_log = logs.join("router.log");
     let router = spawn(
         &exe,
@@ -338,6 +354,7 @@ pub async fn run(
     }
     let last = children.0.len() - 1;
     wait_listening(http, &mut children.0[last], &router_log)?;
+    wait_listening(ssh, &mut children.0[last], &router_log)?;
 
     for id in &joining {
         let addr = addrs
@@ -364,6 +381,7 @@ pub async fn run(
         .context("setting up the admin user")?;
     let http_url = format!("http://{http}");
     let cluster = DevCluster {
+        ssh_url: format!("ssh://git@{ssh}"),
         http_url: http_url.clone(),
         username: ADMIN.into(),
         token,
@@ -434,6 +452,7 @@ async fn ensure_admin(
         })
         .await?;
     }
+    add_callers_keys(&dir, &snapshot).await;
     let path = data_dir.join("dev-token");
     let kept = fs::read_to_string(&path)
         .ok()
@@ -470,6 +489,54 @@ async fn ensure_admin(
             _ if Instant::now() < until => tokio::time::sleep(Duration::from_millis(100)).await,
             Ok(false) => bail!("the router does not accept the admin token"),
             Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Gives `admin` the caller's `~/.ssh/id_*.pub` keys (those not yet
+/// registered to anyone), so `git clone ssh://…` works at once.
+async fn add_callers_keys(dir: &crate::identity::Directory, snapshot: &cairn_identity::Snapshot) {
+    let Some(home) = std::env::var_os("HOME") else {
+        return;
+    };
+    let Ok(entries) = fs::read_dir(Path::new(&home).join(".ssh")) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if !(name.starts_with("id_") && name.ends_with(".pub")) {
+            continue;
+        }
+        let Ok(text) = fs::read_to_string(entry.path()) else {
+            continue;
+        };
+        let Ok(parsed) = cairn_identity::sshkey::parse(text.trim()) else {
+            continue;
+        };
+        if snapshot
+            .ssh_keys
+            .iter()
+            .any(|k| k.fingerprint == parsed.fingerprint)
+        {
+            continue;
+        }
+        let key = cairn_identity::SshKey {
+            uuid: crate::identity::new_uuid(),
+            fingerprint: parsed.fingerprint,
+            owner: cairn_identity::KeyOwner::User(ADMIN.into()),
+            algorithm: parsed.algorithm,
+            key: parsed.blob,
+            comment: parsed.comment,
+            label: name.clone(),
+            created_at: 0,
+            last_used: None,
+        };
+        match dir
+            .change(cairn_identity::change::Change::AddKey(key))
+            .await
+        {
+            Ok(_) => eprintln!("added ~/.ssh/{name} to user {ADMIN}"),
+            Err(e) => tracing::debug!(error = %e, key = %name, "SSH key not added"),
         }
     }
 }

@@ -27,6 +27,12 @@ pub struct Config {
     /// leave it out otherwise. Users' own tokens are in the identity model.
     #[serde(default)]
     pub token: Option<String>,
+    /// SSH listen address for git over SSH; none serves no SSH.
+    #[serde(default)]
+    pub ssh_addr: Option<SocketAddr>,
+    /// The SSH host key (OpenSSH format), generated there on first start.
+    #[serde(default)]
+    pub ssh_host_key: Option<std::path::PathBuf>,
     /// Base URL clients reach the router at (`http(s)://host[:port][/path]`),
     /// for the links in REST answers. When absent, links name the listen
     /// address; never a request's `Host` header, which any client can set.
@@ -76,6 +82,8 @@ impl Config {
             storage_node,
             storage_nodes: Vec::new(),
             token,
+            ssh_addr: None,
+            ssh_host_key: None,
             public_url: None,
             max_negotiation_bytes: default_max_negotiation_bytes(),
             max_push_bytes: default_max_push_bytes(),

@@ -297,6 +297,7 @@ pub async fn upload_pack(
         repo: Some(repo_path(workspace, repo)),
         git_protocol: git_protocol(&headers),
         data: Bytes::new(),
+        full_duplex: false,
     };
     let call = st.cluster.call_read(&key, |ch| {
         let messages = std::iter::once(first.clone())

@@ -12,7 +12,7 @@
 //!
 //! Every request is authenticated (`auth`) against the identity snapshot
 //! it keeps (`identity`) and authorized (`authz`) before any storage node
-//! sees it.
+//! sees it. Git over SSH (`ssh`) goes through the same checks and RPCs.
 
 pub mod accounts;
 pub mod auth;
@@ -24,6 +24,7 @@ pub mod keys;
 pub mod rest;
 pub mod restrictions;
 pub mod server;
+pub mod ssh;
 pub mod state;
 pub mod workspaces;
 

@@ -31,6 +31,11 @@ pub enum StartError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    #[error("SSH host key {path}: {source}")]
+    HostKey {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
 }
 
 /// How long a starting router waits for the identity snapshot before
@@ -40,6 +45,8 @@ const STARTUP_SNAPSHOT_WAIT: std::time::Duration = std::time::Duration::from_sec
 /// A running router.
 pub struct Router {
     pub http_addr: SocketAddr,
+    /// Where git over SSH is served, if it is.
+    pub ssh_addr: Option<SocketAddr>,
     task: tokio::task::JoinHandle<std::io::Result<()>>,
 }
 
@@ -217,12 +224,43 @@ impl Router {
             }
         }
         identities.spawn(Arc::clone(&cluster));
+        let config_ssh = config.ssh_addr.map(|a| {
+            let key = config
+                .ssh_host_key
+                .clone()
+                .unwrap_or_else(|| std::path::PathBuf::from("ssh_host_ed25519_key"));
+            (a, key)
+        });
         let state = AppState {
             cluster,
             base_url: config.base_url(http_addr).into(),
             config: Arc::new(config),
             identities,
             repos: Arc::default(),
+        };
+        let ssh_addr = match config_ssh {
+            Some((addr, key_path)) => {
+                let listener = TcpListener::bind(addr)
+                    .await
+                    .map_err(|source| StartError::Bind { addr, source })?;
+                let bound = listener
+                    .local_addr()
+                    .map_err(|source| StartError::Bind { addr, source })?;
+                let key =
+                    crate::ssh::host_key(&key_path).map_err(|source| StartError::HostKey {
+                        path: key_path.clone(),
+                        source,
+                    })?;
+                let st = state.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = crate::ssh::serve(listener, key, st).await {
+                        tracing::error!(error = %e, "the SSH server stopped");
+                    }
+                });
+                tracing::info!(addr = %bound, "serving git over SSH");
+                Some(bound)
+            }
+            None => None,
         };
         let app = app(state);
         // TCP_NODELAY on every accepted stream: under Nagle the small
@@ -241,7 +279,11 @@ impl Router {
             .await
         });
         tracing::info!(addr = %http_addr, "router serving");
-        Ok(Router { http_addr, task })
+        Ok(Router {
+            http_addr,
+            ssh_addr,
+            task,
+        })
     }
 
     pub async fn wait(self) -> std::io::Result<()> {

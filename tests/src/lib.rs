@@ -466,6 +466,8 @@ pub struct NodeInfo {
 #[derive(Debug, Clone)]
 pub struct ClusterInfo {
     pub http_url: String,
+    /// `ssh://git@host:port` (empty if the router serves no SSH).
+    pub ssh_url: String,
     pub username: String,
     pub token: String,
     pub nodes: Vec<NodeInfo>,
@@ -503,6 +505,11 @@ impl ClusterInfo {
             .unwrap_or_default();
         Ok(Self {
             http_url: s("http_url")?.trim_end_matches('/').to_owned(),
+            ssh_url: v
+                .get("ssh_url")
+                .and_then(Value::as_str)
+                .unwrap_or_default()
+                .to_owned(),
             username: s("username")?,
             token: s("token")?,
             nodes,
@@ -602,6 +609,7 @@ impl Cluster {
             watchdog: None,
             info: ClusterInfo {
                 http_url: String::new(),
+                ssh_url: String::new(),
                 username: String::new(),
                 token: String::new(),
                 nodes: Vec::new(),

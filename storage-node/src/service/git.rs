@@ -152,6 +152,7 @@ impl Git for GitService {
             .await?
             .ok_or_else(|| Status::invalid_argument("empty upload-pack request"))?;
         let version = ProtocolVersion::from_header(&first.git_protocol);
+        let stateless = !first.full_duplex;
         let snap = self.snapshot(first.repo).await?;
         tracing::Span::current().record("repo", snap.record.id);
         let mut input = forward_inbound(inbound, first.data, |m: UploadPackRequest| m.data);
@@ -162,8 +163,8 @@ impl Git for GitService {
                 agent: AGENT,
             };
             let res = match version {
-                ProtocolVersion::V2 => upload::serve_v2(&ctx, &mut input, out, true),
-                _ => upload::serve_v0(&ctx, &mut input, out, true),
+                ProtocolVersion::V2 => upload::serve_v2(&ctx, &mut input, out, stateless),
+                _ => upload::serve_v0(&ctx, &mut input, out, stateless),
             };
             if let Err(e) = res {
                 tracing::info!(error = %e, "upload-pack ended with an error");
