@@ -133,6 +133,34 @@ fn git_over_openssh_core_scenarios_and_who_gets_in() -> Result<()> {
         assert_clone_matches(&clone, &expected)?;
     }
 
+    // The scp-like form of a port-22 deployment (the port from ssh_config).
+    let port = ssh.rsplit(':').next().context("port")?.to_owned();
+    let host = ssh
+        .trim_start_matches("ssh://")
+        .rsplit_once(':')
+        .map(|(h, _)| h.to_owned())
+        .context("host")?;
+    let (user, hostname) = host.split_once('@').context("user@host")?;
+    let config = keys.join("ssh_config");
+    std::fs::write(
+        &config,
+        format!(
+            "Host cairn\n  HostName {hostname}\n  Port {port}\n  User {user}\n  IdentityFile {}\n  \
+             IdentitiesOnly yes\n  BatchMode yes\n  StrictHostKeyChecking no\n  \
+             UserKnownHostsFile /dev/null\n  LogLevel ERROR\n",
+            dev.display()
+        ),
+    )?;
+    let scp = git
+        .cmd(git.home())
+        .env("GIT_SSH_COMMAND", &format!("ssh -F {}", config.display()))
+        .args(["ls-remote", &format!("cairn:{full}.git")])
+        .ok()?;
+    ensure!(
+        parse_ref_listing(&scp.stdout).get("refs/heads/main") == tips.last(),
+        "scp-like URL: {scp}"
+    );
+
     // Incremental fetch.
     let dest = git.scratch("fetcher");
     git_as(&git, git.home(), &dev)
@@ -311,12 +339,6 @@ fn git_over_openssh_core_scenarios_and_who_gets_in() -> Result<()> {
     until(&git, &dev, &url, false)?;
 
     // Nothing but git's two commands.
-    let port = ssh.rsplit(':').next().context("port")?;
-    let host = ssh
-        .trim_start_matches("ssh://")
-        .rsplit_once(':')
-        .map(|(h, _)| h.to_owned())
-        .context("host")?;
     for command in [
         None,
         Some("cat /etc/passwd"),
@@ -336,7 +358,7 @@ fn git_over_openssh_core_scenarios_and_who_gets_in() -> Result<()> {
             "LogLevel=ERROR",
             "-T",
             "-p",
-            port,
+            &port,
             &host,
         ]);
         if let Some(c) = command {
@@ -350,5 +372,96 @@ fn git_over_openssh_core_scenarios_and_who_gets_in() -> Result<()> {
             out.status
         );
     }
+    Ok(())
+}
+
+/// Leader elections take 1–2 s; a node restart in a debug build a few more.
+const LEADER_TIMEOUT: Duration = Duration::from_secs(60);
+const REJOIN_TIMEOUT: Duration = Duration::from_secs(90);
+
+#[test]
+fn ssh_pushes_survive_leader_kills() -> Result<()> {
+    const REPOS: usize = 2;
+    const CLIENTS_PER_REPO: usize = 2;
+    const ROUNDS: usize = 6;
+    let started = Instant::now();
+    let mut c = Cluster::start_with_nodes(3)?;
+    c.wait_leader(LEADER_TIMEOUT)?;
+    let ssh = c.info().ssh_url.clone();
+    let git = Git::new()?;
+    // Every git command of this environment, the pushers' included, goes
+    // over SSH as `dev`.
+    let key = keygen(&git.scratch("keys"), "dev")?;
+    let config = git.home().join(".gitconfig");
+    let mut text = std::fs::read_to_string(&config)?;
+    text.push_str(&format!("[core]\n\tsshCommand = {}\n", ssh_command(&key)));
+    std::fs::write(&config, text)?;
+    cairn_ok(&c, &["user", "add", "dev"])?;
+    cairn_ok(
+        &c,
+        &[
+            "ssh-key",
+            "add",
+            "dev",
+            &key.with_extension("pub").display().to_string(),
+        ],
+    )?;
+    let repos = (0..REPOS)
+        .map(|i| c.new_repo(&format!("ssh-failover{i}")))
+        .collect::<Result<Vec<_>>>()?;
+    for full in &repos {
+        cairn_ok(&c, &["perm", "grant", "dev", full, "write"])?;
+    }
+    until(&git, &key, &format!("{ssh}/{}.git", repos[0]), true)?;
+    let mut pushers = Vec::new();
+    for (i, full) in repos.iter().enumerate() {
+        for k in 0..CLIENTS_PER_REPO {
+            let url = format!("{ssh}/{full}.git");
+            pushers.push(BranchPusher::new(&git, &url, &format!("ssh{i}-{k}"))?);
+        }
+    }
+    let threads = PusherThreads::start(pushers);
+    threads.wait_accepted(REPOS * CLIENTS_PER_REPO, LEADER_TIMEOUT)?;
+    for round in 0..ROUNDS {
+        let leader = c.wait_leader(LEADER_TIMEOUT)?;
+        let before = threads.accepted();
+        c.kill_node(leader)?;
+        let killed = Instant::now();
+        wait_until("the survivors to elect a leader", LEADER_TIMEOUT, || {
+            Ok(c.leader().filter(|&l| l != leader))
+        })?;
+        thread::sleep(Duration::from_millis(300));
+        c.restart_node(leader)?;
+        c.wait_rejoined(leader, REJOIN_TIMEOUT)
+            .with_context(|| format!("round {round}: node {leader} did not rejoin"))?;
+        println!(
+            "round {round}: killed leader {leader}, back after {:?}; {} pushes accepted meanwhile",
+            killed.elapsed(),
+            threads.accepted() - before
+        );
+    }
+    let pushers = threads.finish()?;
+    // Every push git reported accepted is there; none refused is.
+    let mut total = PushTally::default();
+    let mut violations = Vec::new();
+    for full in &repos {
+        let clone = git.clone_repo(&c.repo_url(full), git.scratch("verify"), &[])?;
+        clone.assert_fsck_clean()?;
+        let url = format!("{ssh}/{full}.git");
+        for p in pushers.iter().filter(|p| p.url == url) {
+            match p.verify(&clone) {
+                Ok(t) => total.add(&t),
+                Err(e) => violations.push(format!("{full} {}: {e:#}", p.branch)),
+            }
+        }
+    }
+    print_failure_reasons(&pushers);
+    ensure!(violations.is_empty(), "{}", violations.join("\n"));
+    println!(
+        "{ROUNDS} leader kills, {} SSH clients: {total}; took {:?}",
+        pushers.len(),
+        started.elapsed()
+    );
+    ensure!(total.accepted > 0, "no push over SSH was ever accepted");
     Ok(())
 }
