@@ -11,7 +11,7 @@ use std::path::PathBuf;
 use anyhow::{bail, Context, Result};
 use cairn_client::{follow_leader, Attempt, NodePool, RetryPolicy};
 use cairn_identity::change::{AuditEvent, Change, Outcome, Request};
-use cairn_identity::token::{self, Kind};
+use cairn_identity::token;
 use cairn_identity::{
     Level, Role, Scope, Snapshot, Target as PermTarget, TokenOwner, TokenRecord, User,
 };
@@ -251,7 +251,7 @@ impl Directory {
         label: String,
     ) -> Result<(TokenRecord, String)> {
         let key = self.token_key().await?;
-        let (id, secret) = token::generate(Kind::of(&owner));
+        let (id, secret) = token::generate(owner.token_kind());
         let record = TokenRecord {
             id,
             owner,

@@ -350,9 +350,7 @@ where
         }
         Change::CreateToken(mut token) => {
             if crate::token::id_of(&token.id) != Some(token.id.as_str())
-                || !token
-                    .id
-                    .starts_with(crate::token::Kind::of(&token.owner).prefix())
+                || !token.id.starts_with(token.owner.token_kind().prefix())
             {
                 return refuse(format!("malformed token id {:?}", token.id));
             }

@@ -235,6 +235,15 @@ pub enum TokenOwner {
 }
 
 impl TokenOwner {
+    /// The kind (and so the prefix) of this owner's tokens.
+    pub fn token_kind(&self) -> crate::token::Kind {
+        match self {
+            TokenOwner::User(_) => crate::token::Kind::Personal,
+            TokenOwner::Repository { .. } => crate::token::Kind::Repository,
+            TokenOwner::Workspace(_) => crate::token::Kind::Workspace,
+        }
+    }
+
     pub fn describe(&self) -> String {
         match self {
             TokenOwner::User(u) => format!("user {u}"),

@@ -12,8 +12,6 @@
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
-use crate::model::TokenOwner;
-
 pub const SECRET_HEX: usize = 64;
 pub const ID_HEX: usize = 16;
 
@@ -34,14 +32,6 @@ impl Kind {
             Kind::Personal => "cnp_",
             Kind::Repository => "cnr_",
             Kind::Workspace => "cnw_",
-        }
-    }
-
-    pub fn of(owner: &TokenOwner) -> Kind {
-        match owner {
-            TokenOwner::User(_) => Kind::Personal,
-            TokenOwner::Repository { .. } => Kind::Repository,
-            TokenOwner::Workspace(_) => Kind::Workspace,
         }
     }
 }

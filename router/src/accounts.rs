@@ -196,13 +196,13 @@ pub async fn create_token(
         )
         .await
         {
-            return crate::workspaces::identity_error(s);
+            return crate::answer::identity_error(s);
         }
         st.identities.refresh(&st.cluster).await;
         index = st.identities.index();
     }
     let owner = TokenOwner::User(user);
-    let (id, secret) = token::generate(token::Kind::of(&owner));
+    let (id, secret) = token::generate(owner.token_kind());
     let record = TokenRecord {
         id,
         owner,
@@ -231,7 +231,7 @@ pub async fn create_token(
             (StatusCode::CREATED, Json(v)).into_response()
         }
         Ok(_) => error(StatusCode::INTERNAL_SERVER_ERROR, "unexpected answer"),
-        Err(s) => crate::workspaces::identity_error(s),
+        Err(s) => crate::answer::identity_error(s),
     }
 }
 
@@ -265,6 +265,6 @@ pub async fn revoke_token(
             st.identities.refresh(&st.cluster).await;
             StatusCode::NO_CONTENT.into_response()
         }
-        Err(s) => crate::workspaces::identity_error(s),
+        Err(s) => crate::answer::identity_error(s),
     }
 }

@@ -2,10 +2,6 @@
 //! authentication middleware) and the repository decision every git and
 //! REST handler makes before touching a storage node's data.
 
-use std::collections::HashMap;
-use std::sync::{Mutex, PoisonError};
-use std::time::{Duration, Instant};
-
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use cairn_client::Attempt;
@@ -71,51 +67,12 @@ pub fn refusal(decision: Decision, style: Style, what: &str) -> Response {
     };
     let resp = match style {
         Style::Git => (status, format!("{msg}\n")).into_response(),
-        Style::Rest => crate::rest::error(status, &msg),
+        Style::Rest => crate::answer::error(status, &msg),
     };
     if decision == Decision::Unauthorized {
         challenge(resp)
     } else {
         resp
-    }
-}
-
-/// How long a repository's visibility is reused before it is read again:
-/// a change to private takes effect at the router within this.
-const REPO_TTL: Duration = Duration::from_secs(1);
-const MAX_CACHED: usize = 10_000;
-
-/// Recently read repositories (found ones only: a create must be seen at
-/// once).
-#[derive(Default)]
-pub struct RepoCache {
-    map: Mutex<HashMap<(String, String), (Instant, Repository)>>,
-}
-
-impl RepoCache {
-    fn get(&self, key: &(String, String)) -> Option<Repository> {
-        let map = self.map.lock().unwrap_or_else(PoisonError::into_inner);
-        map.get(key)
-            .filter(|(at, _)| at.elapsed() < REPO_TTL)
-            .map(|(_, r)| r.clone())
-    }
-
-    fn put(&self, key: (String, String), repo: Repository) {
-        let mut map = self.map.lock().unwrap_or_else(PoisonError::into_inner);
-        if map.len() >= MAX_CACHED {
-            map.retain(|_, (at, _)| at.elapsed() < REPO_TTL);
-            if map.len() >= MAX_CACHED {
-                map.clear();
-            }
-        }
-        map.insert(key, (Instant::now(), repo));
-    }
-
-    pub fn forget(&self, workspace: &str, slug: &str) {
-        self.map
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .remove(&(workspace.to_ascii_lowercase(), slug.to_ascii_lowercase()));
     }
 }
 
@@ -174,8 +131,8 @@ pub async fn authorize(
         Ok(r) => r,
         Err(s) => {
             return Err(match style {
-                Style::Git => crate::git_http::status_response(s),
-                Style::Rest => crate::rest::grpc_error(s),
+                Style::Git => crate::answer::status_response(s),
+                Style::Rest => crate::answer::grpc_error(s),
             })
         }
     };

@@ -28,6 +28,7 @@ use tokio::io::{AsyncBufRead, BufReader};
 use tokio_util::io::{ReaderStream, StreamReader};
 use tonic::transport::Channel;
 
+use crate::answer::{no_cache, plain, status_response};
 use crate::authz::{self, Caller, Style};
 use crate::state::AppState;
 use cairn_client::leader::refused_before_acting;
@@ -57,24 +58,6 @@ fn repo_path(workspace: String, repo: String) -> RepoPath {
     RepoPath { workspace, slug }
 }
 
-fn no_cache(headers: &mut HeaderMap) {
-    headers.insert(
-        header::CACHE_CONTROL,
-        HeaderValue::from_static("no-cache, max-age=0, must-revalidate"),
-    );
-    headers.insert(header::PRAGMA, HeaderValue::from_static("no-cache"));
-    headers.insert(
-        header::EXPIRES,
-        HeaderValue::from_static("Fri, 01 Jan 1980 00:00:00 GMT"),
-    );
-}
-
-fn plain(status: StatusCode, msg: &str) -> Response {
-    let mut resp = (status, format!("{msg}\n")).into_response();
-    no_cache(resp.headers_mut());
-    resp
-}
-
 /// Authorization of a git request on `workspace/repo` (`repo` may end in
 /// `.git`), before anything reaches a storage node.
 async fn allowed(
@@ -92,24 +75,6 @@ async fn allowed(
             no_cache(r.headers_mut());
             r
         })
-}
-
-/// A gRPC failure before any response byte, as git's HTTP client expects it.
-/// `NotFound` covers an unknown workspace as well as an unknown repository.
-pub(crate) fn status_response(status: tonic::Status) -> Response {
-    use tonic::Code;
-    match status.code() {
-        Code::NotFound => plain(StatusCode::NOT_FOUND, "Repository not found"),
-        Code::InvalidArgument => plain(StatusCode::BAD_REQUEST, status.message()),
-        Code::Unavailable => plain(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "Storage temporarily unavailable, try again",
-        ),
-        _ => {
-            tracing::error!(code = ?status.code(), message = status.message(), "storage node error");
-            plain(StatusCode::INTERNAL_SERVER_ERROR, "Internal server error")
-        }
-    }
 }
 
 fn streamed(

@@ -14,10 +14,10 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use crate::accounts::user_json;
+use crate::answer::identity_error;
 use crate::authz::{self, Caller, Style};
 use crate::rest::{error, page, rfc3339, PageQuery};
 use crate::state::AppState;
-use crate::workspaces::identity_error;
 
 #[derive(Deserialize)]
 struct KeyBody {

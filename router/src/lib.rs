@@ -15,6 +15,7 @@
 //! sees it. Git over SSH (`ssh`) goes through the same checks and RPCs.
 
 pub mod accounts;
+pub mod answer;
 pub mod auth;
 pub mod authz;
 pub mod config;

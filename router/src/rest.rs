@@ -15,10 +15,11 @@ use cairn_proto::admin::{
     CreateRepositoryRequest, DeleteRepositoryRequest, GetRepositoryRequest,
     ListRepositoriesRequest, Repository, UpdateRepositoryRequest,
 };
-use cairn_proto::{limits, metadata};
+use cairn_proto::limits;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
+pub use crate::answer::{error, field_error, grpc_error};
 use crate::authz::{self, Caller, Style};
 use crate::identity::now;
 use crate::state::AppState;
@@ -26,53 +27,8 @@ use cairn_client::Attempt;
 use cairn_identity::change::AuditEvent;
 use cairn_identity::policy::{self, Action, Decision, RepoRef};
 
-/// `{"type":"error","error":{"message":…}}` with `status`.
-pub fn error(status: StatusCode, message: &str) -> Response {
-    (
-        status,
-        Json(json!({"type": "error", "error": {"message": message}})),
-    )
-        .into_response()
-}
-
-/// A 400 naming the offending request field, as Bitbucket reports invalid
-/// input: `{"type":"error","error":{"message":…,"fields":{field:[…]}}}`.
-fn field_error(field: &str, message: &str) -> Response {
-    (
-        StatusCode::BAD_REQUEST,
-        Json(json!({"type": "error", "error": {
-            "message": message,
-            "fields": {field: [message]},
-        }})),
-    )
-        .into_response()
-}
-
 /// Largest REST request body; every field Cairn stores is far smaller.
 pub const MAX_BODY_BYTES: usize = 64 << 10;
-
-pub(crate) fn grpc_error(s: tonic::Status) -> Response {
-    use tonic::Code;
-    match s.code() {
-        Code::NotFound => error(StatusCode::NOT_FOUND, s.message()),
-        // A name taken by one that differs only in case.
-        Code::AlreadyExists
-            if s.metadata()
-                .get(metadata::NAME_CONFLICT)
-                .and_then(|v| v.to_str().ok())
-                == Some(metadata::NAME_CONFLICT_CASE) =>
-        {
-            error(StatusCode::CONFLICT, s.message())
-        }
-        // Bitbucket answers a taken slug with 400.
-        Code::AlreadyExists | Code::InvalidArgument => error(StatusCode::BAD_REQUEST, s.message()),
-        Code::Unavailable => error(StatusCode::SERVICE_UNAVAILABLE, "storage unavailable"),
-        _ => {
-            tracing::error!(code = ?s.code(), message = s.message(), "admin call failed");
-            error(StatusCode::INTERNAL_SERVER_ERROR, "internal error")
-        }
-    }
-}
 
 /// Seconds since the epoch as RFC 3339 UTC (days-from-civil inverted).
 pub fn rfc3339(secs: i64) -> String {

@@ -23,6 +23,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use crate::accounts::user_json;
+use crate::answer::identity_error;
 use crate::authz::{self, Caller, Style};
 use crate::rest::{error, grpc_error, page, repository_json, PageQuery};
 use crate::state::AppState;
@@ -428,15 +429,5 @@ pub async fn delete_repo_user(
             error(StatusCode::NOT_FOUND, s.message())
         }
         Err(s) => identity_error(s),
-    }
-}
-
-/// An identity change's failure as REST answers it.
-pub fn identity_error(s: tonic::Status) -> Response {
-    match s.code() {
-        tonic::Code::FailedPrecondition | tonic::Code::InvalidArgument => {
-            error(StatusCode::BAD_REQUEST, s.message())
-        }
-        _ => grpc_error(s),
     }
 }
