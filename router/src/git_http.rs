@@ -301,15 +301,52 @@ pub async fn receive_pack(
         Ok(b) => b,
         Err(r) => return r.into_response(),
     };
+    let repo = repo_path(workspace, repo);
+    let actor = crate::authz::actor_metadata(&caller);
+    let pushed = forward_push(
+        &st,
+        repo,
+        git_protocol(&headers),
+        Box::pin(bytes),
+        actor,
+        None,
+    )
+    .await;
+    match pushed {
+        Ok(r) => streamed("application/x-git-receive-pack-result", r),
+        Err(s) => status_response(s),
+    }
+}
+
+/// Sends a push (commands and pack, `body`) to the leader of its shard,
+/// with `actor` as the pusher: the transport-independent half of
+/// receive-pack, for smart HTTP and SSH alike. `idle` ends the read-ahead
+/// when the client pauses: over SSH a push without a pack waits for the
+/// report without ending its input.
+pub(crate) async fn forward_push(
+    st: &AppState,
+    repo: RepoPath,
+    git_protocol: String,
+    mut bytes: BodyStream,
+    actor: Option<tonic::metadata::AsciiMetadataValue>,
+    idle: Option<std::time::Duration>,
+) -> Result<tonic::Streaming<cairn_proto::git::Chunk>, tonic::Status> {
     // A push body is a pack: never buffered whole. Read ahead a bounded
     // prefix (all of a small push); the rest is streamed, and once any of
     // it went to a node the push cannot be replayed elsewhere.
-    let mut bytes: BodyStream = Box::pin(bytes);
     let mut prefix = Vec::new();
     let mut prefix_len = 0usize;
     let mut ended = false;
     while prefix_len < PUSH_PREFIX_BYTES {
-        match bytes.next().await {
+        let next = match idle {
+            Some(idle) => match tokio::time::timeout(idle, bytes.next()).await {
+                Ok(next) => next,
+                // The client waits for us: what it sent so far is the prefix.
+                Err(_) => break,
+            },
+            None => bytes.next().await,
+        };
+        match next {
             Some(b) => {
                 prefix_len += b.len();
                 prefix.push(b);
@@ -321,13 +358,12 @@ pub async fn receive_pack(
         }
     }
     let rest = PushRemainder::new((!ended).then_some(bytes));
-    let key = workspace.clone();
+    let key = repo.workspace.clone();
     let first = ReceivePackRequest {
-        repo: Some(repo_path(workspace, repo)),
-        git_protocol: git_protocol(&headers),
+        repo: Some(repo),
+        git_protocol,
         data: Bytes::new(),
     };
-    let actor = crate::authz::actor_metadata(&caller);
     let call = st.cluster.call(&key, |ch| {
         let actor = actor.clone();
         let messages = std::iter::once(first.clone())
@@ -365,13 +401,10 @@ pub async fn receive_pack(
             }
         }
     });
-    match call.await {
-        Ok(r) => streamed("application/x-git-receive-pack-result", r),
-        Err(s) => status_response(s),
-    }
+    call.await
 }
 
-type BodyStream = Pin<Box<dyn Stream<Item = Bytes> + Send>>;
+pub(crate) type BodyStream = Pin<Box<dyn Stream<Item = Bytes> + Send>>;
 
 /// Push body read ahead before the first attempt. Larger than the storage
 /// node's HTTP/2 receive window (1 MiB by default) so that a node refusing at

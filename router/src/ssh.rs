@@ -21,9 +21,7 @@ use bytes::Bytes;
 use cairn_client::Attempt;
 use cairn_identity::{Action, KeyOwner, Principal, Scope};
 use cairn_proto::git::git_client::GitClient;
-use cairn_proto::git::{
-    AdvertiseRefsRequest, GitService, ReceivePackRequest, RepoPath, UploadPackRequest,
-};
+use cairn_proto::git::{AdvertiseRefsRequest, GitService, RepoPath, UploadPackRequest};
 use futures::StreamExt;
 use russh::keys::{HashAlg, PrivateKey, PublicKey};
 use russh::server::{Auth, Handler, Msg, Server, Session};
@@ -33,6 +31,10 @@ use tokio::net::TcpListener;
 
 use crate::authz::{self, Caller, Style};
 use crate::state::AppState;
+
+/// A pause in a push's input after which what came so far is sent: git
+/// waits for the report after a push without a pack, its input still open.
+const PUSH_IDLE: Duration = Duration::from_millis(50);
 
 /// Longest exec command accepted (git's are short).
 const MAX_COMMAND: usize = 4096;
@@ -445,49 +447,25 @@ async fn converse(
     }
     stdout.flush().await.map_err(|e| e.to_string())?;
 
-    // The rest of the conversation: one attempt, since the client's bytes
-    // cannot be sent twice.
-    let input = Mutex::new(Some(client_bytes(read)));
+    // The rest of the conversation. A push goes the way an HTTP push goes
+    // (a bounded prefix read ahead, so a refusal before the node acted can
+    // be resent to the leader); a fetch is one attempt, since the client's
+    // negotiation cannot be sent twice.
     let mut output = match cmd.service {
         GitService::ReceivePack => {
             let actor = authz::actor_metadata(caller);
-            state
-                .cluster
-                .call(&cmd.workspace, |ch| {
-                    let first = ReceivePackRequest {
-                        repo: Some(repo.clone()),
-                        git_protocol: protocol.to_owned(),
-                        data: Bytes::new(),
-                    };
-                    let body = input.lock().unwrap_or_else(PoisonError::into_inner).take();
-                    let actor = actor.clone();
-                    async move {
-                        let Some(body) = body else {
-                            return Err(Attempt::mutation(tonic::Status::unavailable(
-                                "the push cannot be resent",
-                            )));
-                        };
-                        let stream = futures::stream::iter([first]).chain(body.map(|data| {
-                            ReceivePackRequest {
-                                data,
-                                ..Default::default()
-                            }
-                        }));
-                        let mut req = tonic::Request::new(stream);
-                        if let Some(a) = actor {
-                            req.metadata_mut().insert(cairn_proto::metadata::ACTOR, a);
-                        }
-                        GitClient::new(ch)
-                            .max_decoding_message_size(16 << 20)
-                            .receive_pack(req)
-                            .await
-                            .map(tonic::Response::into_inner)
-                            .map_err(Attempt::mutation)
-                    }
-                })
-                .await
+            crate::git_http::forward_push(
+                state,
+                repo,
+                protocol.to_owned(),
+                Box::pin(client_bytes(read)),
+                actor,
+                Some(PUSH_IDLE),
+            )
+            .await
         }
         _ => {
+            let input = Mutex::new(Some(client_bytes(read)));
             state
                 .cluster
                 .call_read(&cmd.workspace, |ch| {
