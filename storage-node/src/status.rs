@@ -60,6 +60,11 @@ pub fn status_of(e: ReplicatedError) -> Status {
         ReplicatedError::WrongShard { epoch, .. } => {
             Refusal::WrongShard { epoch: Some(epoch) }.into_status(e.to_string())
         }
+        // The replica was closed (moved away) while the request ran: the
+        // caller finds where the shard is now, as for a wrong shard.
+        ReplicatedError::UnknownShard(shard) => Refusal::WrongShard { epoch: None }.into_status(
+            format!("wrong shard: shard {shard} is no longer on this node"),
+        ),
         ReplicatedError::Directory(DirectoryError::Refused(m)) => Status::failed_precondition(m),
         ReplicatedError::Directory(_) => Status::unavailable(e.to_string()),
         ReplicatedError::Transfer { .. } | ReplicatedError::Raft(_) => {
