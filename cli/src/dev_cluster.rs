@@ -442,7 +442,7 @@ async fn ensure_admin(
     };
     if !snapshot.users.iter().any(|u| u.username == ADMIN) {
         dir.add_user(cairn_identity::User {
-            uuid: crate::identity::new_uuid(),
+            uuid: cairn_identity::new_uuid(),
             username: ADMIN.into(),
             display_name: "Administrator".into(),
             email: String::new(),
@@ -521,7 +521,7 @@ async fn add_callers_keys(dir: &crate::identity::Directory, snapshot: &cairn_ide
             continue;
         }
         let key = cairn_identity::SshKey {
-            uuid: crate::identity::new_uuid(),
+            uuid: cairn_identity::new_uuid(),
             fingerprint: parsed.fingerprint,
             owner: cairn_identity::KeyOwner::User(ADMIN.into()),
             algorithm: parsed.algorithm,

@@ -278,20 +278,6 @@ impl Directory {
     }
 }
 
-/// `{xxxxxxxx-xxxx-4xxx-8xxx-xxxxxxxxxxxx}`: a random (v4) uuid in braces.
-pub(crate) fn new_uuid() -> String {
-    let b = token::random_bytes::<16>();
-    let h = token::hex(&b);
-    format!(
-        "{{{}-{}-4{}-8{}-{}}}",
-        &h[0..8],
-        &h[8..12],
-        &h[13..16],
-        &h[17..20],
-        &h[20..32]
-    )
-}
-
 fn parse_scopes(given: &[String]) -> Result<Vec<Scope>> {
     if given.is_empty() {
         return Ok(Scope::ALL.to_vec());
@@ -332,7 +318,7 @@ pub async fn run_user(args: UserArgs) -> Result<()> {
             };
             let user = dir
                 .add_user(User {
-                    uuid: new_uuid(),
+                    uuid: cairn_identity::new_uuid(),
                     display_name: display_name.unwrap_or_else(|| username.clone()),
                     username,
                     email,
@@ -518,7 +504,7 @@ pub async fn run_ssh_key(args: SshKeyArgs) -> Result<()> {
             }
             let parsed = cairn_identity::sshkey::parse(text.trim()).map_err(anyhow::Error::msg)?;
             let key = cairn_identity::SshKey {
-                uuid: new_uuid(),
+                uuid: cairn_identity::new_uuid(),
                 fingerprint: parsed.fingerprint,
                 owner: cairn_identity::KeyOwner::User(user.to_ascii_lowercase()),
                 algorithm: parsed.algorithm,

@@ -210,6 +210,13 @@ where
         .collect()
 }
 
+fn exists<R: Rows>(rows: &R, key: &[u8]) -> Result<bool, ChangeError>
+where
+    R::Error: std::fmt::Display,
+{
+    Ok(rows.get(key).map_err(|e| corrupt(key, e))?.is_some())
+}
+
 fn read_u64<R: Rows>(rows: &R, key: &[u8]) -> Result<u64, ChangeError>
 where
     R::Error: std::fmt::Display,
@@ -297,7 +304,7 @@ where
             check_text("display name", &user.display_name, MAX_LABEL_BYTES)?;
             check_text("email", &user.email, MAX_EMAIL_BYTES)?;
             let key = keys::with(keys::USERS, &[&user.username]);
-            if rows.get(&key).map_err(|e| corrupt(&key, e))?.is_some() {
+            if exists(rows, &key)? {
                 return refuse(format!("user {} already exists", user.username));
             }
             user.created_at = at;
@@ -373,12 +380,12 @@ where
             }
             if let TokenOwner::User(u) = &token.owner {
                 let key = keys::with(keys::USERS, &[u]);
-                if rows.get(&key).map_err(|e| corrupt(&key, e))?.is_none() {
+                if !exists(rows, &key)? {
                     return refuse(format!("no user {u}"));
                 }
             }
             let key = keys::with(keys::TOKENS, &[&token.id]);
-            if rows.get(&key).map_err(|e| corrupt(&key, e))?.is_some() {
+            if exists(rows, &key)? {
                 return refuse(format!("token {} exists", token.id));
             }
             let held = all::<TokenRecord, _>(rows, keys::TOKENS)?
@@ -438,7 +445,7 @@ where
         Change::Grant(mut grant) => {
             grant.user = grant.user.to_ascii_lowercase();
             let ukey = keys::with(keys::USERS, &[&grant.user]);
-            if rows.get(&ukey).map_err(|e| corrupt(&ukey, e))?.is_none() {
+            if !exists(rows, &ukey)? {
                 return refuse(format!("no user {}", grant.user));
             }
             let target = grant.target.to_string();
@@ -455,7 +462,7 @@ where
             let user = user.to_ascii_lowercase();
             let t = audit_key_of_target(&target);
             let key = keys::with(keys::GRANTS, &[&user, &t]);
-            if rows.get(&key).map_err(|e| corrupt(&key, e))?.is_none() {
+            if !exists(rows, &key)? {
                 return refuse(format!("{user} holds no permission on {t}"));
             }
             rows.delete(&key);
@@ -469,7 +476,7 @@ where
         } => {
             let (ws, user) = (workspace.to_ascii_lowercase(), user.to_ascii_lowercase());
             let ukey = keys::with(keys::USERS, &[&user]);
-            if rows.get(&ukey).map_err(|e| corrupt(&ukey, e))?.is_none() {
+            if !exists(rows, &ukey)? {
                 return refuse(format!("no user {user}"));
             }
             let key = keys::with(keys::MEMBERS, &[&user, &ws]);
@@ -496,12 +503,12 @@ where
                 .map_err(ChangeError::Refused)?;
             key.fingerprint = parsed.fingerprint;
             let row = keys::with(keys::KEYS, &[&key.fingerprint]);
-            if rows.get(&row).map_err(|e| corrupt(&row, e))?.is_some() {
+            if exists(rows, &row)? {
                 return refuse("this key is already registered");
             }
             if let KeyOwner::User(u) = &key.owner {
                 let ukey = keys::with(keys::USERS, &[u]);
-                if rows.get(&ukey).map_err(|e| corrupt(&ukey, e))?.is_none() {
+                if !exists(rows, &ukey)? {
                     return refuse(format!("no user {u}"));
                 }
             }
@@ -523,7 +530,7 @@ where
         }
         Change::RemoveKey { fingerprint } => {
             let row = keys::with(keys::KEYS, &[&fingerprint]);
-            if rows.get(&row).map_err(|e| corrupt(&row, e))?.is_none() {
+            if !exists(rows, &row)? {
                 return refuse(format!("no key {fingerprint}"));
             }
             rows.delete(&row);

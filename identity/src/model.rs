@@ -4,6 +4,20 @@ use std::collections::HashMap;
 
 use serde::{Deserialize, Serialize};
 
+/// A random (v4) uuid in braces, as Bitbucket writes them:
+/// `{xxxxxxxx-xxxx-4xxx-8xxx-xxxxxxxxxxxx}`.
+pub fn new_uuid() -> String {
+    let h = crate::token::hex(&crate::token::random_bytes::<16>());
+    format!(
+        "{{{}-{}-4{}-8{}-{}}}",
+        &h[0..8],
+        &h[8..12],
+        &h[13..16],
+        &h[17..20],
+        &h[20..32]
+    )
+}
+
 /// Repository permission, ordered: each level includes the ones below.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]

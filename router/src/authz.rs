@@ -29,6 +29,18 @@ pub fn actor_metadata(caller: &Caller) -> Option<tonic::metadata::AsciiMetadataV
     actor.parse().ok()
 }
 
+/// `message` as a gRPC request carrying `actor` (see [`actor_metadata`]).
+pub fn with_actor<T>(
+    message: T,
+    actor: Option<tonic::metadata::AsciiMetadataValue>,
+) -> tonic::Request<T> {
+    let mut req = tonic::Request::new(message);
+    if let Some(a) = actor {
+        req.metadata_mut().insert(cairn_proto::metadata::ACTOR, a);
+    }
+    req
+}
+
 /// How a refusal is written: git's plain text or Bitbucket's JSON.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Style {

@@ -380,12 +380,7 @@ pub(crate) async fn forward_push(
                     data,
                     ..Default::default()
                 }));
-            let mut request = tonic::Request::new(stream);
-            if let Some(a) = actor {
-                request
-                    .metadata_mut()
-                    .insert(cairn_proto::metadata::ACTOR, a);
-            }
+            let request = crate::authz::with_actor(stream, actor);
             match git_client(ch).receive_pack(request).await {
                 Ok(r) => Ok(r.into_inner()),
                 // Replayed only if the node certainly did not apply it (it

@@ -84,18 +84,6 @@ fn manages(st: &AppState, caller: &Caller, user: &str) -> bool {
     }
 }
 
-fn new_uuid() -> String {
-    let h = cairn_identity::token::hex(&cairn_identity::token::random_bytes::<16>());
-    format!(
-        "{{{}-{}-4{}-8{}-{}}}",
-        &h[0..8],
-        &h[8..12],
-        &h[13..16],
-        &h[17..20],
-        &h[20..32]
-    )
-}
-
 async fn add(st: &AppState, caller: &Caller, owner: KeyOwner, body: &[u8]) -> Response {
     let b: KeyBody = match serde_json::from_slice(body) {
         Ok(b) => b,
@@ -106,7 +94,7 @@ async fn add(st: &AppState, caller: &Caller, owner: KeyOwner, body: &[u8]) -> Re
         Err(why) => return error(StatusCode::BAD_REQUEST, &why),
     };
     let key = SshKey {
-        uuid: new_uuid(),
+        uuid: cairn_identity::new_uuid(),
         fingerprint: parsed.fingerprint,
         owner,
         algorithm: parsed.algorithm,
@@ -154,7 +142,12 @@ fn keys_of(st: &AppState, owner: &KeyOwner) -> Vec<SshKey> {
     keys
 }
 
-fn user_owner(st: &AppState, user: &str) -> Option<KeyOwner> {
+/// The owner of `user`'s keys, if the caller manages them (see
+/// [`manages`]) and the user exists.
+fn keys_owner(st: &AppState, caller: &Caller, user: &str) -> Option<KeyOwner> {
+    if !manages(st, caller, user) {
+        return None;
+    }
     st.identities
         .index()
         .user(user)
@@ -167,7 +160,7 @@ pub async fn user_keys(
     Path(user): Path<String>,
     Query(q): Query<PageQuery>,
 ) -> Response {
-    let (true, Some(owner)) = (manages(&st, &caller, &user), user_owner(&st, &user)) else {
+    let Some(owner) = keys_owner(&st, &caller, &user) else {
         return not_yours(&caller);
     };
     let values = keys_of(&st, &owner)
@@ -189,7 +182,7 @@ pub async fn add_user_key(
     Path(user): Path<String>,
     body: Bytes,
 ) -> Response {
-    let (true, Some(owner)) = (manages(&st, &caller, &user), user_owner(&st, &user)) else {
+    let Some(owner) = keys_owner(&st, &caller, &user) else {
         return not_yours(&caller);
     };
     add(&st, &caller, owner, &body).await
@@ -206,7 +199,7 @@ pub async fn user_key(
     Extension(caller): Extension<Caller>,
     Path((user, id)): Path<(String, String)>,
 ) -> Response {
-    let (true, Some(owner)) = (manages(&st, &caller, &user), user_owner(&st, &user)) else {
+    let Some(owner) = keys_owner(&st, &caller, &user) else {
         return not_yours(&caller);
     };
     match find_user_key(&st, &owner, &id) {
@@ -220,7 +213,7 @@ pub async fn delete_user_key(
     Extension(caller): Extension<Caller>,
     Path((user, id)): Path<(String, String)>,
 ) -> Response {
-    let (true, Some(owner)) = (manages(&st, &caller, &user), user_owner(&st, &user)) else {
+    let Some(owner) = keys_owner(&st, &caller, &user) else {
         return not_yours(&caller);
     };
     match find_user_key(&st, &owner, &id) {

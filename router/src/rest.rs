@@ -20,7 +20,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 pub use crate::answer::{error, field_error, grpc_error};
-use crate::authz::{self, Caller, Style};
+use crate::authz::{self, with_actor, Caller, Style};
 use crate::identity::now;
 use crate::state::AppState;
 use cairn_client::Attempt;
@@ -120,18 +120,6 @@ pub fn page(st: &AppState, path: &str, values: Vec<Value>, q: &PageQuery) -> Val
         ));
     }
     out
-}
-
-/// `message` as a gRPC request carrying the caller's identity.
-fn with_actor<T>(
-    message: T,
-    actor: Option<tonic::metadata::AsciiMetadataValue>,
-) -> tonic::Request<T> {
-    let mut req = tonic::Request::new(message);
-    if let Some(a) = actor {
-        req.metadata_mut().insert(cairn_proto::metadata::ACTOR, a);
-    }
-    req
 }
 
 /// Queues an audit record of `action` on `target` by `caller`.

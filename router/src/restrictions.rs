@@ -18,7 +18,7 @@ use cairn_proto::admin::{
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use crate::authz::{self, actor_metadata, Caller, Style};
+use crate::authz::{self, actor_metadata, with_actor, Caller, Style};
 use crate::rest::{audit, error, grpc_error, page, PageQuery};
 use crate::state::AppState;
 
@@ -190,14 +190,14 @@ async fn store(
     let resp = st
         .cluster
         .call(ws, |ch| {
-            let mut req = tonic::Request::new(SetBranchRestrictionRequest {
-                workspace: ws.to_owned(),
-                slug: slug.to_owned(),
-                restriction_json: body.clone().into(),
-            });
-            if let Some(a) = actor.clone() {
-                req.metadata_mut().insert(cairn_proto::metadata::ACTOR, a);
-            }
+            let req = with_actor(
+                SetBranchRestrictionRequest {
+                    workspace: ws.to_owned(),
+                    slug: slug.to_owned(),
+                    restriction_json: body.clone().into(),
+                },
+                actor.clone(),
+            );
             async move {
                 AdminClient::new(ch)
                     .set_branch_restriction(req)
@@ -343,14 +343,14 @@ pub async fn delete(
     let call = st
         .cluster
         .call(&ws, |ch| {
-            let mut req = tonic::Request::new(DeleteBranchRestrictionRequest {
-                workspace: ws.clone(),
-                slug: slug.clone(),
-                id,
-            });
-            if let Some(a) = actor.clone() {
-                req.metadata_mut().insert(cairn_proto::metadata::ACTOR, a);
-            }
+            let req = with_actor(
+                DeleteBranchRestrictionRequest {
+                    workspace: ws.clone(),
+                    slug: slug.clone(),
+                    id,
+                },
+                actor.clone(),
+            );
             async move {
                 AdminClient::new(ch)
                     .delete_branch_restriction(req)

@@ -368,6 +368,18 @@ impl ReplicatedStore {
         restrictions::list(&view, record.id).map_err(|e| ReplicatedError::Raft(e.to_string()))
     }
 
+    /// The branch restrictions of a repository just read (its snapshot
+    /// came after a read barrier): this replica's rows, no second barrier.
+    pub fn branch_restrictions_of(
+        &self,
+        record: &RepoRecord,
+    ) -> Result<Vec<BranchRestriction>, ReplicatedError> {
+        let view = self
+            .host
+            .state_view(self.hosted(shard_of_repo(record.id))?)?;
+        restrictions::list(&view, record.id).map_err(|e| ReplicatedError::Raft(e.to_string()))
+    }
+
     /// Stores (`id` 0: creates) a branch restriction through the shard
     /// leader. `Ok(Err(why))` is a refusal; nothing changed.
     pub async fn set_branch_restriction(

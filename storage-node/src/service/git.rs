@@ -197,12 +197,10 @@ impl Git for GitService {
         };
         let snap = self.snapshot(first.repo).await?;
         tracing::Span::current().record("repo", snap.record.id);
-        let restrictions = Box::pin(
-            self.repos
-                .branch_restrictions(&snap.record.workspace, &snap.record.slug),
-        )
-        .await
-        .map_err(status_of)?;
+        let restrictions = self
+            .repos
+            .branch_restrictions_of(&snap.record)
+            .map_err(status_of)?;
         let input = forward_inbound(inbound, first.data, |m: ReceivePackRequest| m.data);
         let repos = self.repos.clone();
         let data_dir = self.data_dir.clone();
